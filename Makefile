@@ -1,0 +1,30 @@
+# Everything installs itself: a virtual environment in .venv, and redis-server when tests need it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench cluster clean install
+
+$(STAMP): pyproject.toml setup.py $(wildcard proto/braid/rpc/*.proto)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the dev server: one process, in-memory state, API key devkey / secret secret, ws://127.0.0.1:7880
+run: $(STAMP)
+	$(VENV)/bin/braid-server --dev
+
+## Run the whole test suite
+test: $(STAMP)
+	bash scripts/ensure-test-deps.sh
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info braid/rpc .pytest_cache

@@ -1,0 +1,224 @@
+"""`braid-server`: runs the signal, router and media services, all in one process (`--dev`) or one role each."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal as os_signal
+import sys
+
+import grpc
+from aiohttp import web
+
+from braid import __version__
+from braid.backends import Backends, make_backends
+from braid.shared import ids
+from braid.shared.auth import KeyProvider
+from braid.shared.config import Config, ConfigError, load_config
+from braid.shared.rpc import Channels, server_options
+from braid.shared.webhooks import notifier_from_config
+
+log = logging.getLogger("braid")
+
+
+class Server:
+    """Owns every long-lived part of a node and starts/stops them in order."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.node_id = config.node_id or ids.node_id()
+        self.roles = {"signal", "router", "media"} if config.role == "all" else {config.role}
+        self.backends: Backends = make_backends(config)
+        self.channels = Channels()
+        self.notifier = notifier_from_config(config)
+        self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_address = ""
+        self.http_runner: web.AppRunner | None = None
+        self.http_port = 0
+        self.media = None
+        self.reaper = None
+        self._started = False
+        self._draining = False
+        self._backend_ok = True
+        self._health_task: asyncio.Task | None = None
+
+    def ready(self) -> bool:
+        return self._started and not self._draining and self._backend_ok
+
+    async def start(self) -> None:
+        await self.notifier.start()
+        self.grpc_server = grpc.aio.server(options=server_options())
+        port = self.grpc_server.add_insecure_port(f"{self.config.grpc_bind}:{self.config.grpc_port}")
+        self.grpc_address = f"{self.config.grpc_bind}:{port}"
+        if self.config.role == "all":
+            self.config.router_address = self.grpc_address
+        if "router" in self.roles:
+            self._add_router()
+        if "media" in self.roles:
+            try:
+                self._add_media()
+            except ImportError:  # TEMP until the media node lands
+                log.warning("media service not available yet")
+        await self.grpc_server.start()
+        if self.media is not None:
+            await self.media.start()
+        if self.reaper is not None:
+            self.reaper.start()
+        if "signal" in self.roles:
+            await self._start_http()
+        self._health_task = asyncio.create_task(self._watch_backends(), name="backend-health")
+        self._started = True
+
+    def _add_router(self) -> None:
+        from braid.rpc import router_pb2_grpc
+        from braid.services.router.lifecycle import RoomReaper
+        from braid.services.router.rooms import RoomDirectory
+        from braid.services.router.service import RouterService
+
+        directory = RoomDirectory(self.backends.store, self.config.room, self.notifier)
+        service = RouterService(
+            directory, self.backends.registry, self.channels, auto_create=self.config.room.auto_create
+        )
+        router_pb2_grpc.add_RouterServicer_to_server(service, self.grpc_server)
+        self.reaper = RoomReaper(directory)
+
+    def _add_media(self) -> None:
+        from braid.rpc import media_pb2_grpc
+        from braid.services.media.node import MediaNode
+
+        self.media = MediaNode(
+            config=self.config,
+            store=self.backends.store,
+            bus=self.backends.bus,
+            registry=self.backends.registry,
+            notifier=self.notifier,
+            node_id=self.node_id,
+            grpc_address=self.grpc_address,
+        )
+        media_pb2_grpc.add_MediaServicer_to_server(self.media.servicer, self.grpc_server)
+
+    async def _start_http(self) -> None:
+        from braid.services.signal.app import create_app
+        from braid.services.signal.context import SignalContext
+
+        ctx = SignalContext(
+            config=self.config,
+            keys=KeyProvider(self.config.keys),
+            channels=self.channels,
+            node_id=self.node_id,
+            ready=self.ready,
+        )
+        self.http_runner = web.AppRunner(create_app(ctx), access_log=None, handle_signals=False)
+        await self.http_runner.setup()
+        site = web.TCPSite(self.http_runner, self.config.bind, self.config.port, reuse_address=True)
+        await site.start()
+        self.http_port = self.config.port
+
+    async def _watch_backends(self) -> None:
+        while True:
+            self._backend_ok = await self.backends.healthy()
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        self._draining = True
+        if self._health_task:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        if self.reaper is not None:
+            await self.reaper.stop()
+        if self.media is not None:
+            await self.media.stop()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
+        await self.channels.close()
+        await self.notifier.stop(timeout=2.0)
+        await self.backends.close()
+
+    def describe(self) -> str:
+        host = self.config.bind
+        parts = [f"Braid {__version__} node {self.node_id} roles={','.join(sorted(self.roles))}"]
+        if "signal" in self.roles:
+            parts.append(f"connect to ws://{host}:{self.http_port} (HTTP API http://{host}:{self.http_port})")
+        parts.append(f"gRPC on {self.grpc_address}")
+        if self.config.dev:
+            key, secret = next(iter(self.config.keys.items()))
+            parts.append(f"dev mode: API key {key!r}, secret {secret!r}")
+        return "; ".join(parts)
+
+
+async def serve(config: Config) -> None:
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        log.info(server.describe())
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="braid-server", description="Braid real-time media server")
+    parser.add_argument("--dev", action="store_true", help="one process, in-memory state, key devkey/secret")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--role", choices=["all", "signal", "media", "router"], help="run one service")
+    parser.add_argument("--bind", help="address for HTTP/WebSocket (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port for HTTP/WebSocket (default 7880)")
+    parser.add_argument("--grpc-port", type=int, help="port for internal gRPC (default: a free one)")
+    parser.add_argument("--node-ip", help="IP announced in ICE candidates")
+    parser.add_argument("--region", help="region of this node")
+    parser.add_argument("--redis", help="Redis host:port (cluster mode)")
+    parser.add_argument("--router-address", help="gRPC address of a router (signal and media roles)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {
+        "role": args.role,
+        "bind": args.bind,
+        "port": args.port,
+        "grpc_port": args.grpc_port,
+        "region": args.region,
+        "router_address": args.router_address,
+        "log_level": args.log_level,
+    }
+    if args.node_ip:
+        overrides["rtc"] = {"node_ip": args.node_ip}
+    if args.redis:
+        overrides["redis"] = {"address": args.redis}
+    try:
+        config = load_config(args.config, dev=args.dev, overrides=overrides)
+    except ConfigError as exc:
+        print(f"braid-server: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    runner = asyncio.run
+    if os.environ.get("BRAID_NO_UVLOOP") != "1":
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            pass
+    try:
+        runner(serve(config))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Configuration: defaults, a YAML file, then environment variables, validated with the field named.
+
+The dev default (`--dev`) is one process on 127.0.0.1:7880 with the key pair devkey/secret and no Redis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+ROLES = ("signal", "media", "router")
+DEV_KEYS = {"devkey": "secret"}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending field."""
+
+
+@dataclass
+class RedisConfig:
+    address: str = ""  # host:port; empty means the embedded in-memory store and bus
+    username: str = ""
+    password: str = ""
+    db: int = 0
+    use_tls: bool = False
+    sentinel_master_name: str = ""
+    sentinel_addresses: list[str] = field(default_factory=list)
+    sentinel_username: str = ""
+    sentinel_password: str = ""
+    key_prefix: str = "braid"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address or self.sentinel_addresses)
+
+
+@dataclass
+class RTCConfig:
+    node_ip: str = "127.0.0.1"  # the IP put in server ICE candidates
+    port_range_start: int = 50000
+    port_range_end: int = 60000
+    enable_v1: bool = True  # `/rtc/v1` single-PeerConnection path; off → 404, SDKs fall back to v0
+    stun_servers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoomConfig:
+    auto_create: bool = True
+    empty_timeout: int = 300  # seconds a room waits for its first participant
+    departure_timeout: int = 20  # seconds a room lingers after its last participant left
+    max_participants: int = 0  # 0: unlimited
+
+
+@dataclass
+class WebhookConfig:
+    urls: list[str] = field(default_factory=list)
+    api_key: str = ""  # key that signs webhooks; defaults to the first configured key
+    timeout: float = 5.0
+    max_attempts: int = 5
+
+
+@dataclass
+class TelemetryConfig:
+    stats_interval: float = 30.0
+    worker_reap_delay: float = 180.0
+    analytics_path: str = ""  # JSON-lines stream of stats and events; empty disables it
+    otel_exporter: str = ""  # "", "console" or "otlp"
+    otlp_endpoint: str = ""
+
+
+@dataclass
+class Config:
+    keys: dict[str, str] = field(default_factory=dict)
+    bind: str = "127.0.0.1"
+    port: int = 7880
+    role: str = "all"  # "all" runs signal, router and media in one process
+    dev: bool = False
+    region: str = ""
+    node_id: str = ""
+    grpc_bind: str = "127.0.0.1"
+    grpc_port: int = 0  # 0: a free port
+    router_address: str = ""  # gRPC address of a router (cluster roles)
+    refresh_token_interval: float = 300.0
+    log_level: str = "INFO"
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    rtc: RTCConfig = field(default_factory=RTCConfig)
+    room: RoomConfig = field(default_factory=RoomConfig)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    @property
+    def webhook_key(self) -> tuple[str, str] | None:
+        if not self.keys:
+            return None
+        key = self.webhook.api_key or next(iter(self.keys))
+        return key, self.keys[key]
+
+    def validate(self) -> "Config":
+        if not self.keys:
+            raise ConfigError("keys: at least one API key/secret pair is required (or use --dev)")
+        for key, secret in self.keys.items():
+            if not key or not secret:
+                raise ConfigError("keys: API keys and secrets must be non-empty")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: {self.port} is not between 1 and 65535")
+        if not 0 <= self.grpc_port < 65536:
+            raise ConfigError(f"grpc_port: {self.grpc_port} is not between 0 and 65535")
+        if self.role != "all" and self.role not in ROLES:
+            raise ConfigError(f"role: {self.role!r} is not one of all, signal, media, router")
+        if self.role in ("signal", "media") and not self.router_address:
+            raise ConfigError(f"router_address: required for role {self.role}")
+        if self.role != "all" and not self.redis.enabled:
+            raise ConfigError(f"redis.address: a {self.role} node of a cluster needs Redis")
+        if not 0 < self.rtc.port_range_start <= self.rtc.port_range_end < 65536:
+            raise ConfigError("rtc.port_range_start/rtc.port_range_end: need 0 < start <= end < 65536")
+        if self.webhook.api_key and self.webhook.api_key not in self.keys:
+            raise ConfigError(f"webhook.api_key: {self.webhook.api_key!r} is not a configured key")
+        for url in self.webhook.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"webhook.urls: {url!r} is not an http(s) URL")
+        for name in ("empty_timeout", "departure_timeout", "max_participants"):
+            if getattr(self.room, name) < 0:
+                raise ConfigError(f"room.{name}: must not be negative")
+        if self.telemetry.stats_interval <= 0:
+            raise ConfigError("telemetry.stats_interval: must be positive")
+        if self.telemetry.otel_exporter not in ("", "console", "otlp"):
+            raise ConfigError("telemetry.otel_exporter: must be empty, console or otlp")
+        return self
+
+
+def parse_keys(text: str) -> dict[str, str]:
+    """`"key1: secret1\\nkey2: secret2"` (or comma-separated), as LIVEKIT_KEYS is written."""
+    keys: dict[str, str] = {}
+    for entry in text.replace(",", "\n").splitlines():
+        if not entry.strip():
+            continue
+        key, sep, secret = entry.partition(":")
+        if not sep or not key.strip() or not secret.strip():
+            raise ConfigError(f"keys: entry {entry.strip()!r} is not 'key: secret'")
+        keys[key.strip()] = secret.strip()
+    return keys
+
+
+def _apply(target: Any, values: Mapping[str, Any], path: str = "") -> None:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        where = f"{path}{name}"
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown field")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value or {}, where + ".")
+        elif name == "keys" and not path:
+            if isinstance(value, str):
+                value = parse_keys(value)
+            if not isinstance(value, Mapping):
+                raise ConfigError("keys: must be a mapping of API key to secret")
+            setattr(target, name, {str(k): str(v) for k, v in value.items()})
+        else:
+            setattr(target, name, _coerce(where, current, value))
+
+
+def _coerce(where: str, current: Any, value: Any) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return lowered in ("1", "true", "yes", "on")
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if isinstance(current, int):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError(value)
+            return [str(v) for v in value]
+        if isinstance(current, str):
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: invalid value {value!r} (expected {type(current).__name__})") from None
+    return value
+
+
+# Environment variables that override the file: BRAID_<FIELD>, nested with a double underscore
+# (BRAID_REDIS__ADDRESS); BRAID_KEYS takes "key: secret" lines. LIVEKIT_KEYS is honoured too.
+ENV_PREFIX = "BRAID_"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if "LIVEKIT_KEYS" in env:
+        overrides["keys"] = env["LIVEKIT_KEYS"]
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        node = overrides
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return overrides
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    dev: bool = False,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the YAML file, then environment variables, then explicit overrides (CLI flags)."""
+    config = Config()
+    if dev:
+        config.dev = True
+        config.keys = dict(DEV_KEYS)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file: cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file: {path} is not valid YAML: {exc}") from None
+        _apply(config, data)
+    _apply(config, _env_overrides(os.environ if env is None else env))
+    if overrides:
+        _apply(config, {k: v for k, v in overrides.items() if v is not None})
+    return config.validate()

@@ -1,0 +1,36 @@
+"""LiveKit-style identifiers. The SDKs check the prefixes (`RM_`, `PA_`, `TR_`), so keep them exact."""
+
+import secrets
+import string
+
+_ALPHABET = string.ascii_letters + string.digits
+
+ROOM_PREFIX = "RM_"
+PARTICIPANT_PREFIX = "PA_"
+TRACK_PREFIX = "TR_"
+EVENT_PREFIX = "EV_"
+NODE_PREFIX = "ND_"
+
+
+def guid(prefix: str, length: int = 12) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def room_sid() -> str:
+    return guid(ROOM_PREFIX)
+
+
+def participant_sid() -> str:
+    return guid(PARTICIPANT_PREFIX)
+
+
+def track_sid() -> str:
+    return guid(TRACK_PREFIX)
+
+
+def event_id() -> str:
+    return guid(EVENT_PREFIX)
+
+
+def node_id() -> str:
+    return guid(NODE_PREFIX)

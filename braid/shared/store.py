@@ -1,0 +1,209 @@
+"""The state every service shares: rooms, their participants, and which media nodes host them.
+
+`RoomStore` is the one interface; `MemoryStore` backs the single-process dev mode and the Redis
+store backs a cluster. Values are livekit protobuf messages (`Room`, `ParticipantInfo`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from livekit.protocol import models
+
+
+@dataclass
+class NodeInfo:
+    """A node as the registry knows it. Heartbeats refresh `updated_at`; stale entries are ignored."""
+
+    node_id: str
+    role: str  # "media" | "signal" | "router"
+    address: str  # gRPC host:port
+    region: str = ""
+    state: str = "SERVING"  # or "DRAINING"
+    participants: int = 0
+    tracks: int = 0
+    bytes_per_second: float = 0.0
+    max_participants: int = 0
+    max_tracks: int = 0
+    max_bytes_per_second: float = 0.0
+    cpu_load: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+class RoomStore(abc.ABC):
+    """Rooms and their participants. All methods are safe to call from any node."""
+
+    @abc.abstractmethod
+    async def create_room(self, room: models.Room) -> tuple[models.Room, bool]:
+        """Store `room` unless one with its name exists; returns the stored room and whether it was new."""
+
+    @abc.abstractmethod
+    async def get_room(self, name: str) -> models.Room | None: ...
+
+    @abc.abstractmethod
+    async def list_rooms(self, names: list[str] | None = None) -> list[models.Room]: ...
+
+    @abc.abstractmethod
+    async def update_room(self, room: models.Room) -> bool:
+        """Replace a stored room; False if it no longer exists (it is not recreated)."""
+
+    @abc.abstractmethod
+    async def delete_room(self, name: str) -> bool:
+        """Remove the room, its participants and its node assignments; False if it was absent."""
+
+    @abc.abstractmethod
+    async def put_participant(self, room: str, info: models.ParticipantInfo) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_participant(self, room: str, identity: str, sid: str = "") -> bool:
+        """Remove a participant; with `sid`, only if the stored one still has that sid."""
+
+    @abc.abstractmethod
+    async def get_participant(self, room: str, identity: str) -> models.ParticipantInfo | None: ...
+
+    @abc.abstractmethod
+    async def list_participants(self, room: str) -> list[models.ParticipantInfo]: ...
+
+    @abc.abstractmethod
+    async def room_nodes(self, room: str) -> dict[str, str]:
+        """Media nodes hosting the room: node id → owner token."""
+
+    @abc.abstractmethod
+    async def claim_room_node(self, room: str, node_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def release_room_node(self, room: str, node_id: str) -> None: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class NodeRegistry(abc.ABC):
+    """Live nodes of the cluster, each kept alive by heartbeats within `ttl` seconds."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, node: NodeInfo, ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def remove(self, node_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def nodes(self, role: str | None = None) -> list[NodeInfo]:
+        """Nodes whose last heartbeat is younger than their TTL."""
+
+    async def get(self, node_id: str) -> NodeInfo | None:
+        for node in await self.nodes():
+            if node.node_id == node_id:
+                return node
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _copy(msg):
+    clone = type(msg)()
+    clone.CopyFrom(msg)
+    return clone
+
+
+class MemoryStore(RoomStore):
+    """In-process store for the dev mode: one process, no Redis."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, models.Room] = {}
+        self._participants: dict[str, dict[str, models.ParticipantInfo]] = {}
+        self._nodes: dict[str, dict[str, str]] = {}
+        self._lock = asyncio.Lock()
+
+    async def create_room(self, room: models.Room) -> tuple[models.Room, bool]:
+        async with self._lock:
+            existing = self._rooms.get(room.name)
+            if existing is not None:
+                return _copy(existing), False
+            self._rooms[room.name] = _copy(room)
+            return _copy(room), True
+
+    async def get_room(self, name: str) -> models.Room | None:
+        room = self._rooms.get(name)
+        return None if room is None else self._with_counts(room)
+
+    async def list_rooms(self, names: list[str] | None = None) -> list[models.Room]:
+        wanted = set(names or ())
+        return [
+            self._with_counts(room)
+            for name, room in sorted(self._rooms.items(), key=lambda kv: kv[1].creation_time_ms)
+            if not wanted or name in wanted
+        ]
+
+    def _with_counts(self, room: models.Room) -> models.Room:
+        clone = _copy(room)
+        people = self._participants.get(room.name, {}).values()
+        clone.num_participants = sum(1 for p in people if not p.permission.hidden)
+        clone.num_publishers = sum(1 for p in people if p.is_publisher)
+        return clone
+
+    async def update_room(self, room: models.Room) -> bool:
+        async with self._lock:
+            if room.name not in self._rooms:
+                return False
+            self._rooms[room.name] = _copy(room)
+            return True
+
+    async def delete_room(self, name: str) -> bool:
+        async with self._lock:
+            self._participants.pop(name, None)
+            self._nodes.pop(name, None)
+            return self._rooms.pop(name, None) is not None
+
+    async def put_participant(self, room: str, info: models.ParticipantInfo) -> None:
+        self._participants.setdefault(room, {})[info.identity] = _copy(info)
+
+    async def delete_participant(self, room: str, identity: str, sid: str = "") -> bool:
+        people = self._participants.get(room, {})
+        current = people.get(identity)
+        if current is None or (sid and current.sid != sid):
+            return False
+        del people[identity]
+        return True
+
+    async def get_participant(self, room: str, identity: str) -> models.ParticipantInfo | None:
+        info = self._participants.get(room, {}).get(identity)
+        return None if info is None else _copy(info)
+
+    async def list_participants(self, room: str) -> list[models.ParticipantInfo]:
+        people = self._participants.get(room, {}).values()
+        return sorted((_copy(p) for p in people), key=lambda p: p.joined_at_ms or p.joined_at)
+
+    async def room_nodes(self, room: str) -> dict[str, str]:
+        return dict(self._nodes.get(room, {}))
+
+    async def claim_room_node(self, room: str, node_id: str) -> None:
+        self._nodes.setdefault(room, {})[node_id] = node_id
+
+    async def release_room_node(self, room: str, node_id: str) -> None:
+        self._nodes.get(room, {}).pop(node_id, None)
+
+
+class MemoryRegistry(NodeRegistry):
+    def __init__(self) -> None:
+        self._nodes: dict[str, tuple[NodeInfo, float]] = {}
+
+    async def heartbeat(self, node: NodeInfo, ttl: float) -> None:
+        node.updated_at = time.time()
+        self._nodes[node.node_id] = (node, node.updated_at + ttl)
+
+    async def remove(self, node_id: str) -> None:
+        self._nodes.pop(node_id, None)
+
+    async def nodes(self, role: str | None = None) -> list[NodeInfo]:
+        now = time.time()
+        return [
+            node
+            for node, expires in self._nodes.values()
+            if expires > now and (role is None or node.role == role)
+        ]

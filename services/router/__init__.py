@@ -1,0 +1,1 @@
+"""The router: room directory, placement of participants on media nodes, room lifecycle."""

@@ -1,0 +1,196 @@
+"""The Router gRPC service: RoomService calls on the directory, fan-out to media nodes, placement."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from livekit.protocol import models
+from livekit.protocol import room as room_pb
+
+from braid.rpc import common_pb2, router_pb2, router_pb2_grpc
+from braid.shared.roomservice import METHODS
+from braid.shared.rpc import DEFAULT_DEADLINE, Channels, call_idempotent, rpc_error
+from braid.shared.store import NodeRegistry, RoomStore
+
+from .placement import choose_node
+from .rooms import RoomDirectory, validate_room_name
+
+log = logging.getLogger(__name__)
+
+
+class CallError(Exception):
+    def __init__(self, code: str, msg: str):
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def _reply(message: Message) -> common_pb2.RoomReply:
+    return common_pb2.RoomReply(response=message.SerializeToString())
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(
+        self,
+        directory: RoomDirectory,
+        registry: NodeRegistry,
+        channels: Channels,
+        auto_create: bool = True,
+    ):
+        self.directory = directory
+        self.store: RoomStore = directory.store
+        self.registry = registry
+        self.channels = channels
+        self.auto_create = auto_create
+
+    # --- RoomService ---------------------------------------------------------------------------
+
+    async def Administer(self, call: common_pb2.RoomCall, context) -> common_pb2.RoomReply:
+        method = METHODS.get(call.method)
+        if method is None or not method.implemented:
+            return common_pb2.RoomReply(error=rpc_error("unimplemented", f"{call.method} is not supported"))
+        try:
+            request = method.request.FromString(call.request)
+        except DecodeError:
+            return common_pb2.RoomReply(error=rpc_error("malformed", "request is not a valid protobuf message"))
+        handler = getattr(self, "_" + call.method, None) or self._on_media_nodes
+        try:
+            return await handler(call, request)
+        except CallError as exc:
+            return common_pb2.RoomReply(error=rpc_error(exc.code, exc.msg))
+
+    async def _CreateRoom(self, call, request: room_pb.CreateRoomRequest) -> common_pb2.RoomReply:
+        problem = validate_room_name(request.name)
+        if problem:
+            raise CallError("invalid_argument", problem)
+        if min(request.empty_timeout, request.departure_timeout, request.max_participants) < 0:
+            raise CallError("invalid_argument", "timeouts and max_participants must not be negative")
+        room = self.directory.new_room(
+            request.name,
+            empty_timeout=request.empty_timeout,
+            departure_timeout=request.departure_timeout,
+            max_participants=request.max_participants,
+            metadata=request.metadata,
+        )
+        stored, _ = await self.directory.ensure(room)
+        return _reply(stored)
+
+    async def _ListRooms(self, call, request: room_pb.ListRoomsRequest) -> common_pb2.RoomReply:
+        rooms = await self.store.list_rooms(list(request.names) or None)
+        return _reply(room_pb.ListRoomsResponse(rooms=rooms))
+
+    async def _DeleteRoom(self, call, request: room_pb.DeleteRoomRequest) -> common_pb2.RoomReply:
+        if await self.store.get_room(request.room) is None:
+            raise CallError("not_found", f"room {request.room!r} does not exist")
+        # Media nodes disconnect everyone first, so clients hear `leave` before the room vanishes.
+        await self._fan_out(call, request.room, stop_at_first=False)
+        await self.directory.finish(request.room, "deleted by RoomService")
+        return _reply(room_pb.DeleteRoomResponse())
+
+    async def _UpdateRoomMetadata(self, call, request: room_pb.UpdateRoomMetadataRequest) -> common_pb2.RoomReply:
+        room = await self._room(request.room)
+        room.metadata = request.metadata
+        if not await self.store.update_room(room):
+            raise CallError("not_found", f"room {request.room!r} does not exist")
+        await self._fan_out(call, request.room, stop_at_first=False)
+        return _reply(await self._room(request.room))
+
+    async def _ListParticipants(self, call, request: room_pb.ListParticipantsRequest) -> common_pb2.RoomReply:
+        await self._room(request.room)
+        participants = await self.store.list_participants(request.room)
+        return _reply(room_pb.ListParticipantsResponse(participants=participants))
+
+    async def _GetParticipant(self, call, request: room_pb.RoomParticipantIdentity) -> common_pb2.RoomReply:
+        await self._room(request.room)
+        info = await self.store.get_participant(request.room, request.identity)
+        if info is None:
+            raise CallError("not_found", f"participant {request.identity!r} is not in room {request.room!r}")
+        return _reply(info)
+
+    async def _on_media_nodes(self, call, request: Message) -> common_pb2.RoomReply:
+        """Participant-level calls go to the media nodes hosting the room."""
+        room = getattr(request, "room", "")
+        await self._room(room)
+        identity = getattr(request, "identity", "")
+        if identity and await self.store.get_participant(room, identity) is None:
+            raise CallError("not_found", f"participant {identity!r} is not in room {room!r}")
+        reply = await self._fan_out(call, room, stop_at_first=bool(identity))
+        if reply is None:
+            if identity:
+                raise CallError("not_found", f"participant {identity!r} is not in room {room!r}")
+            return _reply(METHODS[call.method].response())
+        return reply
+
+    async def _room(self, name: str) -> models.Room:
+        room = await self.store.get_room(name)
+        if room is None:
+            raise CallError("not_found", f"room {name!r} does not exist")
+        return room
+
+    async def _fan_out(self, call, room: str, stop_at_first: bool) -> common_pb2.RoomReply | None:
+        """Send `call` to every media node of `room`; the first success wins.
+
+        A node that answers not_found does not host the participant; any other error is returned.
+        """
+        nodes = await self.store.room_nodes(room)
+        live = {n.node_id: n for n in await self.registry.nodes("media")}
+        success: common_pb2.RoomReply | None = None
+        failure: common_pb2.RoomReply | None = None
+        for node_id in nodes:
+            node = live.get(node_id)
+            if node is None:
+                continue
+            try:
+                reply = await self.channels.media(node.address).Administer(call, timeout=DEFAULT_DEADLINE)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("media node %s unreachable for %s: %s", node_id, call.method, exc.code())
+                failure = common_pb2.RoomReply(error=rpc_error("unavailable", f"media node {node_id} unreachable"))
+                continue
+            if reply.HasField("error"):
+                if reply.error.code != "not_found":
+                    failure = reply
+                continue
+            success = success or reply
+            if stop_at_first:
+                break
+        return success or failure
+
+    # --- Placement -----------------------------------------------------------------------------
+
+    async def Place(self, request: router_pb2.PlaceRequest, context) -> router_pb2.Placement:
+        problem = validate_room_name(request.room)
+        if problem:
+            return router_pb2.Placement(error=rpc_error("invalid_argument", problem))
+        room = await self.store.get_room(request.room)
+        if room is None:
+            if not (self.auto_create or request.create_if_missing):
+                return router_pb2.Placement(error=rpc_error("not_found", "requested room does not exist"))
+            room, _ = await self.directory.ensure(self.directory.new_room(request.room))
+        if room.max_participants:
+            present = await self.store.get_participant(room.name, request.identity)
+            if present is None and room.num_participants >= room.max_participants:
+                return router_pb2.Placement(error=rpc_error("resource_exhausted", "room is full"))
+        hosting = set(await self.store.room_nodes(room.name))
+        choice = choose_node(
+            await self.registry.nodes("media"), hosting, prefer=request.prefer_node_id, region=request.region
+        )
+        if choice.node is None:
+            log.warning("cannot place %s in %s: %s", request.identity, room.name, choice.reason)
+            return router_pb2.Placement(error=rpc_error("unavailable", choice.reason), reason=choice.reason)
+        await self.store.claim_room_node(room.name, choice.node.node_id)
+        log.info("placed %s in %s on %s: %s", request.identity, room.name, choice.node.node_id, choice.reason)
+        return router_pb2.Placement(
+            node_id=choice.node.node_id,
+            address=choice.node.address,
+            room=room.SerializeToString(),
+            reason=choice.reason,
+        )
+
+
+async def administer(router: router_pb2_grpc.RouterStub, call: common_pb2.RoomCall) -> common_pb2.RoomReply:
+    """Client-side helper: reads are retried, writes are sent once."""
+    if call.method in ("ListRooms", "ListParticipants", "GetParticipant"):
+        return await call_idempotent(lambda: router.Administer(call, timeout=DEFAULT_DEADLINE))
+    return await router.Administer(call, timeout=DEFAULT_DEADLINE)

@@ -1,0 +1,33 @@
+"""The signal edge's HTTP application: RoomService (Twirp), health, and the `/rtc` endpoints."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .context import SignalContext
+from .twirp import add_twirp_routes
+
+
+def create_app(ctx: SignalContext) -> web.Application:
+    # The Twirp handler enforces its own, smaller body limit with a Twirp error.
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app["ctx"] = ctx
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if ctx.ready():
+            return web.Response(text="ready")
+        return web.Response(status=503, text="not ready")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    add_twirp_routes(app, ctx)
+    try:
+        from .rtc import add_rtc_routes
+    except ImportError:  # pragma: no cover - the media issue lands the /rtc endpoints
+        add_rtc_routes = None
+    if add_rtc_routes is not None:
+        add_rtc_routes(app, ctx)
+    return app

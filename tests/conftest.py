@@ -1,0 +1,47 @@
+"""Shared fixtures: one dev server per session (with a webhook receiver), and a factory for custom ones."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from .servers import ServerProcess, WebhookSink, start_server, start_webhook_sink
+
+
+@pytest.fixture(scope="session")
+def webhook_sink() -> WebhookSink:
+    sink = start_webhook_sink()
+    yield sink
+    sink.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dev_server(tmp_path_factory, webhook_sink) -> ServerProcess:
+    """`braid-server --dev` as a real process, sending webhooks to `webhook_sink`."""
+    server = start_server(
+        tmp_path_factory.mktemp("dev-server"),
+        env={"BRAID_WEBHOOK__URLS": webhook_sink.url},
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Start extra servers with their own flags/env; all are stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = start_server(tmp_path, *args, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def room_name() -> str:
+    return "room-" + uuid.uuid4().hex[:10]
