@@ -17,6 +17,7 @@ from braid.backends import Backends, make_backends
 from braid.shared import ids
 from braid.shared.auth import KeyProvider
 from braid.shared.config import Config, ConfigError, load_config
+from braid.shared.health import health_app
 from braid.shared.rpc import Channels, server_options
 from braid.shared.webhooks import notifier_from_config
 
@@ -66,8 +67,7 @@ class Server:
             await self.media.start()
         if self.reaper is not None:
             self.reaper.start()
-        if "signal" in self.roles:
-            await self._start_http()
+        await self._start_http()
         self._health_task = asyncio.create_task(self._watch_backends(), name="backend-health")
         self._started = True
 
@@ -99,7 +99,10 @@ class Server:
         )
         media_pb2_grpc.add_MediaServicer_to_server(self.media.servicer, self.grpc_server)
 
-    async def _start_http(self) -> None:
+    def _http_app(self) -> web.Application:
+        """The signal edge serves clients; the other roles serve only their health probes."""
+        if "signal" not in self.roles:
+            return health_app(self.ready)
         from braid.services.signal.app import create_app
         from braid.services.signal.context import SignalContext
 
@@ -110,7 +113,10 @@ class Server:
             node_id=self.node_id,
             ready=self.ready,
         )
-        self.http_runner = web.AppRunner(create_app(ctx), access_log=None, handle_signals=False)
+        return create_app(ctx)
+
+    async def _start_http(self) -> None:
+        self.http_runner = web.AppRunner(self._http_app(), access_log=None, handle_signals=False)
         await self.http_runner.setup()
         site = web.TCPSite(self.http_runner, self.config.bind, self.config.port, reuse_address=True)
         await site.start()
@@ -143,6 +149,8 @@ class Server:
         parts = [f"Braid {__version__} node {self.node_id} roles={','.join(sorted(self.roles))}"]
         if "signal" in self.roles:
             parts.append(f"connect to ws://{host}:{self.http_port} (HTTP API http://{host}:{self.http_port})")
+        else:
+            parts.append(f"health on http://{host}:{self.http_port}/healthz")
         parts.append(f"gRPC on {self.grpc_address}")
         if self.config.dev:
             key, secret = next(iter(self.config.keys.items()))

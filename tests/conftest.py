@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from .servers import ServerProcess, WebhookSink, start_server, start_webhook_sink
+from .servers import RedisProcess, ServerProcess, WebhookSink, start_redis, start_server, start_webhook_sink
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +32,8 @@ def server_factory(tmp_path):
     """Start extra servers with their own flags/env; all are stopped after the test."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        server = start_server(tmp_path, *args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None, dev: bool = True, wait_ready: bool = True) -> ServerProcess:
+        server = start_server(tmp_path, *args, env=env, dev=dev, wait_ready=wait_ready)
         started.append(server)
         return server
 
@@ -45,3 +45,11 @@ def server_factory(tmp_path):
 @pytest.fixture
 def room_name() -> str:
     return "room-" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> RedisProcess:
+    """A private redis-server for one test; the test may stop and restart it."""
+    redis = start_redis(tmp_path)
+    yield redis
+    redis.stop()

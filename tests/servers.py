@@ -62,19 +62,29 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> ServerProcess:
+def start_server(
+    tmp_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    dev: bool = True,
+    wait_ready: bool = True,
+) -> ServerProcess:
+    """Start `braid-server` (`--dev` unless told otherwise) and wait until it answers /readyz."""
     port = free_port()
     log_path = tmp_dir / f"braid-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "braid.server", "--dev", "--port", str(port), *args],
+            [sys.executable, "-m", "braid.server", *(["--dev"] if dev else []), "--port", str(port), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=full_env,
             cwd=ROOT,
         )
     server = ServerProcess(port=port, proc=proc, log_path=log_path)
+    if not wait_ready:
+        return server
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -148,3 +158,44 @@ def start_webhook_sink() -> WebhookSink:
     sink = WebhookSink(server=httpd)
     threading.Thread(target=httpd.serve_forever, daemon=True, name="webhook-sink").start()
     return sink
+
+
+@dataclass
+class RedisProcess:
+    """A private `redis-server` on a free port, so tests can stop and restart it."""
+
+    port: int
+    dir: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "RedisProcess":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def start_redis(tmp_dir: Path) -> RedisProcess:
+    return RedisProcess(port=free_port(), dir=tmp_dir).start()

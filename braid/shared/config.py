@@ -111,7 +111,7 @@ class Config:
             raise ConfigError(f"grpc_port: {self.grpc_port} is not between 0 and 65535")
         if self.role != "all" and self.role not in ROLES:
             raise ConfigError(f"role: {self.role!r} is not one of all, signal, media, router")
-        if self.role in ("signal", "media") and not self.router_address:
+        if self.role == "signal" and not self.router_address:
             raise ConfigError(f"router_address: required for role {self.role}")
         if self.role != "all" and not self.redis.enabled:
             raise ConfigError(f"redis.address: a {self.role} node of a cluster needs Redis")

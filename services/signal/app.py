@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from braid.shared.health import add_health_routes
+
 from .context import SignalContext
 from .twirp import add_twirp_routes
 
@@ -13,16 +15,7 @@ def create_app(ctx: SignalContext) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app["ctx"] = ctx
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def readyz(request: web.Request) -> web.Response:
-        if ctx.ready():
-            return web.Response(text="ready")
-        return web.Response(status=503, text="not ready")
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    add_health_routes(app, ctx.ready)
     add_twirp_routes(app, ctx)
     try:
         from .rtc import add_rtc_routes
