@@ -74,12 +74,18 @@ class Server:
     def _add_router(self) -> None:
         from braid.rpc import router_pb2_grpc
         from braid.services.router.lifecycle import RoomReaper
+        from braid.services.router.placement import NodeSelector, Region
         from braid.services.router.rooms import RoomDirectory
         from braid.services.router.service import RouterService
 
         directory = RoomDirectory(self.backends.store, self.config.room, self.notifier)
+        regions = [Region(r["name"], float(r["lat"]), float(r["lon"])) for r in self.config.router.regions]
         service = RouterService(
-            directory, self.backends.registry, self.channels, auto_create=self.config.room.auto_create
+            directory,
+            self.backends.registry,
+            self.channels,
+            NodeSelector(self.config.router.node_selector, regions),
+            auto_create=self.config.room.auto_create,
         )
         router_pb2_grpc.add_RouterServicer_to_server(service, self.grpc_server)
         self.reaper = RoomReaper(directory)

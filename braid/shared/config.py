@@ -64,6 +64,23 @@ class WebhookConfig:
 
 
 @dataclass
+class RouterConfig:
+    node_selector: str = "least_load"  # any | least_load | region_aware | power_of_two
+    # Coordinates for region-aware placement: [{name: eu-west, lat: 53.3, lon: -6.3}, ...]
+    regions: list[dict] = field(default_factory=list)
+    heartbeat_ttl: float = 10.0  # a node missing heartbeats this long is gone
+
+
+@dataclass
+class LimitsConfig:
+    """Hard limits of one media node; the router places nothing on a node that reached one. 0: none."""
+
+    max_participants: int = 0
+    max_tracks: int = 0
+    max_bytes_per_second: float = 0.0
+
+
+@dataclass
 class TelemetryConfig:
     stats_interval: float = 30.0
     worker_reap_delay: float = 180.0
@@ -91,6 +108,8 @@ class Config:
     room: RoomConfig = field(default_factory=RoomConfig)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def webhook_key(self) -> tuple[str, str] | None:
@@ -127,6 +146,18 @@ class Config:
                 raise ConfigError(f"room.{name}: must not be negative")
         if self.telemetry.stats_interval <= 0:
             raise ConfigError("telemetry.stats_interval: must be positive")
+        if self.router.node_selector not in ("any", "least_load", "region_aware", "power_of_two"):
+            raise ConfigError(
+                f"router.node_selector: {self.router.node_selector!r} is not one of "
+                "any, least_load, region_aware, power_of_two"
+            )
+        for i, region in enumerate(self.router.regions):
+            if not isinstance(region, Mapping) or not region.get("name"):
+                raise ConfigError(f"router.regions[{i}]: needs name, lat and lon")
+            try:
+                float(region["lat"]), float(region["lon"])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"router.regions[{i}]: lat and lon must be numbers") from None
         if self.telemetry.otel_exporter not in ("", "console", "otlp"):
             raise ConfigError("telemetry.otel_exporter: must be empty, console or otlp")
         return self
@@ -188,7 +219,7 @@ def _coerce(where: str, current: Any, value: Any) -> Any:
                 return [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
                 raise ValueError(value)
-            return [str(v) for v in value]
+            return [dict(v) if isinstance(v, Mapping) else str(v) for v in value]
         if isinstance(current, str):
             if isinstance(value, (dict, list)):
                 raise ValueError(value)

@@ -14,7 +14,7 @@ from braid.shared.roomservice import METHODS
 from braid.shared.rpc import DEFAULT_DEADLINE, Channels, call_idempotent, rpc_error
 from braid.shared.store import NodeRegistry, RoomStore
 
-from .placement import choose_node
+from .placement import NodeSelector
 from .rooms import RoomDirectory, validate_room_name
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         directory: RoomDirectory,
         registry: NodeRegistry,
         channels: Channels,
+        selector: NodeSelector,
         auto_create: bool = True,
     ):
+        self.selector = selector
         self.directory = directory
         self.store: RoomStore = directory.store
         self.registry = registry
@@ -173,7 +175,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if present is None and room.num_participants >= room.max_participants:
                 return router_pb2.Placement(error=rpc_error("resource_exhausted", "room is full"))
         hosting = set(await self.store.room_nodes(room.name))
-        choice = choose_node(
+        choice = self.selector.choose(
             await self.registry.nodes("media"), hosting, prefer=request.prefer_node_id, region=request.region
         )
         if choice.node is None:
