@@ -23,6 +23,11 @@ test: $(STAMP)
 	bash scripts/ensure-test-deps.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+## Redis, a router, 2 signal and 3 media nodes in 2 regions on 127.0.0.1
+cluster: $(STAMP)
+	bash scripts/ensure-test-deps.sh
+	$(PY) scripts/cluster.py
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 

@@ -18,6 +18,7 @@ from braid.shared import ids
 from braid.shared.auth import KeyProvider
 from braid.shared.config import Config, ConfigError, load_config
 from braid.shared.health import health_app
+from braid.shared.tracing import setup_tracing, shutdown_tracing
 from braid.shared.rpc import Channels, server_options
 from braid.shared.webhooks import notifier_from_config
 
@@ -49,6 +50,10 @@ class Server:
         return self._started and not self._draining and self._backend_ok
 
     async def start(self) -> None:
+        setup_tracing(
+            self.config.telemetry.otel_exporter, self.config.telemetry.otlp_endpoint,
+            service_name=f"braid-{self.config.role}", node_id=self.node_id,
+        )
         await self.notifier.start()
         self.grpc_server = grpc.aio.server(options=server_options())
         port = self.grpc_server.add_insecure_port(f"{self.config.grpc_bind}:{self.config.grpc_port}")
@@ -149,6 +154,7 @@ class Server:
         await self.channels.close()
         await self.notifier.stop(timeout=2.0)
         await self.backends.close()
+        shutdown_tracing()
 
     def describe(self) -> str:
         host = self.config.bind

@@ -13,6 +13,7 @@ from braid.rpc import common_pb2, router_pb2, router_pb2_grpc
 from braid.shared.roomservice import METHODS
 from braid.shared.rpc import DEFAULT_DEADLINE, Channels, call_idempotent, rpc_error
 from braid.shared.store import NodeRegistry, RoomStore
+from braid.shared.tracing import incoming_context, metadata_of, tracer
 
 from .placement import NodeSelector
 from .rooms import RoomDirectory, validate_room_name
@@ -162,6 +163,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # --- Placement -----------------------------------------------------------------------------
 
     async def Place(self, request: router_pb2.PlaceRequest, context) -> router_pb2.Placement:
+        with tracer.start_as_current_span(
+            "router.place", context=incoming_context(metadata_of(context)),
+            attributes={"braid.room": request.room, "braid.identity": request.identity},
+        ) as span:
+            placement = await self._place(request)
+            span.set_attribute("braid.media_node", placement.node_id)
+            span.set_attribute("braid.placement_reason", placement.reason or placement.error.msg)
+            return placement
+
+    async def _place(self, request: router_pb2.PlaceRequest) -> router_pb2.Placement:
         problem = validate_room_name(request.room)
         if problem:
             return router_pb2.Placement(error=rpc_error("invalid_argument", problem))
