@@ -171,6 +171,10 @@ class Server:
 
 
 async def serve(config: Config) -> None:
+    if config.role in ("media", "all"):
+        from braid.shared.kube import apply_discovery, discover
+
+        config = apply_discovery(config, await discover(config))
     server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -45,6 +45,16 @@ class RTCConfig:
     port_range_end: int = 60000
     enable_v1: bool = True  # `/rtc/v1` single-PeerConnection path; off → 404, SDKs fall back to v0
     stun_servers: list[str] = field(default_factory=list)
+    use_node_external_ip: bool = False  # in Kubernetes: announce the node's ExternalIP (see braid/shared/kube.py)
+
+
+@dataclass
+class TurnConfig:
+    """TURN servers handed to clients in the JoinResponse (credentials come from a Secret in the chart)."""
+
+    urls: list[str] = field(default_factory=list)
+    username: str = ""
+    credential: str = ""
 
 
 @dataclass
@@ -97,14 +107,17 @@ class Config:
     role: str = "all"  # "all" runs signal, router and media in one process
     dev: bool = False
     region: str = ""
+    zone: str = ""
     node_id: str = ""
     grpc_bind: str = "127.0.0.1"
     grpc_port: int = 0  # 0: a free port
     router_address: str = ""  # gRPC address of a router (cluster roles)
     refresh_token_interval: float = 300.0
+    drain_deadline: float = 300.0  # seconds a draining node has to move its participants before it exits
     log_level: str = "INFO"
     redis: RedisConfig = field(default_factory=RedisConfig)
     rtc: RTCConfig = field(default_factory=RTCConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
     room: RoomConfig = field(default_factory=RoomConfig)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -144,6 +157,11 @@ class Config:
         for name in ("empty_timeout", "departure_timeout", "max_participants"):
             if getattr(self.room, name) < 0:
                 raise ConfigError(f"room.{name}: must not be negative")
+        if self.drain_deadline < 0:
+            raise ConfigError("drain_deadline: must not be negative")
+        for url in self.turn.urls:
+            if not url.startswith(("turn:", "turns:", "stun:")):
+                raise ConfigError(f"turn.urls: {url!r} is not a turn:, turns: or stun: URL")
         if self.telemetry.stats_interval <= 0:
             raise ConfigError("telemetry.stats_interval: must be positive")
         if self.router.node_selector not in ("any", "least_load", "region_aware", "power_of_two"):

@@ -1,0 +1,297 @@
+{{/* Names. */}}
+{{- define "braid.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "braid.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A role's object name: <fullname>-<role>. Call with (dict "root" $ "role" "signal"). */}}
+{{- define "braid.roleName" -}}
+{{- printf "%s-%s" (include "braid.fullname" .root | trunc 56 | trimSuffix "-") .role }}
+{{- end }}
+
+{{- define "braid.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "braid.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "braid.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "braid.labels" -}}
+helm.sh/chart: {{ include "braid.chart" . }}
+{{ include "braid.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: braid
+{{- end }}
+
+{{/* Labels of one role's objects / its pods' selector. Call with (dict "root" $ "role" "media"). */}}
+{{- define "braid.roleSelectorLabels" -}}
+{{ include "braid.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .role }}
+{{- end }}
+
+{{- define "braid.roleLabels" -}}
+{{ include "braid.labels" .root }}
+app.kubernetes.io/component: {{ .role }}
+{{- end }}
+
+{{- define "braid.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "braid.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "braid.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Secrets: the chart's own, or the operator's existingSecret. */}}
+{{- define "braid.keysSecretName" -}}
+{{- .Values.apiKeys.existingSecret | default (printf "%s-keys" (include "braid.fullname" .)) }}
+{{- end }}
+{{- define "braid.keysSecretKey" -}}
+{{- if .Values.apiKeys.existingSecret }}{{ .Values.apiKeys.existingSecretKey }}{{ else }}keys{{ end }}
+{{- end }}
+
+{{- define "braid.redisSecretName" -}}
+{{- .Values.redis.existingSecret | default (printf "%s-redis" (include "braid.fullname" .)) }}
+{{- end }}
+{{/* Whether pods get BRAID_REDIS__PASSWORD. */}}
+{{- define "braid.redisHasPassword" -}}
+{{- if .Values.redis.existingSecret }}{{ if .Values.redis.existingSecretPasswordKey }}true{{ end }}
+{{- else if .Values.redis.password }}true{{ end }}
+{{- end }}
+{{- define "braid.redisPasswordKey" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecretPasswordKey }}{{ else }}password{{ end }}
+{{- end }}
+{{- define "braid.redisSentinelPasswordKey" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecretSentinelPasswordKey }}{{ else if .Values.redis.sentinelPassword }}sentinel-password{{ end }}
+{{- end }}
+
+{{- define "braid.turnSecretName" -}}
+{{- .Values.turn.existingSecret | default (printf "%s-turn" (include "braid.fullname" .)) }}
+{{- end }}
+
+{{/* host:port of the Redis the nodes use (empty in Sentinel mode). */}}
+{{- define "braid.redisAddress" -}}
+{{- if .Values.redis.bundled.enabled }}
+{{- printf "%s-redis:6379" (include "braid.fullname" .) }}
+{{- else }}
+{{- .Values.redis.address }}
+{{- end }}
+{{- end }}
+
+{{- define "braid.routerAddress" -}}
+{{- printf "%s:%d" (include "braid.roleName" (dict "root" . "role" "router")) (int .Values.router.grpcPort) }}
+{{- end }}
+
+{{/* The drain deadline plus what surrounds it: what the kubelet waits before SIGKILL. */}}
+{{- define "braid.terminationGracePeriodSeconds" -}}
+{{- add (int .Values.preStop.sleepSeconds) (int .Values.drain.deadlineSeconds) (int .Values.drain.graceMarginSeconds) }}
+{{- end }}
+
+{{/* Whether the media pods' UDP ports live on their node's address. */}}
+{{- define "braid.mediaOnNode" -}}
+{{- if or (eq .Values.media.network "hostNetwork") .Values.media.portList.hostPort }}true{{ end }}
+{{- end }}
+
+{{/*
+The pod template shared by the three roles. Call with
+(dict "root" $ "role" "signal" "values" .Values.signal "extraEnv" list "ports" list "affinity" dict
+      "hostNetwork" bool "serviceAccount" bool).
+*/}}
+{{- define "braid.podTemplate" -}}
+{{- $root := .root }}
+{{- $v := .values }}
+{{- $ctx := dict "root" $root "role" .role -}}
+metadata:
+  labels:
+    {{- include "braid.roleSelectorLabels" $ctx | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "braid.serviceAccountName" $root }}
+  automountServiceAccountToken: {{ .serviceAccount }}
+  terminationGracePeriodSeconds: {{ include "braid.terminationGracePeriodSeconds" $root }}
+  {{- if .hostNetwork }}
+  hostNetwork: true
+  dnsPolicy: ClusterFirstWithHostNet
+  {{- end }}
+  {{- with $root.Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $root.Values.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .role }}
+      image: {{ include "braid.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      args:
+        - --config
+        - /etc/braid/braid.yaml
+        - --role
+        - {{ .role }}
+        - --port
+        - {{ $v.httpPort | quote }}
+        - --grpc-port
+        - {{ $v.grpcPort | quote }}
+      env:
+        - name: BRAID_GRPC_BIND
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: BRAID_DRAIN_DEADLINE
+          value: {{ $root.Values.drain.deadlineSeconds | quote }}
+        - name: BRAID_KEYS
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "braid.keysSecretName" $root }}
+              key: {{ include "braid.keysSecretKey" $root }}
+        {{- if include "braid.redisHasPassword" $root }}
+        - name: BRAID_REDIS__PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "braid.redisSecretName" $root }}
+              key: {{ include "braid.redisPasswordKey" $root }}
+        {{- end }}
+        {{- with include "braid.redisSentinelPasswordKey" $root }}
+        - name: BRAID_REDIS__SENTINEL_PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "braid.redisSecretName" $root }}
+              key: {{ . }}
+        {{- end }}
+        {{- with .extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- with concat $root.Values.extraEnv $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with concat $root.Values.extraEnvFrom $v.extraEnvFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      ports:
+        - name: http
+          containerPort: {{ $v.httpPort }}
+          protocol: TCP
+        - name: grpc
+          containerPort: {{ $v.grpcPort }}
+          protocol: TCP
+        {{- with .ports }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      startupProbe:
+        httpGet:
+          path: /healthz
+          port: http
+        {{- toYaml $root.Values.probes.startup | nindent 8 }}
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: http
+        {{- toYaml $root.Values.probes.liveness | nindent 8 }}
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: http
+        {{- toYaml $root.Values.probes.readiness | nindent 8 }}
+      {{- if gt (int $root.Values.preStop.sleepSeconds) 0 }}
+      lifecycle:
+        preStop:
+          exec:
+            command: ["sleep", {{ $root.Values.preStop.sleepSeconds | quote }}]
+      {{- end }}
+      {{- with $v.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $root.Values.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/braid
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        {{- with concat $root.Values.extraVolumeMounts $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "braid.fullname" $root }}
+    - name: tmp
+      emptyDir: {}
+    {{- with concat $root.Values.extraVolumes $v.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- range . }}
+    {{- $constraint := deepCopy . }}
+    {{- if not (hasKey $constraint "labelSelector") }}
+    {{- $_ := set $constraint "labelSelector" (dict "matchLabels" (include "braid.roleSelectorLabels" $ctx | fromYaml)) }}
+    {{- end }}
+    - {{- toYaml $constraint | nindent 6 }}
+    {{- end }}
+  {{- end }}
+{{- end }}
+
+{{/* TURN credentials for the roles that hand ICE servers to clients (signal, media). */}}
+{{- define "braid.turnEnv" -}}
+{{- if and .Values.turn.enabled (or .Values.turn.existingSecret .Values.turn.username .Values.turn.credential) }}
+- name: BRAID_TURN__USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "braid.turnSecretName" . }}
+      key: {{ if .Values.turn.existingSecret }}{{ .Values.turn.existingSecretUsernameKey }}{{ else }}username{{ end }}
+- name: BRAID_TURN__CREDENTIAL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "braid.turnSecretName" . }}
+      key: {{ if .Values.turn.existingSecret }}{{ .Values.turn.existingSecretCredentialKey }}{{ else }}credential{{ end }}
+{{- end }}
+{{- end }}
