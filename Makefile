@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench cluster clean install
+.PHONY: run test bench cluster clean install web-build
 
 $(STAMP): pyproject.toml setup.py $(wildcard proto/braid/rpc/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,17 @@ run: $(STAMP)
 ## Run the whole test suite
 test: $(STAMP)
 	bash scripts/ensure-test-deps.sh
+	bash scripts/ensure-browser-deps.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## Redis, a router, 2 signal and 3 media nodes in 2 regions on 127.0.0.1
 cluster: $(STAMP)
 	bash scripts/ensure-test-deps.sh
 	$(PY) scripts/cluster.py
+
+## Rebuild the demo meeting page (web/ -> braid/web/meet/, committed); needs Node.js 18+ and npm
+web-build:
+	bash scripts/build-web.sh
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

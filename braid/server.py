@@ -17,7 +17,7 @@ from braid.backends import Backends, make_backends
 from braid.shared import ids
 from braid.shared.auth import KeyProvider
 from braid.shared.config import Config, ConfigError, load_config
-from braid.shared.health import health_app
+from braid.shared.health import add_metrics_route, health_app
 from braid.shared.tracing import setup_tracing, shutdown_tracing
 from braid.shared.rpc import Channels, server_options
 from braid.shared.webhooks import notifier_from_config
@@ -63,10 +63,7 @@ class Server:
         if "router" in self.roles:
             self._add_router()
         if "media" in self.roles:
-            try:
-                self._add_media()
-            except ImportError:  # TEMP until the media node lands
-                log.warning("media service not available yet")
+            self._add_media()
         await self.grpc_server.start()
         if self.media is not None:
             await self.media.start()
@@ -126,8 +123,19 @@ class Server:
         )
         return create_app(ctx)
 
+    def metrics(self) -> dict[str, float]:
+        gauges = {"braid_up": 1.0, "braid_ready": float(self.ready())}
+        if self.media is not None:
+            info = self.media.node_info()
+            gauges["braid_media_participants"] = info.participants
+            gauges["braid_media_tracks"] = info.tracks
+            gauges["braid_media_rooms"] = len(self.media.rooms)
+        return gauges
+
     async def _start_http(self) -> None:
-        self.http_runner = web.AppRunner(self._http_app(), access_log=None, handle_signals=False)
+        app = self._http_app()
+        add_metrics_route(app, self.metrics)
+        self.http_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.http_runner.setup()
         site = web.TCPSite(self.http_runner, self.config.bind, self.config.port, reuse_address=True)
         await site.start()

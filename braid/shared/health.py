@@ -24,3 +24,16 @@ def health_app(ready: Callable[[], bool]) -> web.Application:
     app = web.Application()
     add_health_routes(app, ready)
     return app
+
+
+def add_metrics_route(app: web.Application, collect: Callable[[], dict[str, float]]) -> None:
+    """`GET /metrics` in the Prometheus text format: gauges from `collect()` (name → value)."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        lines = []
+        for name, value in sorted(collect().items()):
+            lines.append(f"# TYPE {name} gauge")
+            lines.append(f"{name} {float(value):g}")
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+    app.router.add_get("/metrics", metrics)

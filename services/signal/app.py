@@ -1,4 +1,4 @@
-"""The signal edge's HTTP application: RoomService (Twirp), health, and the `/rtc` endpoints."""
+"""The signal edge's HTTP application: RoomService (Twirp), `/rtc` signalling, health, the meeting page."""
 
 from __future__ import annotations
 
@@ -7,20 +7,17 @@ from aiohttp import web
 from braid.shared.health import add_health_routes
 
 from .context import SignalContext
+from .rtc import add_rtc_routes
 from .twirp import add_twirp_routes
+from .web import add_web_routes
 
 
 def create_app(ctx: SignalContext) -> web.Application:
     # The Twirp handler enforces its own, smaller body limit with a Twirp error.
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app["ctx"] = ctx
-
     add_health_routes(app, ctx.ready)
     add_twirp_routes(app, ctx)
-    try:
-        from .rtc import add_rtc_routes
-    except ImportError:  # pragma: no cover - the media issue lands the /rtc endpoints
-        add_rtc_routes = None
-    if add_rtc_routes is not None:
-        add_rtc_routes(app, ctx)
+    add_rtc_routes(app, ctx)
+    add_web_routes(app, ctx)
     return app

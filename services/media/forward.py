@@ -1,0 +1,431 @@
+"""The forwarding core: one `UpTrack` per published track, one `DownTrack` per subscriber of it.
+
+Per received packet the up-track parses the fixed header once, stores the packet for retransmission, and each
+down-track writes a new 12-byte header (its own SSRC, sequence numbers and timestamps, the subscriber's payload
+type) in front of the shared payload and sends it on its subscriber's transport. Media is never decoded; the only
+payload bytes read are the first few of a video packet, to find keyframes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Callable
+
+from . import rtcp, rtp
+
+log = logging.getLogger(__name__)
+
+_pack = rtp.HEADER.pack
+KEYFRAME_REQUEST_INTERVAL = 0.5
+UPSTREAM_NACK_INTERVAL = 0.1
+LAYER_IDLE_AFTER = 1.5
+MAX_NACK_BURST = 32
+QUALITY_OF_RID = {"q": 0, "h": 1, "f": 2}
+
+
+class PacketBuffer:
+    """The last `size` packets of one stream, by original sequence number."""
+
+    __slots__ = ("mask", "seqs", "packets")
+
+    def __init__(self, size: int = 1024):
+        assert size & (size - 1) == 0
+        self.mask = size - 1
+        self.seqs = [-1] * size
+        self.packets: list[bytes | None] = [None] * size
+
+    def put(self, seq: int, packet: bytes) -> None:
+        i = seq & self.mask
+        self.seqs[i] = seq
+        self.packets[i] = packet
+
+    def get(self, seq: int) -> bytes | None:
+        i = seq & self.mask
+        return self.packets[i] if self.seqs[i] == seq else None
+
+
+class Layer:
+    """One received RTP stream of a track (one simulcast encoding), with its receive statistics."""
+
+    __slots__ = (
+        "rid", "quality", "ssrc", "rtx_ssrc", "buffer", "subs", "packets", "bytes", "last_at", "base_seq",
+        "max_seq", "cycles", "expected_prior", "received_prior", "jitter", "transit", "sr_ntp", "sr_rtp", "sr_at",
+        "keyframe_requested_at", "nacked", "first_at",
+    )
+
+    def __init__(self, rid: str, quality: int, ssrc: int, video: bool):
+        self.rid = rid
+        self.quality = quality
+        self.ssrc = ssrc
+        self.rtx_ssrc = 0
+        self.buffer = PacketBuffer() if video else None
+        self.subs: list[DownTrack] = []
+        self.packets = self.bytes = 0
+        self.first_at = self.last_at = 0.0
+        self.base_seq = self.max_seq = -1
+        self.cycles = 0
+        self.expected_prior = self.received_prior = 0
+        self.jitter = 0.0
+        self.transit = None
+        self.sr_ntp = self.sr_rtp = 0
+        self.sr_at = 0.0
+        self.keyframe_requested_at = 0.0
+        self.nacked: dict[int, float] = {}
+
+    def lost(self) -> int:
+        """Packets missing from the sequence since the first one (never negative)."""
+        if self.max_seq < 0:
+            return 0
+        return max(0, self.cycles + self.max_seq - self.base_seq + 1 - self.packets)
+
+    def active(self, now: float) -> bool:
+        return self.packets > 0 and now - self.last_at < LAYER_IDLE_AFTER
+
+    def report_block(self, now: float) -> rtcp.ReportBlock | None:
+        if self.max_seq < 0:
+            return None
+        extended = self.cycles + self.max_seq
+        expected = extended - self.base_seq + 1
+        lost = max(0, expected - self.packets)
+        interval_expected = expected - self.expected_prior
+        interval_received = self.packets - self.received_prior
+        self.expected_prior, self.received_prior = expected, self.packets
+        interval_lost = interval_expected - interval_received
+        fraction = (interval_lost << 8) // interval_expected if interval_expected > 0 and interval_lost > 0 else 0
+        lsr = (self.sr_ntp >> 16) & 0xFFFFFFFF if self.sr_at else 0
+        dlsr = int((now - self.sr_at) * 65536) if self.sr_at else 0
+        return rtcp.ReportBlock(self.ssrc, min(fraction, 255), lost, extended, int(self.jitter), lsr, dlsr)
+
+
+class UpTrack:
+    """A published track as received: its layers, their retransmission buffers, and its subscribers."""
+
+    def __init__(
+        self,
+        track_sid: str,
+        kind: str,
+        mime: str,
+        clock_rate: int,
+        pt: int,
+        rtx_pt: int | None,
+        request_keyframe: Callable[[int], None],
+        request_nack: Callable[[int, list[int]], None],
+    ):
+        self.track_sid = track_sid
+        self.kind = kind
+        self.video = kind == "video"
+        self.mime = mime
+        self.clock_rate = clock_rate
+        self.pt = pt
+        self.rtx_pt = rtx_pt
+        self._request_keyframe = request_keyframe
+        self._request_nack = request_nack
+        self.layers: list[Layer] = []
+        self.by_ssrc: dict[int, Layer] = {}
+        self.rtx_by_ssrc: dict[int, Layer] = {}
+        self.downs: list[DownTrack] = []
+        self.muted = False
+        self.closed = False
+        self.expected_rids: list[str] = []
+        self.levels = None  # speakers.AudioLevel for audio tracks with the level extension
+        self.plis_sent = 0
+        self.nacks_sent = 0
+
+    # --- layers --------------------------------------------------------------------------------------------
+
+    def add_layer(self, ssrc: int, rid: str = "") -> Layer:
+        layer = self.by_ssrc.get(ssrc)
+        if layer is not None:
+            return layer
+        if rid in QUALITY_OF_RID:
+            quality = QUALITY_OF_RID[rid]
+        elif rid and rid in self.expected_rids:
+            quality = self.expected_rids.index(rid)
+        else:
+            quality = len(self.layers)
+        layer = Layer(rid, quality, ssrc, self.video)
+        self.layers.append(layer)
+        self.layers.sort(key=lambda l: l.quality)
+        self.by_ssrc[ssrc] = layer
+        self.reassign()
+        return layer
+
+    def add_rtx(self, rtx_ssrc: int, layer: Layer) -> None:
+        layer.rtx_ssrc = rtx_ssrc
+        self.rtx_by_ssrc[rtx_ssrc] = layer
+
+    def layer_by_rid(self, rid: str) -> Layer | None:
+        for layer in self.layers:
+            if layer.rid == rid:
+                return layer
+        return None
+
+    def pick_layer(self, max_quality: int, now: float) -> Layer | None:
+        if not self.layers:
+            return None
+        active = [l for l in self.layers if l.active(now)] or self.layers
+        below = [l for l in active if l.quality <= max_quality]
+        return below[-1] if below else active[0]
+
+    def reassign(self, now: float | None = None) -> None:
+        """Recompute which layer every subscriber should get, and which layers' fan-out lists hold it."""
+        now = time.monotonic() if now is None else now
+        for layer in self.layers:
+            layer.subs = []
+        for down in self.downs:
+            target = self.pick_layer(down.max_quality, now)
+            down.target = target
+            if down.current is not None and down.current is not target and down.current in self.layers:
+                down.current.subs.append(down)
+            if target is not None:
+                target.subs.append(down)
+                if down.current is not target and self.video:
+                    self.request_keyframe(target)
+
+    def request_keyframe(self, layer: Layer | None = None, force: bool = False) -> None:
+        if not self.video:
+            return
+        now = time.monotonic()
+        for target in [layer] if layer is not None else self.layers:
+            if force or now - target.keyframe_requested_at >= KEYFRAME_REQUEST_INTERVAL:
+                target.keyframe_requested_at = now
+                self.plis_sent += 1
+                self._request_keyframe(target.ssrc)
+
+    # --- packets -------------------------------------------------------------------------------------------
+
+    def on_rtx(self, layer: Layer, data: bytes, header) -> None:
+        """A retransmission on the RTX stream: restore the original packet (RFC 4588) and handle it."""
+        ssrc, pt, seq, ts, marker, off, end = header
+        if end - off < 2:
+            return  # padding-only probe
+        osn = (data[off] << 8) | data[off + 1]
+        original = _pack(0x80, (marker << 7) | self.pt, osn, ts, layer.ssrc) + data[off + 2:end]
+        parsed = rtp.parse(original)
+        if parsed is not None:
+            self.on_packet(layer, original, parsed, retransmitted=True)
+
+    def on_packet(self, layer: Layer, data: bytes, header, retransmitted: bool = False) -> None:
+        ssrc, pt, seq, ts, marker, off, end = header
+        now = time.monotonic()
+        if not retransmitted:
+            self._track_sequence(layer, seq, ts, now)
+            if self.levels is not None:
+                self.levels.observe(data)
+        layer.packets += 1
+        layer.bytes += len(data)
+        layer.last_at = now
+        if layer.buffer is not None:
+            layer.buffer.put(seq, data)
+        if self.muted or not layer.subs or end <= off:
+            return
+        keyframe = self.video and rtp.is_keyframe(self.mime, data[off:off + 24])
+        payload = data[off:]
+        b0 = data[0]
+        for down in layer.subs:
+            down.write(layer, b0, marker, seq, ts, payload, keyframe)
+
+    def _track_sequence(self, layer: Layer, seq: int, ts: int, now: float) -> None:
+        if layer.max_seq < 0:
+            layer.base_seq = layer.max_seq = seq
+            layer.first_at = now
+        else:
+            diff = (seq - layer.max_seq) & 0xFFFF
+            if 0 < diff < 0x8000:
+                if seq < layer.max_seq:
+                    layer.cycles += 0x10000
+                if diff > 1 and self.video:
+                    missing = [(layer.max_seq + i) & 0xFFFF for i in range(1, min(diff, MAX_NACK_BURST + 1))]
+                    self.nack_upstream(layer, missing, now)
+                layer.max_seq = seq
+        transit = now * self.clock_rate - ts
+        if layer.transit is not None:
+            d = abs(transit - layer.transit)
+            if d < self.clock_rate:  # ignore timestamp jumps (e.g. after a mute)
+                layer.jitter += (d - layer.jitter) / 16
+        layer.transit = transit
+
+    def nack_upstream(self, layer: Layer, seqs: list[int], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        wanted = [s for s in seqs if now - layer.nacked.get(s, 0.0) >= UPSTREAM_NACK_INTERVAL]
+        if not wanted:
+            return
+        for s in wanted:
+            layer.nacked[s] = now
+        if len(layer.nacked) > 512:
+            layer.nacked = {s: t for s, t in layer.nacked.items() if now - t < 1.0}
+        self.nacks_sent += 1
+        self._request_nack(layer.ssrc, wanted)
+
+    def on_sender_report(self, layer: Layer, packet: rtcp.Packet) -> None:
+        layer.sr_ntp, layer.sr_rtp, layer.sr_at = packet.ntp, packet.rtp_ts, time.monotonic()
+
+    # --- subscribers ---------------------------------------------------------------------------------------
+
+    def add_down(self, down: DownTrack) -> None:
+        if down not in self.downs:
+            self.downs.append(down)
+            self.reassign()
+
+    def remove_down(self, down: DownTrack) -> None:
+        if down in self.downs:
+            self.downs.remove(down)
+            self.reassign()
+
+    def tick(self, now: float) -> None:
+        """Once a second: follow layers that started or stopped."""
+        changed = any(down.target is not self.pick_layer(down.max_quality, now) for down in self.downs)
+        if changed:
+            self.reassign(now)
+        for down in self.downs:
+            if self.video and down.waiting_keyframe and down.target is not None:
+                self.request_keyframe(down.target)
+
+    def close(self) -> None:
+        self.closed = True
+        for down in list(self.downs):
+            down.close()
+        self.downs.clear()
+        for layer in self.layers:
+            layer.subs = []
+
+
+class DownTrack:
+    """One subscriber's copy of an up-track: SSRC, sequence and timestamp rewriting, NACK answers, SR."""
+
+    def __init__(self, up: UpTrack, send: Callable[[bytes], None], pt: int, ssrc: int | None = None):
+        self.up = up
+        self.send = send
+        self.pt = pt
+        self.ssrc = ssrc or random.randint(1, 0xFFFFFFFF)
+        self.clock_rate = up.clock_rate
+        self.video = up.video
+        self.max_quality = 2
+        self.current: Layer | None = None
+        self.target: Layer | None = None
+        self.paused = False
+        self.waiting_keyframe = True
+        self.closed = False
+        self.seq_off = 0
+        self.ts_off = 0
+        self.switch_seq = 0
+        self.last_seq = random.randint(0, 0x7FFF)
+        self.last_ts = random.randint(0, 0x7FFFFFFF)
+        self.last_ts_at = 0.0
+        self.packets = 0
+        self.octets = 0
+        self.retransmits = 0
+        self.nacks = 0
+        self.plis = 0
+        self.rtt = 0.0
+        self.fraction_lost = 0
+
+    def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
+        if self.paused:
+            return
+        if layer is self.current and not self.waiting_keyframe:
+            if (seq - self.switch_seq) & 0x8000:
+                return  # older than the point this layer was joined at
+        elif layer is self.target and (keyframe or not self.video):
+            self._anchor(layer, seq, ts)
+        else:
+            return  # another layer's packet, or still waiting for a keyframe
+        out_seq = (seq + self.seq_off) & 0xFFFF
+        out_ts = (ts + self.ts_off) & 0xFFFFFFFF
+        self.send(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc) + payload)
+        self.packets += 1
+        self.octets += len(payload)
+        if (out_seq - self.last_seq) & 0xFFFF < 0x8000:
+            self.last_seq = out_seq
+            if out_ts != self.last_ts:
+                self.last_ts = out_ts
+                self.last_ts_at = time.monotonic()
+
+    def _anchor(self, layer: Layer, seq: int, ts: int) -> None:
+        """Continue the outgoing stream from `seq`/`ts` of `layer` (first packet, layer switch, or resume)."""
+        now = time.monotonic()
+        if self.last_ts_at:
+            advance = max(1, int((now - self.last_ts_at) * self.clock_rate))
+        else:
+            advance = 0
+        self.seq_off = (self.last_seq + 1 - seq) & 0xFFFF
+        self.ts_off = (self.last_ts + advance - ts) & 0xFFFFFFFF
+        self.switch_seq = seq
+        self.waiting_keyframe = False
+        previous, self.current = self.current, layer
+        if previous is not layer:
+            self.up.reassign(now)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.video:
+                self.waiting_keyframe = True
+                self.up.request_keyframe(self.target)
+
+    def on_nack(self, seqs: list[int]) -> None:
+        """Resend what the buffer still has; ask the publisher for the rest."""
+        layer = self.current
+        self.nacks += 1
+        if layer is None or layer.buffer is None:
+            return
+        missing = []
+        for out_seq in seqs:
+            seq = (out_seq - self.seq_off) & 0xFFFF
+            if (seq - self.switch_seq) & 0x8000:
+                continue
+            packet = layer.buffer.get(seq)
+            if packet is None:
+                missing.append(seq)
+                continue
+            header = rtp.parse(packet)
+            if header is None:
+                continue
+            _, _, _, ts, marker, off, _ = header
+            self.send(_pack(0x80 | (packet[0] & 0x20), (marker << 7) | self.pt, out_seq,
+                            (ts + self.ts_off) & 0xFFFFFFFF, self.ssrc) + packet[off:])
+            self.retransmits += 1
+        if missing:
+            self.up.nack_upstream(layer, missing)
+
+    def on_keyframe_request(self) -> None:
+        self.plis += 1
+        self.up.request_keyframe(self.current or self.target)
+
+    def on_receiver_report(self, block: rtcp.ReportBlock) -> None:
+        self.fraction_lost = block.fraction_lost
+        if block.lsr:
+            now_ntp = rtcp.ntp_now()
+            middle = (now_ntp >> 16) & 0xFFFFFFFF
+            rtt = ((middle - block.lsr - block.dlsr) & 0xFFFFFFFF) / 65536
+            if rtt < 60:
+                self.rtt = rtt
+
+    def sender_report(self, now: float) -> bytes | None:
+        """An SR for this stream: the publisher's NTP↔RTP mapping when known (keeps lip-sync), else our clock."""
+        if not self.packets:
+            return None
+        layer = self.current
+        if layer is not None and layer.sr_at:
+            elapsed = now - layer.sr_at
+            ntp = layer.sr_ntp + int(elapsed * (1 << 32))
+            rtp_ts = layer.sr_rtp + self.ts_off + int(elapsed * self.clock_rate)
+        else:
+            ntp = rtcp.ntp_now()
+            rtp_ts = self.last_ts + int((now - self.last_ts_at) * self.clock_rate) if self.last_ts_at else self.last_ts
+        return rtcp.sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
+
+    def set_max_quality(self, quality: int) -> None:
+        if quality != self.max_quality:
+            self.max_quality = quality
+            self.up.reassign()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.up.remove_down(self)

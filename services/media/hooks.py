@@ -1,0 +1,134 @@
+"""Lifecycle events of the media node, for webhooks and telemetry.
+
+`Hooks` is the seam: the media node calls it and never the notifier directly.
+* `TelemetryHooks` (the node's default) drives `telemetry.TelemetryService`: stats workers keyed by (room,
+  participant) with one reference guard per holder: the participant session, and each signal connection (one
+  `Session` stream); webhooks follow its rules (participant_joined on ACTIVE, participant_left exactly once).
+* `WebhookHooks` sends the same webhooks without stats workers (tests, tools).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from livekit.protocol import webhook
+
+from braid.shared import ids
+
+if TYPE_CHECKING:
+    from .participant import Participant
+    from .publisher import PublishedTrack
+    from .room import Room
+
+log = logging.getLogger(__name__)
+
+
+class Hooks(Protocol):
+    def participant_joined(self, room: Room, participant: Participant) -> None: ...
+
+    def participant_active(self, room: Room, participant: Participant) -> None: ...
+
+    def participant_left(self, room: Room, participant: Participant, reason: int) -> None: ...
+
+    def track_published(self, room: Room, participant: Participant, track: PublishedTrack) -> None: ...
+
+    def track_unpublished(self, room: Room, participant: Participant, track: PublishedTrack) -> None: ...
+
+    def track_subscribed(self, room: Room, participant: Participant, track: PublishedTrack) -> None: ...
+
+    def signal_attached(self, room: Room, participant: Participant, guard) -> None: ...
+
+    def signal_detached(self, room: Room, participant: Participant, guard) -> None: ...
+
+    def stats_worker(self, room: Room, participant: Participant): ...
+
+
+class TelemetryHooks:
+    def __init__(self, telemetry):
+        self.telemetry = telemetry
+
+    def participant_joined(self, room: Room, participant: Participant) -> None:
+        self.telemetry.participant_joined(room.info(), participant.info(), participant.guard, send_event=True)
+
+    def participant_active(self, room: Room, participant: Participant) -> None:
+        self.telemetry.participant_active(room.info(), participant.info(), participant.guard)
+
+    def participant_left(self, room: Room, participant: Participant, reason: int) -> None:
+        self.telemetry.participant_left(room.info(), participant.info(), participant.guard, send_event=True,
+                                        reason=reason)
+
+    def track_published(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
+        self.telemetry.track_published(room.info(), participant.info(), track.info)
+
+    def track_unpublished(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
+        self.telemetry.track_unpublished(room.info(), participant.info(), track.info)
+
+    def track_subscribed(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
+        self.telemetry.track_subscribed(room.info(), participant.info(), track.info)
+
+    def signal_attached(self, room: Room, participant: Participant, guard) -> None:
+        self.telemetry.participant_joined(room.info(), participant.info(), guard, send_event=False)
+
+    def signal_detached(self, room: Room, participant: Participant, guard) -> None:
+        self.telemetry.participant_left(room.info(), participant.info(), guard, send_event=False)
+
+    def stats_worker(self, room: Room, participant: Participant):
+        return self.telemetry.worker(room.name, participant.sid)
+
+
+class WebhookHooks:
+    def __init__(self, notifier):
+        self.notifier = notifier
+        self._active: set[str] = set()
+
+    def _send(self, name: str, room: Room, participant: Participant | None = None,
+              track: PublishedTrack | None = None) -> None:
+        if self.notifier is None:
+            return
+        event = webhook.WebhookEvent(event=name, id=ids.event_id(), created_at=int(time.time()))
+        event.room.CopyFrom(room.info())
+        if participant is not None:
+            event.participant.CopyFrom(participant.info())
+        if track is not None:
+            event.track.CopyFrom(track.info)
+        try:
+            self.notifier.notify(event)
+        except Exception:
+            log.exception("webhook notifier failed for %s", name)
+
+    def participant_joined(self, room: Room, participant: Participant) -> None:
+        return None
+
+    def participant_active(self, room: Room, participant: Participant) -> None:
+        if participant.sid in self._active:
+            return
+        self._active.add(participant.sid)
+        self._send("participant_joined", room, participant)
+
+    def participant_left(self, room: Room, participant: Participant, reason: int) -> None:
+        if participant.sid in self._active:
+            self._active.discard(participant.sid)
+            self._send("participant_left", room, participant)
+        else:
+            self._send("participant_connection_aborted", room, participant)
+
+    def track_published(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
+        self._send("track_published", room, participant, track)
+
+    def track_unpublished(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
+        self._send("track_unpublished", room, participant, track)
+
+    def track_subscribed(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
+        return None
+
+    def signal_attached(self, room: Room, participant: Participant, guard) -> None:
+        return None
+
+    def signal_detached(self, room: Room, participant: Participant, guard) -> None:
+        return None
+
+    def stats_worker(self, room: Room, participant: Participant):
+        return None
+

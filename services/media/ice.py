@@ -1,0 +1,128 @@
+"""ICE for the media node: one UDP socket per PeerConnection, bound inside the node's port range, announcing
+the node IP, with a fast lane that hands SRTP/SRTCP datagrams straight to the forwarding path.
+
+aioice seams used (aioice 0.13, pinned by `tests/test_media_seams.py`):
+* `Connection.gather_candidates` / `get_component_candidates` are overridden so no interface enumeration or
+  ephemeral ports are involved;
+* `Connection._protocols`, `_local_candidates`, `_local_candidates_start`, `_local_candidates_end` are set the way
+  aioice's own gatherer sets them;
+* `StunProtocol.datagram_received` is overridden: bytes 128-191 (RTP/RTCP, RFC 7983) skip STUN parsing and the
+  connection's queue once the DTLS-SRTP keys exist; everything else goes the stock way (STUN, DTLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import socket
+import time
+from typing import Callable
+
+from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+from aioice.ice import Connection, StunProtocol
+
+log = logging.getLogger(__name__)
+
+SOCKET_BUFFER = 1 << 20
+
+
+class PortRange:
+    """Hands out UDP ports of [start, end] round-robin; a port in use is skipped."""
+
+    def __init__(self, start: int, end: int, host: str):
+        if not 0 < start <= end < 65536:
+            raise ValueError(f"invalid port range {start}-{end}")
+        self.start, self.end = start, end
+        self.host = host
+        self._next = random.randint(start, end)
+        self._bind_host: str | None = None
+
+    def __len__(self) -> int:
+        return self.end - self.start + 1
+
+    async def bind(self, factory: Callable[[], asyncio.DatagramProtocol]):
+        """(transport, protocol, port) on the first free port; OSError if the range is exhausted."""
+        loop = asyncio.get_running_loop()
+        last_error: OSError | None = None
+        for _ in range(len(self)):
+            port = self._next
+            self._next = self.start if port >= self.end else port + 1
+            try:
+                transport, protocol = await loop.create_datagram_endpoint(
+                    factory, local_addr=(self._bind_address(), port)
+                )
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL and self._bind_host is None:
+                    # The node IP is not on this host (1:1 NAT): listen everywhere, announce the node IP.
+                    self._bind_host = "0.0.0.0"
+                    continue
+                last_error = exc
+                continue
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                    except OSError:
+                        pass
+            return transport, protocol, port
+        raise OSError(errno.EADDRINUSE, f"no free UDP port in {self.start}-{self.end}: {last_error}")
+
+    def _bind_address(self) -> str:
+        return self._bind_host or self.host
+
+
+class MediaProtocol(StunProtocol):
+    """aioice's STUN protocol with a lane for media: `fast(data)` gets every RTP/RTCP datagram once set."""
+
+    fast: Callable[[bytes], None] | None = None
+    last_rx: float = 0.0
+
+    def datagram_received(self, data: bytes | str, addr) -> None:  # type: ignore[override]
+        self.last_rx = time.monotonic()
+        fast = self.fast
+        if fast is not None and data and 127 < data[0] < 192:
+            fast(data)  # type: ignore[arg-type]
+            return
+        super().datagram_received(data, addr)
+
+
+class NodeIceConnection(Connection):
+    """A controlled (or controlling) full ICE agent with exactly one host candidate from the port range."""
+
+    def __init__(self, ports: PortRange, announce_ip: str, *, controlling: bool = False):
+        super().__init__(ice_controlling=controlling, components=1, use_ipv6=False)
+        self._ports = ports
+        self._announce_ip = announce_ip
+        self.protocol: MediaProtocol | None = None
+
+    async def gather_candidates(self) -> None:
+        if self._local_candidates_start:
+            return
+        self._local_candidates_start = True
+        self._local_candidates += await self.get_component_candidates(1, [])
+        self._local_candidates_end = True
+
+    async def get_component_candidates(self, component: int, addresses: list[str], timeout: int = 5):
+        _, protocol, port = await self._ports.bind(lambda: MediaProtocol(self))
+        protocol.local_candidate = Candidate(
+            foundation=candidate_foundation("host", "udp", self._announce_ip),
+            component=component,
+            transport="udp",
+            priority=candidate_priority(component, "host"),
+            host=self._announce_ip,
+            port=port,
+            type="host",
+        )
+        self._protocols.append(protocol)
+        self.protocol = protocol
+        return [protocol.local_candidate]
+
+    def selected(self):
+        """(datagram transport, remote address) of the nominated pair, or None before ICE completes."""
+        pair = self._nominated.get(1)
+        if pair is None:
+            return None
+        return pair.protocol.transport, pair.remote_addr

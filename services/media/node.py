@@ -1,0 +1,196 @@
+"""The media node: hosts participants, runs their WebRTC transports and forwards their media.
+
+The server assembly builds `MediaNode(...)`, registers `node.servicer` on its grpc.aio server, and calls
+`start()` / `stop()`. The node heartbeats itself into the registry as role "media" and keeps the store's
+participant records current (the router and RoomService read them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiortc.rtcdtlstransport import RTCCertificate
+from livekit.protocol import models
+
+from braid.rpc import common_pb2, media_pb2_grpc
+from braid.shared.auth import KeyProvider
+from braid.shared.bus import Bus
+from braid.shared.config import Config
+from braid.shared.store import NodeInfo, NodeRegistry, RoomStore
+
+from .admin import Admin
+from .hooks import Hooks, TelemetryHooks
+from .telemetry import TelemetryService
+from .ice import PortRange
+from .room import JoinError, Room
+from .session import run_session
+from .speakers import UPDATE_INTERVAL as SPEAKER_INTERVAL
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_TTL = 8.0
+TICK_INTERVAL = 1.0
+EMPTY_ROOM_LINGER = 5.0
+
+
+class MediaServicer(media_pb2_grpc.MediaServicer):
+    def __init__(self, node: MediaNode):
+        self.node = node
+
+    async def Session(self, request_iterator, context):
+        async for down in run_session(self.node, request_iterator):
+            yield down
+
+    async def Administer(self, request: common_pb2.RoomCall, context) -> common_pb2.RoomReply:
+        return await self.node.admin.handle(request)
+
+
+class MediaNode:
+    def __init__(
+        self,
+        config: Config,
+        store: RoomStore,
+        bus: Bus,
+        registry: NodeRegistry,
+        notifier,
+        node_id: str,
+        grpc_address: str,
+    ):
+        self.config = config
+        self.store = store
+        self.bus = bus
+        self.registry = registry
+        self.notifier = notifier
+        self.node_id = node_id
+        self.grpc_address = grpc_address
+        self.keys = KeyProvider(config.keys)
+        self.ports = PortRange(config.rtc.port_range_start, config.rtc.port_range_end, host=config.rtc.node_ip)
+        self.certificate = RTCCertificate.generateCertificate()
+        self.telemetry = TelemetryService.from_config(config.telemetry, notifier)
+        self.hooks: Hooks = TelemetryHooks(self.telemetry)
+        self.rooms: dict[str, Room] = {}
+        self.admin = Admin(self)
+        self.servicer = MediaServicer(self)
+        self.state = "SERVING"
+        self.started_at = time.time()
+        self._empty_since: dict[str, float] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.telemetry.start()
+        await self._heartbeat()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="media-heartbeat"),
+            asyncio.create_task(self._tick_loop(), name="media-tick"),
+        ]
+        log.info("media node %s serving on %s (UDP %s-%s, node IP %s)", self.node_id, self.grpc_address,
+                 self.ports.start, self.ports.end, self.config.rtc.node_ip)
+
+    async def stop(self) -> None:
+        self.state = "DRAINING"
+        try:
+            await asyncio.wait_for(self._heartbeat(), 2.0)
+        except Exception:
+            pass
+        for room in list(self.rooms.values()):
+            try:
+                await asyncio.wait_for(room.close(models.DisconnectReason.SERVER_SHUTDOWN), 5.0)
+            except Exception:
+                log.exception("closing room %s failed", room.name)
+        self.rooms.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.registry.remove(self.node_id)
+        except Exception:
+            log.warning("could not deregister media node %s", self.node_id)
+        await self.telemetry.stop()
+
+    def node_info(self) -> NodeInfo:
+        participants = sum(len(r.participants) for r in self.rooms.values())
+        tracks = sum(len(p.publisher.tracks) for r in self.rooms.values() for p in r.participants.values())
+        return NodeInfo(
+            node_id=self.node_id, role="media", address=self.grpc_address, region=self.config.region,
+            state=self.state, participants=participants, tracks=tracks, started_at=self.started_at,
+        )
+
+    async def _heartbeat(self) -> None:
+        await self.registry.heartbeat(self.node_info(), HEARTBEAT_TTL)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await self._heartbeat()
+            except Exception as exc:
+                log.warning("media heartbeat failed: %r", exc)
+
+    async def _tick_loop(self) -> None:
+        """Speaker updates every 0.4 s; RTCP reports, liveness and empty rooms every second."""
+        last_full = 0.0
+        while True:
+            await asyncio.sleep(SPEAKER_INTERVAL)
+            now = time.monotonic()
+            full = now - last_full >= TICK_INTERVAL - 0.05
+            if full:
+                last_full = now
+            for room in list(self.rooms.values()):
+                try:
+                    room.speaker_tick()
+                    if full:
+                        room.tick(now)
+                except Exception:
+                    log.exception("room %s tick failed", room.name)
+                if not full:
+                    continue
+                if room.participants:
+                    self._empty_since.pop(room.name, None)
+                elif now - self._empty_since.setdefault(room.name, now) >= EMPTY_ROOM_LINGER:
+                    self.drop_room(room)
+
+    # --- rooms -----------------------------------------------------------------------------------------
+
+    async def room_for(self, name: str) -> Room:
+        if self.state != "SERVING":
+            raise JoinError("unavailable", "media node is draining")
+        stored = await self.store.get_room(name)
+        if stored is None:
+            raise JoinError("not_found", "requested room does not exist")
+        room = self.rooms.get(name)
+        if room is not None and room.sid != stored.sid and not room.participants:
+            self.drop_room(room)
+            room = None
+        if room is None:
+            room = Room(self, stored)
+            self.rooms[name] = room
+        else:
+            room.update_info(stored)
+        self._empty_since.pop(name, None)
+        await self.store.claim_room_node(name, self.node_id)
+        return room
+
+    def room_empty(self, room: Room) -> None:
+        """The last participant left; the room is dropped after a short linger (a rejoin keeps it)."""
+        self._empty_since.setdefault(room.name, time.monotonic())
+
+    def drop_room(self, room: Room) -> None:
+        if self.rooms.get(room.name) is not room:
+            return
+        del self.rooms[room.name]
+        self._empty_since.pop(room.name, None)
+        task = asyncio.create_task(self._release(room), name=f"release-{room.name}")
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _release(self, room: Room) -> None:
+        await room.stop()
+        try:
+            await self.store.release_room_node(room.name, self.node_id)
+        except Exception:
+            log.warning("could not release room %s", room.name)

@@ -1,0 +1,521 @@
+"""A participant hosted by this media node: its state, its signal requests, its PeerConnection(s) and data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from google.protobuf.message import DecodeError
+from livekit.protocol import models
+from livekit.protocol import rtc as rtc_pb
+
+from braid.shared import ids
+from braid.shared.auth import Claims
+
+from . import negotiation, rtcp, sdp
+from .publisher import Publisher, PublishedTrack
+from .subscriber import Subscriber, Subscription, quality_for
+from .telemetry import ReferenceGuard
+from .transport import PeerTransport
+
+if TYPE_CHECKING:
+    from .room import Room
+
+log = logging.getLogger(__name__)
+
+RELIABLE, LOSSY = "_reliable", "_lossy"
+LOSSY_BUFFER_LIMIT = 256 * 1024
+PENDING_RELIABLE = 256  # reliable packets kept for a participant whose data channel is not open yet
+MAX_DATA_MESSAGE = 256 * 1024
+State = models.ParticipantInfo.State
+Reason = models.DisconnectReason
+
+
+class ProtocolError(Exception):
+    """The client sent something that ends its session (unparsable SDP, a broken frame)."""
+
+
+def permission_from(claims: Claims) -> models.ParticipantPermission:
+    v = claims.video
+    sources = []
+    for name in v.can_publish_sources:
+        value = models.TrackSource.Value(str(name).upper()) if str(name).upper() in models.TrackSource.keys() else None
+        if value is not None:
+            sources.append(value)
+    return models.ParticipantPermission(
+        can_subscribe=v.can_subscribe,
+        can_publish=v.can_publish,
+        can_publish_data=v.can_publish_data,
+        can_publish_sources=sources,
+        hidden=v.hidden,
+        recorder=v.recorder,
+        can_update_metadata=v.can_update_own_metadata,
+        agent=v.agent,
+    )
+
+
+def kind_from(claims: Claims) -> int:
+    name = (claims.kind or "standard").upper()
+    return models.ParticipantInfo.Kind.Value(name) if name in models.ParticipantInfo.Kind.keys() else 0
+
+
+class Participant:
+    def __init__(self, room: Room, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
+        self.room = room
+        self.node = room.node
+        self.claims = claims
+        self.sid = ids.participant_sid()
+        self.identity = claims.identity
+        self.name = claims.name
+        self.metadata = join.metadata or claims.metadata
+        self.attributes = {**claims.attributes, **dict(join.participant_attributes)}
+        self.kind = kind_from(claims)
+        self.permission = permission_from(claims)
+        self.client_info = join.client_info
+        self.single_pc = single_pc
+        self.auto_subscribe = join.connection_settings.auto_subscribe if join.HasField("connection_settings") else True
+        self.state = State.JOINING
+        self.version = 0
+        self.joined_at = time.time()
+        self.disconnect_reason = Reason.UNKNOWN_REASON
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.closed = False
+        self.removing = False
+        self.last_token_refresh = time.time()
+        self.signal_connected = True
+        self.signal_lost_at = 0.0
+        self.publisher = Publisher(self)
+        self.subscriber = Subscriber(self)
+        self.pub_pc: PeerTransport | None = None
+        self.sub_pc: PeerTransport | None = None
+        self.channels: dict[str, list] = {RELIABLE: [], LOSSY: []}
+        self.pending_reliable: deque[bytes] = deque(maxlen=PENDING_RELIABLE)
+        self.last_answer_mids: set[str] = set()
+        self.answer_version = 0
+        self.session_id = int(time.time() * 1000)
+        self.guard = ReferenceGuard(holder=f"session:{self.sid}")
+        self._negotiating = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"{self.identity}({self.sid})"
+
+    # --- info ------------------------------------------------------------------------------------------
+
+    @property
+    def hidden(self) -> bool:
+        return self.permission.hidden
+
+    def info(self) -> models.ParticipantInfo:
+        return models.ParticipantInfo(
+            sid=self.sid,
+            identity=self.identity,
+            state=self.state,
+            tracks=[t.info for t in self.publisher.tracks.values()],
+            metadata=self.metadata,
+            joined_at=int(self.joined_at),
+            joined_at_ms=int(self.joined_at * 1000),
+            name=self.name,
+            version=self.version,
+            permission=self.permission,
+            region=self.node.config.region,
+            is_publisher=bool(self.publisher.tracks),
+            kind=self.kind,
+            attributes=self.attributes,
+            disconnect_reason=self.disconnect_reason,
+            client_protocol=self.client_info.client_protocol,
+        )
+
+    def changed(self) -> None:
+        """Bump the version and tell the room (which broadcasts and persists)."""
+        self.version += 1
+        self.room.participant_changed(self)
+
+    # --- signalling out --------------------------------------------------------------------------------
+
+    def send(self, response: rtc_pb.SignalResponse) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(response.SerializeToString())
+
+    def send_request_response(self, response: rtc_pb.RequestResponse) -> None:
+        self.send(rtc_pb.SignalResponse(request_response=response))
+
+    def send_leave(self, reason: int, action: int = rtc_pb.LeaveRequest.DISCONNECT, can_reconnect: bool = False):
+        self.send(rtc_pb.SignalResponse(leave=rtc_pb.LeaveRequest(can_reconnect=can_reconnect, reason=reason,
+                                                                  action=action)))
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"{self.identity}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, (ProtocolError, sdp.SdpError, negotiation.NegotiationError)):
+                log.info("%s: protocol error: %s", self, exc)
+                self.room.schedule_remove(self, Reason.STATE_MISMATCH, send_leave=True)
+            else:
+                log.error("%s: task %s failed", self, task.get_name(), exc_info=exc)
+
+    # --- transports ------------------------------------------------------------------------------------
+
+    def _transport(self, offerer: bool, label: str) -> PeerTransport:
+        return PeerTransport(
+            ports=self.node.ports,
+            announce_ip=self.node.config.rtc.node_ip,
+            certificate=self.node.certificate,
+            offerer=offerer,
+            label=f"{self.identity}/{label}",
+            on_rtp=self.publisher.on_rtp if not offerer else _drop,
+            on_rtcp=self.on_rtcp,
+            on_state=lambda state: self._on_transport_state(label, state),
+            on_datachannel=self._on_datachannel,
+        )
+
+    async def start(self) -> None:
+        """Bind the sockets; in v0 with subscribe permission, also the subscriber PC and its data channels."""
+        self.pub_pc = self._transport(offerer=False, label="pub" if not self.single_pc else "pc")
+        await self.pub_pc.prepare()
+        if self.single_pc:
+            self.sub_pc = self.pub_pc
+        elif self.permission.can_subscribe:
+            self.sub_pc = self._transport(offerer=True, label="sub")
+            await self.sub_pc.prepare()
+            for label, ordered, retransmits in ((RELIABLE, True, None), (LOSSY, False, 0)):
+                channel = self.sub_pc.create_data_channel(label, ordered=ordered, max_retransmits=retransmits)
+                self._add_channel(label, channel, first=True)
+
+    @property
+    def subscriber_primary(self) -> bool:
+        return not self.single_pc and self.permission.can_subscribe
+
+    def _on_transport_state(self, label: str, state: str) -> None:
+        if state == "connected" and self.state == State.JOINED:
+            self.state = State.ACTIVE
+            self.changed()
+            self.node.hooks.participant_active(self.room, self)
+        elif state == "failed" and not self.closed:
+            log.info("%s: %s transport failed", self, label)
+            self.room.schedule_remove(self, Reason.CONNECTION_TIMEOUT, send_leave=True)
+        elif state == "hangup" and not self.closed:
+            log.info("%s: %s transport closed by the client", self, label)
+            self.room.schedule_remove(self, Reason.CLIENT_INITIATED, send_leave=False)
+
+    def pub_pc_send_rtcp(self, packet: bytes) -> None:
+        if self.pub_pc is not None:
+            self.pub_pc.send_rtcp(packet)
+
+    def on_rtcp(self, data: bytes) -> None:
+        for packet in rtcp.parse(data):
+            if not self.publisher.on_rtcp(packet):
+                self.subscriber.on_rtcp(packet)
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    async def handle(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            request = rtc_pb.SignalRequest.FromString(data)
+        except DecodeError:
+            raise ProtocolError("undecodable SignalRequest") from None
+        which = request.WhichOneof("message")
+        log.debug("%s: <- %s", self, which)
+        handler = getattr(self, f"_on_{which}", None) if which else None
+        if handler is None:
+            log.debug("%s: ignoring %s", self, which)
+            return
+        await handler(getattr(request, which))
+
+    async def _on_ping(self, timestamp: int) -> None:
+        self.send(rtc_pb.SignalResponse(pong=int(time.time() * 1000)))
+
+    async def _on_ping_req(self, ping: rtc_pb.Ping) -> None:
+        self.send(rtc_pb.SignalResponse(pong_resp=rtc_pb.Pong(last_ping_timestamp=ping.timestamp,
+                                                              timestamp=int(time.time() * 1000))))
+
+    async def _on_leave(self, leave: rtc_pb.LeaveRequest) -> None:
+        self.room.schedule_remove(self, Reason.CLIENT_INITIATED, send_leave=False)
+
+    async def _on_offer(self, desc: rtc_pb.SessionDescription) -> None:
+        await self.handle_offer(desc)
+
+    async def _on_answer(self, desc: rtc_pb.SessionDescription) -> None:
+        if self.single_pc:
+            return
+        async with self._negotiating:
+            await self.subscriber.on_answer(desc)
+
+    async def _on_trickle(self, trickle: rtc_pb.TrickleRequest) -> None:
+        pc = self.sub_pc if trickle.target == rtc_pb.SignalTarget.SUBSCRIBER else self.pub_pc
+        if pc is None:
+            return
+        try:
+            init = json.loads(trickle.candidateInit) if trickle.candidateInit else {}
+        except ValueError:
+            return
+        candidate = init.get("candidate", "") if isinstance(init, dict) else ""
+        if candidate or trickle.final:
+            await pc.add_candidate(candidate or None)
+
+    async def _on_add_track(self, req: rtc_pb.AddTrackRequest) -> None:
+        if not self._may_publish(req.source):
+            log.info("%s: add_track refused (no publish permission)", self)
+            self.send_request_response(rtc_pb.RequestResponse(
+                reason=rtc_pb.RequestResponse.NOT_ALLOWED, message="no permission to publish", add_track=req))
+            return
+        response = self.publisher.add_track(req)
+        if response is not None:
+            self.send(rtc_pb.SignalResponse(track_published=response))
+
+    def _may_publish(self, source: int) -> bool:
+        if not self.permission.can_publish:
+            return False
+        allowed = list(self.permission.can_publish_sources)
+        return not allowed or source in allowed
+
+    async def _on_mute(self, req: rtc_pb.MuteTrackRequest) -> None:
+        self.set_track_muted(req.sid, req.muted)
+
+    def set_track_muted(self, track_sid: str, muted: bool) -> PublishedTrack | None:
+        track = self.publisher.tracks.get(track_sid)
+        if track is None or track.info.muted == muted:
+            return track
+        track.info.muted = muted
+        track.up.muted = muted
+        if not muted:
+            for down in track.up.downs:
+                down.waiting_keyframe = True
+            track.up.request_keyframe(force=True)
+        self.changed()
+        return track
+
+    async def _on_subscription(self, req: rtc_pb.UpdateSubscription) -> None:
+        sids = list(req.track_sids)
+        for pt in req.participant_tracks:
+            sids.extend(pt.track_sids)
+        self.room.update_subscriptions(self, sids, req.subscribe)
+
+    async def _on_track_setting(self, req: rtc_pb.UpdateTrackSettings) -> None:
+        for sid in req.track_sids:
+            sub = self.subscriber.subs.get(sid)
+            if sub is None:
+                continue
+            quality = quality_for(req, sub.track.info.layers)
+            self.subscriber.update_settings(sid, req.disabled or quality is None, quality)
+
+    async def _on_update_metadata(self, req: rtc_pb.UpdateParticipantMetadata) -> None:
+        if not self.permission.can_update_metadata:
+            self.send_request_response(rtc_pb.RequestResponse(
+                request_id=req.request_id, reason=rtc_pb.RequestResponse.NOT_ALLOWED,
+                message="does not have permission to update own metadata", update_metadata=req))
+            return
+        if req.metadata:
+            self.metadata = req.metadata
+        if req.name:
+            self.name = req.name
+        for key, value in req.attributes.items():
+            if value:
+                self.attributes[key] = value
+            else:
+                self.attributes.pop(key, None)
+        self.changed()
+        self.send_request_response(rtc_pb.RequestResponse(request_id=req.request_id,
+                                                          reason=rtc_pb.RequestResponse.OK))
+
+    async def _on_update_audio_track(self, req: rtc_pb.UpdateLocalAudioTrack) -> None:
+        track = self.publisher.tracks.get(req.track_sid)
+        if track is not None:
+            del track.info.audio_features[:]
+            track.info.audio_features.extend(req.features)
+            self.changed()
+
+    async def _on_update_video_track(self, req: rtc_pb.UpdateLocalVideoTrack) -> None:
+        track = self.publisher.tracks.get(req.track_sid)
+        if track is not None:
+            track.info.width, track.info.height = req.width, req.height
+            self.changed()
+
+    async def _on_sync_state(self, req: rtc_pb.SyncState) -> None:
+        log.debug("%s: sync_state received", self)
+
+    # --- publisher offers ------------------------------------------------------------------------------
+
+    async def handle_offer(self, desc: rtc_pb.SessionDescription) -> None:
+        session = sdp.parse(desc.sdp)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: offer id=%s\n%s", self, desc.id, desc.sdp)
+        async with self._negotiating:
+            pc = self.pub_pc
+            assert pc is not None
+            pc.set_remote(session, is_offer=True)
+            self.publisher.remember_extensions(session)
+            for gone in self.publisher.stopped_mids(session):
+                self.room.unpublish(self, gone, by_client=True)
+            if self.single_pc:
+                self.subscriber.begin_answer()
+            sections = []
+            for media in session.media:
+                if media.rejected or media.kind not in ("audio", "video", "application"):
+                    sections.append(negotiation.rejected_section(media))
+                elif media.kind == "application":
+                    sections.append(negotiation.application_section(media))
+                elif media.sends and self._may_publish_any():
+                    sections.append(self.publisher.answer(media))
+                elif self.single_pc and media.receives and self.permission.can_subscribe:
+                    sections.append(self.subscriber.answer_slot(media))
+                else:
+                    sections.append(negotiation.inactive_section(media))
+            self.answer_version += 1
+            text = sdp.write(sections, pc.local_transport(pc.answer_setup), self.session_id, self.answer_version)
+            self.last_answer_mids = {s.mid for s in sections if s.direction == "sendonly"}
+            answer = rtc_pb.SessionDescription(type="answer", sdp=text, id=desc.id)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: answer\n%s", self, text)
+            if self.single_pc:
+                answer.mid_to_track_id.update(self.subscriber.mid_to_track_id())
+            self.send(rtc_pb.SignalResponse(answer=answer))
+            for track in self.publisher.take_newly_published():
+                self.room.published(self, track)
+            if self.single_pc:
+                self.subscriber.finish_answer()
+
+    def _may_publish_any(self) -> bool:
+        return self.permission.can_publish
+
+    # --- subscriptions ---------------------------------------------------------------------------------
+
+    def on_subscribed(self, sub: Subscription) -> None:
+        track = sub.track
+        if not track.subscribed_notified:
+            publisher = self.room.participants.get(sub.publisher_sid)
+            if publisher is not None:
+                track.subscribed_notified = True
+                publisher.send(rtc_pb.SignalResponse(track_subscribed=rtc_pb.TrackSubscribed(track_sid=track.sid)))
+        self.node.hooks.track_subscribed(self.room, self, track)
+
+    # --- data ------------------------------------------------------------------------------------------
+
+    def _on_datachannel(self, channel) -> None:
+        label = channel.label
+        if label not in self.channels:
+            return
+        self._add_channel(label, channel)
+
+    def _add_channel(self, label: str, channel, first: bool = False) -> None:
+        if first:
+            self.channels[label].insert(0, channel)
+        else:
+            self.channels[label].append(channel)
+        channel.on("message", lambda message, label=label: self._on_data(label, message))
+        if label == RELIABLE:
+            if channel.readyState == "open":
+                self._flush_reliable()
+            else:
+                channel.on("open", self._flush_reliable)
+
+    def _flush_reliable(self) -> None:
+        while self.pending_reliable:
+            if not self._send_on(RELIABLE, self.pending_reliable[0]):
+                return
+            self.pending_reliable.popleft()
+
+    def _on_data(self, label: str, message) -> None:
+        if not isinstance(message, (bytes, bytearray)) or len(message) > MAX_DATA_MESSAGE:
+            return
+        try:
+            packet = models.DataPacket.FromString(bytes(message))
+        except DecodeError:
+            return
+        if not self.permission.can_publish_data:
+            return
+        reliable = label == RELIABLE
+        packet.kind = models.DataPacket.RELIABLE if reliable else models.DataPacket.LOSSY
+        packet.participant_identity = self.identity
+        packet.participant_sid = self.sid
+        destinations = list(packet.destination_identities)
+        if packet.HasField("user"):
+            packet.user.participant_identity = self.identity
+            packet.user.participant_sid = self.sid
+            destinations.extend(i for i in packet.user.destination_identities if i not in destinations)
+        self.room.relay_data(self, packet, reliable, destinations)
+
+    def send_data(self, reliable: bool, payload: bytes) -> bool:
+        if reliable and self.pending_reliable:
+            self.pending_reliable.append(payload)  # keep the order behind what is waiting
+            self._flush_reliable()
+            return True
+        if self._send_on(RELIABLE if reliable else LOSSY, payload):
+            return True
+        if reliable and not self.closed:
+            self.pending_reliable.append(payload)
+            return True
+        return False
+
+    def _send_on(self, label: str, payload: bytes) -> bool:
+        for channel in self.channels[label]:
+            if channel.readyState != "open":
+                continue
+            if label == LOSSY and channel.bufferedAmount > LOSSY_BUFFER_LIMIT:
+                return False
+            try:
+                channel.send(payload)
+            except Exception:  # closed underneath us
+                continue
+            return True
+        return False
+
+    # --- periodic --------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            for pc in {self.pub_pc, self.sub_pc} - {None}:
+                log.debug("%s %s: state=%s in=%d out=%d errors=%d", self, pc.label, pc.state, pc.packets_in,
+                          pc.packets_out, pc.errors)
+            for track in self.publisher.tracks.values():
+                log.debug("%s %s: layers=%s downs=%s", self, track.sid,
+                          [(l.rid, l.ssrc, l.packets, len(l.subs)) for l in track.up.layers],
+                          [(d.ssrc, d.packets, d.waiting_keyframe) for d in track.up.downs])
+        worker = self.node.hooks.stats_worker(self.room, self)
+        if worker is not None:
+            self.publisher.report(worker)
+            self.subscriber.report(worker)
+        pub_report = self.publisher.tick(now)
+        if pub_report and self.pub_pc is not None:
+            self.pub_pc.send_rtcp(pub_report)
+        sub_report = self.subscriber.tick(now)
+        if sub_report and self.sub_pc is not None:
+            self.sub_pc.send_rtcp(sub_report)
+
+    def media_silent_for(self, now: float) -> float:
+        """Seconds since the client's transports last sent anything (0 while still connecting)."""
+        pcs = [pc for pc in (self.pub_pc, self.sub_pc) if pc is not None and pc.state == "connected"]
+        if not pcs:
+            return 0.0
+        return now - max(pc.last_rx for pc in pcs)
+
+    # --- teardown --------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.outbox.put_nowait(None)
+        self.subscriber.close()
+        self.publisher.close()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        pcs = {pc for pc in (self.pub_pc, self.sub_pc) if pc is not None}
+        await asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True)
+
+
+def _drop(data: bytes) -> None:
+    return None

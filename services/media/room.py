@@ -1,0 +1,317 @@
+"""A room as this media node hosts it: its participants, who receives which track, broadcasts and data."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from livekit.protocol import models
+from livekit.protocol import rtc as rtc_pb
+
+from braid import __version__
+from braid.shared.auth import Claims, refreshed_token
+
+from .participant import Participant
+from .publisher import PublishedTrack
+from .speakers import Speakers
+
+if TYPE_CHECKING:
+    from .node import MediaNode
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL = 5
+PING_TIMEOUT = 15
+PROTOCOL_VERSION = 16
+MEDIA_TIMEOUT = 12.0  # a connected client's transport silent this long is gone
+SIGNAL_GRACE = 10.0  # a participant whose signal connection dropped (no leave) may resume this long
+State = models.ParticipantInfo.State
+Reason = models.DisconnectReason
+
+
+class JoinError(Exception):
+    def __init__(self, code: str, msg: str):
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+class Room:
+    def __init__(self, node: MediaNode, info: models.Room):
+        self.node = node
+        self.name = info.name
+        self.sid = info.sid
+        self._info = info
+        self.participants: dict[str, Participant] = {}
+        self._persist: asyncio.Queue = asyncio.Queue()
+        self._persist_task = asyncio.create_task(self._persist_loop(), name=f"room-persist-{self.name}")
+        self._tasks: set[asyncio.Task] = set()
+        self.speakers = Speakers()
+        self.closed = False
+
+    # --- info ------------------------------------------------------------------------------------------
+
+    def info(self) -> models.Room:
+        room = models.Room()
+        room.CopyFrom(self._info)
+        visible = [p for p in self.participants.values() if not p.hidden]
+        room.num_participants = len(visible)
+        room.num_publishers = sum(1 for p in visible if p.publisher.tracks)
+        return room
+
+    def update_info(self, info: models.Room) -> None:
+        self._info = info
+
+    def by_identity(self, identity: str) -> Participant | None:
+        for p in self.participants.values():
+            if p.identity == identity:
+                return p
+        return None
+
+    # --- joining ---------------------------------------------------------------------------------------
+
+    async def join(self, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool) -> Participant:
+        existing = self.by_identity(claims.identity)
+        if existing is not None:
+            await self.remove(existing, Reason.DUPLICATE_IDENTITY, send_leave=True)
+        limit = self._info.max_participants
+        if limit and not claims.video.hidden:
+            stored = await self.node.store.list_participants(self.name)
+            others = {p.identity for p in stored if not p.permission.hidden} - {claims.identity}
+            others |= {p.identity for p in self.participants.values() if not p.hidden}
+            if len(others) >= limit:
+                raise JoinError("resource_exhausted", "room is full")
+        participant = Participant(self, claims, join, single_pc)
+        try:
+            await participant.start()
+        except OSError as exc:
+            await participant.close()
+            raise JoinError("resource_exhausted", f"no media port available: {exc}") from None
+        participant.state = State.JOINED
+        self.participants[participant.sid] = participant
+        self._persist.put_nowait(("put", participant.info()))
+        self.broadcast_update(participant, include_self=False)
+        self.node.hooks.participant_joined(self, participant)
+        log.info("%s joined %s (%s)", participant, self.name, "v1 single PC" if single_pc else "v0 dual PC")
+        return participant
+
+    def join_response(self, p: Participant) -> rtc_pb.JoinResponse:
+        config = self.node.config
+        others = [o.info() for o in self.participants.values() if o is not p and not o.hidden]
+        codecs = list(self._info.enabled_codecs) or [models.Codec(mime=m) for m in ("audio/opus", "video/VP8")]
+        response = rtc_pb.JoinResponse(
+            room=self.info(),
+            participant=p.info(),
+            other_participants=others,
+            server_version=__version__,
+            server_info=models.ServerInfo(
+                edition=models.ServerInfo.Standard, version=__version__, protocol=PROTOCOL_VERSION,
+                region=config.region, node_id=self.node.node_id,
+            ),
+            subscriber_primary=p.subscriber_primary,
+            ping_timeout=PING_TIMEOUT,
+            ping_interval=PING_INTERVAL,
+            server_region=config.region,
+            enabled_publish_codecs=codecs,
+        )
+        if config.rtc.stun_servers:
+            response.ice_servers.append(rtc_pb.ICEServer(urls=list(config.rtc.stun_servers)))
+        return response
+
+    async def after_join(self, p: Participant, join: rtc_pb.JoinRequest) -> None:
+        """After the JoinResponse: current speakers, subscribe to what is already published, then negotiate."""
+        speaking = self.speakers.current()
+        if speaking:
+            p.send(rtc_pb.SignalResponse(speakers_changed=rtc_pb.SpeakersChanged(speakers=speaking)))
+        if p.auto_subscribe and p.permission.can_subscribe:
+            for other in list(self.participants.values()):
+                if other is not p and not other.hidden:
+                    for track in other.publisher.tracks.values():
+                        p.subscriber.subscribe(track, other.sid)
+        if not p.single_pc and p.sub_pc is not None:
+            await p.subscriber.offer()
+        if join.HasField("publisher_offer") and join.publisher_offer.sdp:
+            await p.handle_offer(join.publisher_offer)
+
+    # --- broadcasting ----------------------------------------------------------------------------------
+
+    def broadcast_update(self, p: Participant, include_self: bool = True) -> None:
+        info = p.info()
+        message = rtc_pb.SignalResponse(update=rtc_pb.ParticipantUpdate(participants=[info])).SerializeToString()
+        for other in self.participants.values():
+            if other is p:
+                if include_self:
+                    other.outbox.put_nowait(message) if not other.closed else None
+            elif not p.hidden and not other.closed:
+                other.outbox.put_nowait(message)
+
+    def participant_changed(self, p: Participant) -> None:
+        if p.sid not in self.participants:
+            return
+        self.broadcast_update(p)
+        self._persist.put_nowait(("put", p.info()))
+
+    def broadcast(self, response: rtc_pb.SignalResponse) -> None:
+        for p in self.participants.values():
+            p.send(response)
+
+    # --- tracks ----------------------------------------------------------------------------------------
+
+    def published(self, p: Participant, track: PublishedTrack) -> None:
+        log.info("%s published %s %s (%s)", p, track.kind, track.sid, track.up.mime)
+        p.changed()
+        self.node.hooks.track_published(self, p, track)
+        if p.hidden:
+            return
+        for other in self.participants.values():
+            if other is not p and other.auto_subscribe and other.permission.can_subscribe:
+                other.subscriber.subscribe(track, p.sid)
+
+    def unpublish(self, p: Participant, track: PublishedTrack, by_client: bool) -> None:
+        if p.publisher.tracks.get(track.sid) is not track:
+            return
+        for other in self.participants.values():
+            if other is not p:
+                other.subscriber.unsubscribe(track.sid)
+        p.publisher.remove(track)
+        if not by_client:
+            p.send(rtc_pb.SignalResponse(track_unpublished=rtc_pb.TrackUnpublishedResponse(track_sid=track.sid)))
+        p.changed()
+        self.node.hooks.track_unpublished(self, p, track)
+
+    def find_track(self, track_sid: str) -> tuple[Participant, PublishedTrack] | None:
+        for p in self.participants.values():
+            track = p.publisher.tracks.get(track_sid)
+            if track is not None:
+                return p, track
+        return None
+
+    def update_subscriptions(self, p: Participant, track_sids: list[str], subscribe: bool) -> None:
+        for sid in track_sids:
+            if not subscribe:
+                p.subscriber.unsubscribe(sid)
+                continue
+            found = self.find_track(sid)
+            if found is None or found[0] is p or not p.permission.can_subscribe:
+                p.send(rtc_pb.SignalResponse(subscription_response=rtc_pb.SubscriptionResponse(
+                    track_sid=sid, err=models.SubscriptionError.SE_TRACK_NOTFOUND)))
+                continue
+            p.subscriber.subscribe(found[1], found[0].sid)
+
+    # --- data ------------------------------------------------------------------------------------------
+
+    def relay_data(self, sender: Participant | None, packet: models.DataPacket, reliable: bool,
+                   destinations: list[str]) -> int:
+        payload = packet.SerializeToString()
+        wanted = set(destinations)
+        delivered = 0
+        for p in self.participants.values():
+            if p is sender or (wanted and p.identity not in wanted):
+                continue
+            delivered += p.send_data(reliable, payload)
+        return delivered
+
+    # --- leaving ---------------------------------------------------------------------------------------
+
+    def schedule_remove(self, p: Participant, reason: int, send_leave: bool) -> None:
+        if p.closed or p.removing:
+            return
+        p.removing = True
+        task = asyncio.create_task(self.remove(p, reason, send_leave), name=f"remove-{p.sid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def remove(self, p: Participant, reason: int, send_leave: bool) -> None:
+        if self.participants.get(p.sid) is not p:
+            return
+        if send_leave:
+            p.send_leave(reason)
+        del self.participants[p.sid]
+        for track in list(p.publisher.tracks.values()):
+            for other in self.participants.values():
+                other.subscriber.unsubscribe(track.sid)
+            self.node.hooks.track_unpublished(self, p, track)
+        p.subscriber.close()
+        p.publisher.close()
+        p.state = State.DISCONNECTED
+        p.disconnect_reason = reason
+        p.version += 1
+        info = p.info()
+        if not p.hidden:
+            message = rtc_pb.SignalResponse(update=rtc_pb.ParticipantUpdate(participants=[info]))
+            for other in self.participants.values():
+                other.send(message)
+        self._persist.put_nowait(("delete", info))
+        await p.close()
+        self.node.hooks.participant_left(self, p, reason)
+        log.info("%s left %s: %s", p, self.name, Reason.Name(reason))
+        if not self.participants:
+            self.node.room_empty(self)
+
+    async def close(self, reason: int) -> None:
+        """Everyone leaves (DeleteRoom, node shutdown)."""
+        for p in list(self.participants.values()):
+            await self.remove(p, reason, send_leave=True)
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        self._persist.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._persist_task, 5.0)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._persist_task.cancel()
+
+    async def _persist_loop(self) -> None:
+        """Store writes of this room, in order, off the signalling path."""
+        store = self.node.store
+        while True:
+            item = await self._persist.get()
+            if item is None:
+                return
+            op, info = item
+            try:
+                if op == "put":
+                    if any(p.sid == info.sid for p in self.participants.values()):
+                        await store.put_participant(self.name, info)
+                else:
+                    await store.delete_participant(self.name, info.identity, info.sid)
+            except Exception:
+                log.exception("store write for %s in %s failed", info.identity, self.name)
+
+    # --- periodic --------------------------------------------------------------------------------------
+
+    def speaker_tick(self) -> None:
+        levels = {p.sid: p.publisher.audio_level() for p in self.participants.values() if not p.hidden}
+        changed = self.speakers.update(levels)
+        if log.isEnabledFor(logging.DEBUG) and levels:
+            log.debug("%s: levels %s changed %s", self.name, levels, [(c.sid, c.active) for c in changed])
+        if changed:
+            self.broadcast(rtc_pb.SignalResponse(speakers_changed=rtc_pb.SpeakersChanged(speakers=changed)))
+
+    def tick(self, now: float) -> None:
+        wall = time.time()
+        for p in list(self.participants.values()):
+            if p.closed:
+                continue
+            try:
+                p.tick(now)
+            except Exception:
+                log.exception("%s: tick failed", p)
+            if p.media_silent_for(now) > MEDIA_TIMEOUT:
+                log.info("%s: media transport silent for %.0fs", p, p.media_silent_for(now))
+                self.schedule_remove(p, Reason.CONNECTION_TIMEOUT, send_leave=True)
+            elif not p.signal_connected and now - p.signal_lost_at > SIGNAL_GRACE:
+                self.schedule_remove(p, Reason.SIGNAL_CLOSE, send_leave=False)
+            elif p.signal_connected and wall - p.last_token_refresh >= self.node.config.refresh_token_interval:
+                self.refresh_token(p, wall)
+
+    def refresh_token(self, p: Participant, wall: float) -> None:
+        p.last_token_refresh = wall
+        secret = self.node.keys.secret(p.claims.api_key)
+        if secret:
+            p.send(rtc_pb.SignalResponse(refresh_token=refreshed_token(p.claims, secret)))

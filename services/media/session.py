@@ -1,0 +1,125 @@
+"""The media side of a signal session: one participant's `SessionUp` stream in, `SessionDown` stream out.
+
+First message must be `SessionStart` (already authenticated by the signal edge); the first reply is either the
+`JoinResponse` or an `RpcError` the edge turns into an HTTP status before it upgrades the WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, AsyncIterator
+
+from google.protobuf.message import DecodeError
+from livekit.protocol import models
+from livekit.protocol import rtc as rtc_pb
+
+from braid.rpc import common_pb2, media_pb2
+from braid.shared.auth import AuthError, Claims
+
+from . import negotiation, sdp
+from .participant import Participant, ProtocolError
+from .room import JoinError
+from .telemetry import ReferenceGuard
+
+if TYPE_CHECKING:
+    from .node import MediaNode
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 10.0
+Reason = models.DisconnectReason
+
+
+def _error(code: str, msg: str) -> media_pb2.SessionDown:
+    return media_pb2.SessionDown(error=common_pb2.RpcError(code=code, msg=msg))
+
+
+def _close(reason: int, detail: str = "") -> media_pb2.SessionDown:
+    return media_pb2.SessionDown(close=media_pb2.SessionEnd(reason=reason, detail=detail))
+
+
+async def run_session(node: MediaNode, requests: AsyncIterator[media_pb2.SessionUp]) -> AsyncIterator[
+        media_pb2.SessionDown]:
+    stream = requests.__aiter__()
+    try:
+        first = await asyncio.wait_for(stream.__anext__(), START_TIMEOUT)
+    except (StopAsyncIteration, asyncio.TimeoutError):
+        return
+    if first.WhichOneof("message") != "start":
+        yield _error("invalid_argument", "a session must begin with SessionStart")
+        return
+    start = first.start
+    try:
+        claims = Claims.from_json(start.claims_json)
+        join = rtc_pb.JoinRequest.FromString(start.join_request)
+    except (ValueError, DecodeError, AuthError, json.JSONDecodeError) as exc:
+        yield _error("invalid_argument", f"malformed session start: {exc}")
+        return
+    if not claims.identity or not start.room:
+        yield _error("invalid_argument", "identity and room are required")
+        return
+    if start.reconnect:
+        # Resuming a session is the next issue's work; until then the client is told to rejoin from scratch.
+        yield media_pb2.SessionDown(response=rtc_pb.SignalResponse(leave=rtc_pb.LeaveRequest(
+            can_reconnect=True, reason=Reason.STATE_MISMATCH, action=rtc_pb.LeaveRequest.RECONNECT,
+        )).SerializeToString())
+        yield _close(Reason.STATE_MISMATCH, "resume not supported")
+        return
+    try:
+        room = await node.room_for(start.room)
+        participant = await room.join(claims, join, start.single_pc)
+    except JoinError as exc:
+        yield _error(exc.code, exc.msg)
+        return
+    # This signal connection is a holder of the participant's stats worker (the session itself is another).
+    signal_guard = ReferenceGuard(holder=f"signal:{start.connection_id or participant.sid}")
+    node.hooks.signal_attached(room, participant, signal_guard)
+    yield media_pb2.SessionDown(response=rtc_pb.SignalResponse(join=room.join_response(participant))
+                                .SerializeToString())
+    participant.spawn(room.after_join(participant, join), "after-join")
+    reader = asyncio.create_task(_read(participant, stream), name=f"session-read-{participant.sid}")
+    try:
+        while True:
+            item = await participant.outbox.get()
+            if item is None:
+                break
+            yield media_pb2.SessionDown(response=item)
+        if participant.closed:
+            yield _close(participant.disconnect_reason)
+    finally:
+        reader.cancel()
+        if not participant.closed and participant.signal_connected:
+            _signal_lost(participant)
+        node.hooks.signal_detached(room, participant, signal_guard)
+
+
+def _signal_lost(participant: Participant) -> None:
+    participant.signal_connected = False
+    participant.signal_lost_at = time.monotonic()
+
+
+async def _read(participant: Participant, stream: AsyncIterator[media_pb2.SessionUp]) -> None:
+    try:
+        async for up in stream:
+            kind = up.WhichOneof("message")
+            if kind == "request":
+                try:
+                    await participant.handle(up.request)
+                except (ProtocolError, sdp.SdpError, negotiation.NegotiationError) as exc:
+                    log.info("%s: protocol error, ending the session: %s", participant, exc)
+                    participant.room.schedule_remove(participant, Reason.STATE_MISMATCH, send_leave=True)
+                    return
+                except Exception:
+                    log.exception("%s: request failed", participant)
+            elif kind == "end":
+                break
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the edge went away
+        log.debug("%s: session stream ended: %r", participant, exc)
+    if not participant.closed:
+        _signal_lost(participant)
+        participant.outbox.put_nowait(None)
