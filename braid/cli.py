@@ -421,9 +421,16 @@ def cmd_room_delete(args: argparse.Namespace) -> int:
 # To add one (e.g. `join-room` from braid/clients/), write `add_…_command(subparsers)` in your own
 # module and append it here. Set `handler` (args -> exit status) and, for error messages,
 # `prog=<your parser>.prog` with `set_defaults`; raise `CLIError` for a one-line failure.
+def add_join_room(subparsers) -> None:
+    from braid.clients.join_room import add_join_room_command
+
+    add_join_room_command(subparsers)
+
+
 COMMAND_GROUPS: list[CommandGroup] = [
     add_create_token_command,
     add_room_commands,
+    add_join_room,
 ]
 
 
