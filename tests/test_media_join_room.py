@@ -14,14 +14,8 @@ from braid.clients.media import dominant_frequency, pattern_matches
 
 pytestmark = pytest.mark.timeout(90)
 
-# Until `braid/cli.py` registers the command itself, run it through the CLI's parser with it added.
-RUN = (
-    "import sys; from braid import cli; from braid.clients.join_room import add_join_room_command\n"
-    "groups = list(cli.COMMAND_GROUPS)\n"
-    "groups.append(add_join_room_command) if add_join_room_command not in groups else None\n"
-    "args = cli.build_parser(groups).parse_args(sys.argv[1:])\n"
-    "sys.exit(args.handler(args))\n"
-)
+# The installed `braid` command, run with this interpreter.
+RUN = "import sys; from braid.cli import main; sys.exit(main())"
 
 
 async def test_join_room_publish_demo(dev_server, room_name):
