@@ -84,8 +84,16 @@ class _Empty:
     samples: list = []
 
 
-async def test_v1_two_clients_exchange_audio_video_and_data(dev_server, room_name):
+async def test_v1_two_clients_exchange_audio_video_and_data(dev_server, webhook_sink, room_name):
     await _exchange(dev_server, room_name)
+
+    def names() -> list[str]:
+        return [d.event["event"] for d in webhook_sink.for_room(room_name)]
+
+    assert await wait_until(lambda: names().count("participant_left") == 2, 15), names()
+    events = names()
+    assert events.count("participant_joined") == 2 and events.count("track_published") == 4, events
+    assert events.index("participant_joined") < events.index("participant_left")
 
 
 async def test_v0_dual_pc_when_v1_is_off(server_factory, room_name):

@@ -22,6 +22,7 @@ KEYFRAME_REQUEST_INTERVAL = 0.5
 UPSTREAM_NACK_INTERVAL = 0.1
 LAYER_IDLE_AFTER = 1.5
 MAX_NACK_BURST = 32
+MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
 QUALITY_OF_RID = {"q": 0, "h": 1, "f": 2}
 
 
@@ -192,6 +193,7 @@ class UpTrack:
             if force or now - target.keyframe_requested_at >= KEYFRAME_REQUEST_INTERVAL:
                 target.keyframe_requested_at = now
                 self.plis_sent += 1
+                log.debug("%s: keyframe requested on %s", self.track_sid, target.ssrc)
                 self._request_keyframe(target.ssrc)
 
     # --- packets -------------------------------------------------------------------------------------------
@@ -280,8 +282,12 @@ class UpTrack:
         if changed:
             self.reassign(now)
         for down in self.downs:
-            if self.video and down.waiting_keyframe and down.target is not None:
-                self.request_keyframe(down.target)
+            if self.video and down.target is not None:
+                if down.waiting_keyframe:
+                    self.request_keyframe(down.target)
+                elif down.followup_keyframe:
+                    down.followup_keyframe = False
+                    self.request_keyframe(down.current)
 
     def close(self) -> None:
         self.closed = True
@@ -306,6 +312,8 @@ class DownTrack:
         self.current: Layer | None = None
         self.target: Layer | None = None
         self.paused = False
+        self.bound = True  # False while the subscriber has not applied the description announcing this stream
+        self.followup_keyframe = False  # ask once more shortly after starting, in case the first one was dropped
         self.waiting_keyframe = True
         self.closed = False
         self.seq_off = 0
@@ -323,7 +331,7 @@ class DownTrack:
         self.fraction_lost = 0
 
     def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
-        if self.paused:
+        if self.paused or not self.bound:
             return
         if layer is self.current and not self.waiting_keyframe:
             if (seq - self.switch_seq) & 0x8000:
@@ -352,14 +360,26 @@ class DownTrack:
             advance = 0
         self.seq_off = (self.last_seq + 1 - seq) & 0xFFFF
         self.ts_off = (self.last_ts + advance - ts) & 0xFFFFFFFF
+        if self.video and not self.packets:
+            self.followup_keyframe = True
         self.switch_seq = seq
         self.waiting_keyframe = False
+        log.debug("%s -> %s: anchored on layer %s at seq %d", self.up.track_sid, self.ssrc, layer.ssrc, seq)
         previous, self.current = self.current, layer
         if previous is not layer:
             self.up.reassign(now)
 
     def pause(self) -> None:
         self.paused = True
+
+    def bind(self) -> None:
+        """The subscriber now knows this stream: start at the next keyframe (earlier packets would be dropped
+        by its demuxer, and a decoder that missed the keyframe stalls)."""
+        if not self.bound:
+            self.bound = True
+            if self.video:
+                self.waiting_keyframe = True
+                self.up.request_keyframe(self.target, force=True)
 
     def resume(self) -> None:
         if self.paused:
@@ -375,7 +395,7 @@ class DownTrack:
         if layer is None or layer.buffer is None:
             return
         missing = []
-        for out_seq in seqs:
+        for out_seq in seqs[:MAX_RETRANSMIT_PER_NACK]:
             seq = (out_seq - self.seq_off) & 0xFFFF
             if (seq - self.switch_seq) & 0x8000:
                 continue

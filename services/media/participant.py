@@ -214,8 +214,8 @@ class Participant:
 
     def on_rtcp(self, data: bytes) -> None:
         for packet in rtcp.parse(data):
-            if not self.publisher.on_rtcp(packet):
-                self.subscriber.on_rtcp(packet)
+            self.publisher.on_rtcp(packet)  # SR of a stream it sends us
+            self.subscriber.on_rtcp(packet)  # report blocks, PLI/FIR and NACK about streams we send it
 
     # --- requests --------------------------------------------------------------------------------------
 

@@ -141,11 +141,9 @@ class Room:
         info = p.info()
         message = rtc_pb.SignalResponse(update=rtc_pb.ParticipantUpdate(participants=[info])).SerializeToString()
         for other in self.participants.values():
-            if other is p:
-                if include_self:
-                    other.outbox.put_nowait(message) if not other.closed else None
-            elif not p.hidden and not other.closed:
-                other.outbox.put_nowait(message)
+            if other.closed or (other is p and not include_self) or (other is not p and p.hidden):
+                continue
+            other.outbox.put_nowait(message)
 
     def participant_changed(self, p: Participant) -> None:
         if p.sid not in self.participants:

@@ -40,6 +40,7 @@ class Subscription:
     disabled: bool = False
     max_quality: int = 2
     attempts: int = 0
+    offer_id: int = 0  # v0: the subscriber offer that announced it
 
     @property
     def kind(self) -> str:
@@ -128,9 +129,11 @@ class Subscriber:
         else:
             sub.down.resume()
 
-    def _bind(self, sub: Subscription, mid: str, codec: sdp.Codec) -> None:
+    def _bind(self, sub: Subscription, mid: str, codec: sdp.Codec, bound: bool = True) -> None:
         send = self.p.sub_pc.send_rtp
         sub.down = DownTrack(sub.track.up, send, codec.pt)
+        sub.down.bound = bound
+        sub.offer_id = self.offer_id + 1
         while sub.down.ssrc in self.down_by_ssrc:
             sub.down.ssrc = random.randint(1, 0xFFFFFFFF)
         sub.mid, sub.codec = mid, codec
@@ -236,7 +239,7 @@ class Subscriber:
             if sub.down is None:
                 slot = Slot(str(len(self.slots) + 1), sub.kind, sub.track.codec, sub)
                 self.slots.append(slot)
-                self._bind(sub, slot.mid, sub.track.codec)
+                self._bind(sub, slot.mid, sub.track.codec, bound=False)  # sent once the client answered
         sections = [negotiation.offer_application_section(self.app_mid)]
         for slot in self.slots:
             outgoing = self.outgoing(slot.sub) if slot.sub is not None and slot.sub.down is not None else None
@@ -245,6 +248,8 @@ class Subscriber:
         text = sdp.write(sections, pc.local_transport("actpass"), self.session_id, self.sdp_version)
         self.offer_id += 1
         self.awaiting_answer = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: subscriber offer id=%d\n%s", self.p, self.offer_id, text)
         self.p.send(rtc_pb.SignalResponse(offer=rtc_pb.SessionDescription(
             type="offer", sdp=text, id=self.offer_id, mid_to_track_id=self.mid_to_track_id())))
 
@@ -253,8 +258,13 @@ class Subscriber:
             log.info("%s: unexpected subscriber answer", self.p)
             return
         session = sdp.parse(desc.sdp)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: subscriber answer id=%d\n%s", self.p, desc.id, desc.sdp)
         self.p.sub_pc.set_remote(session, is_offer=False)
         self.awaiting_answer = False
+        for sub in self.subs.values():
+            if sub.down is not None and not sub.down.bound and sub.offer_id <= self.offer_id:
+                sub.down.bind()
         if self.needs_offer:
             await self.offer()
 

@@ -86,6 +86,7 @@ class PeerTransport:
         self._rx: pylibsrtp.Session | None = None
         self._tx: pylibsrtp.Session | None = None
         self._closed = False
+        self._tasks: set[asyncio.Future] = set()
         self.ice.on("statechange", self._ice_state)
         self.dtls.on("statechange", self._dtls_state)
 
@@ -148,8 +149,7 @@ class PeerTransport:
             self._new_sctp()
         self.sctp.mid = app.mid
         if self.dtls.state == "connected":
-            task = asyncio.create_task(self._start_sctp())
-            task.add_done_callback(_log_failure)
+            self._own(asyncio.ensure_future(self._start_sctp()))
 
     def _new_sctp(self) -> RTCSctpTransport:
         self.sctp = RTCSctpTransport(self.dtls)
@@ -181,7 +181,11 @@ class PeerTransport:
             return
         if candidate.transport.lower() != "udp" or ":" in candidate.host:
             return  # only UDP over IPv4 is served
-        task = asyncio.ensure_future(self.ice_conn.add_remote_candidate(candidate))
+        self._own(asyncio.ensure_future(self.ice_conn.add_remote_candidate(candidate)))
+
+    def _own(self, task: asyncio.Future) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure)
 
     # --- connecting ----------------------------------------------------------------------------------------
@@ -310,9 +314,10 @@ class PeerTransport:
         if self.ice_conn.protocol is not None:
             self.ice_conn.protocol.fast = None
         self._tx = None
-        if self._connect_task is not None and not self._connect_task.done():
-            self._connect_task.cancel()
-            await asyncio.gather(self._connect_task, return_exceptions=True)
+        pending = [t for t in (self._connect_task, *self._tasks) if t is not None and not t.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         for step in (self._stop_sctp, self.dtls.stop, self.ice.stop):
             try:
                 await asyncio.wait_for(step(), 2.0)

@@ -245,8 +245,7 @@ class RtcEdge:
         room = claims.video.room
         try:
             placement = await self.ctx.router.Place(
-                router_pb2.PlaceRequest(room=room, identity=claims.identity, region=self.ctx.config.region,
-                                        prefer_node_id=""),
+                router_pb2.PlaceRequest(room=room, identity=claims.identity, region=self.ctx.config.region),
                 timeout=PLACE_TIMEOUT,
             )
         except grpc.aio.AioRpcError as exc:
