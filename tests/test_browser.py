@@ -425,6 +425,27 @@ async def test_low_quality_subscriber_gets_low_layer(browser, dev_server, room_n
     )
     assert more["frameWidth"] <= 320, more
 
+    # Dynacast: nobody watches the upper layers any more, so the publisher is told to pause them.
+    async def encoding(rid: str) -> dict:
+        layers = await pub.js(
+            "async () => { const p = window.braidRoom.localParticipant.getTrackPublication('camera');"
+            " const stats = await p.videoTrack.sender.getStats(); const out = {};"
+            " stats.forEach(s => { if (s.type === 'outbound-rtp') out[s.rid || ''] ="
+            " {frames: s.framesEncoded || 0, active: s.active !== false}; }); return out; }"
+        )
+        return layers.get(rid, {"frames": 0, "active": False})
+
+    async def upper_layers_paused() -> bool:
+        before = await encoding("f")
+        await asyncio.sleep(1.0)
+        after = await encoding("f")
+        return not after["active"] or after["frames"] == before["frames"]
+
+    await wait_until(upper_layers_paused, timeout=20, what="the publisher to pause its top layer", pages=[sub, pub])
+    low_before = await encoding("q")
+    await asyncio.sleep(1.0)
+    assert (await encoding("q"))["frames"] > low_before["frames"], "the watched low layer keeps being encoded"
+
 
 async def test_v0_fallback_when_rtc_v1_is_off(browser, server_factory, room_name):
     """With /rtc/v1 disabled the SDK falls back to /rtc (two PeerConnections), and media still flows."""

@@ -15,6 +15,7 @@ from livekit.protocol import rtc as rtc_pb
 from braid.shared import ids
 
 from . import negotiation, rtcp, rtp, sdp
+from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
 from .speakers import AudioLevel
 
@@ -37,6 +38,7 @@ class PublishedTrack:
     up: UpTrack
     subscribed_notified: bool = False
     subscribers: set[str] = field(default_factory=set)  # subscriber participant sids
+    dynacast: Dynacast | None = None
 
     @property
     def sid(self) -> str:
@@ -141,6 +143,8 @@ class Publisher:
             up.levels = AudioLevel(level_id)
         up.muted = req.muted
         track = PublishedTrack(info, media.kind, media.mid, chosen.codec, chosen.rtx, up)
+        if up.video and len(up.expected_rids) > 1:
+            track.dynacast = Dynacast(sid, mime.split("/")[-1].lower())
         self._register_sdp_ssrcs(track, media)
         self.tracks[sid] = track
         self.by_mid[media.mid] = track
@@ -302,6 +306,10 @@ class Publisher:
         ssrcs = []
         for track in self.tracks.values():
             track.up.tick(now)
+            if track.dynacast is not None:
+                update = track.dynacast.update(track.up, now)
+                if update is not None:
+                    self.p.send(rtc_pb.SignalResponse(subscribed_quality_update=update))
             for layer in track.up.layers:
                 block = layer.report_block(now)
                 if block is not None:

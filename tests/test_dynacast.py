@@ -1,0 +1,59 @@
+"""Dynacast: which simulcast layers a publisher is told to keep, and when."""
+
+from types import SimpleNamespace
+
+from livekit.protocol import models
+
+from braid.services.media.dynacast import DOWNGRADE_DELAY, Dynacast
+
+
+def up_track(*caps, paused=()):
+    downs = [SimpleNamespace(max_quality=c, paused=i in paused) for i, c in enumerate(caps)]
+    return SimpleNamespace(expected_rids=["q", "h", "f"], downs=downs)
+
+
+def enabled(update):
+    return {q.quality: q.enabled for q in update.subscribed_qualities}
+
+
+def test_layers_nobody_watches_are_turned_off_after_the_delay():
+    dyn = Dynacast("TR_a", "vp8")
+    up = up_track(0, 0)
+    assert dyn.update(up, now=0.0) is None, "a downgrade waits"
+    assert dyn.update(up, now=DOWNGRADE_DELAY - 0.1) is None
+    update = dyn.update(up, now=DOWNGRADE_DELAY + 0.1)
+    assert enabled(update) == {models.VideoQuality.LOW: True, models.VideoQuality.MEDIUM: False,
+                               models.VideoQuality.HIGH: False}
+    assert update.subscribed_codecs[0].codec == "vp8" and update.track_sid == "TR_a"
+    assert dyn.update(up, now=10.0) is None, "nothing new to say"
+
+
+def test_a_subscriber_wanting_more_turns_layers_on_at_once():
+    dyn = Dynacast("TR_a", "vp8")
+    low = up_track(0)
+    dyn.update(low, 0.0)
+    dyn.update(low, DOWNGRADE_DELAY + 1)
+    update = dyn.update(up_track(0, 2), DOWNGRADE_DELAY + 1.5)
+    assert update is not None and all(enabled(update).values())
+
+
+def test_paused_subscribers_and_no_subscribers_want_nothing():
+    dyn = Dynacast("TR_a", "vp8")
+    up = up_track(2, paused=(0,))
+    dyn.update(up, 0.0)
+    update = dyn.update(up, DOWNGRADE_DELAY + 1)
+    assert not any(enabled(update).values())
+
+
+def test_a_brief_dip_does_not_reach_the_publisher():
+    dyn = Dynacast("TR_a", "vp8")
+    assert dyn.update(up_track(1), 0.0) is None
+    assert dyn.update(up_track(2), 1.0) is None, "back to everything before the delay ran out"
+    assert dyn.update(up_track(2), DOWNGRADE_DELAY + 2) is None
+
+
+def test_single_layer_tracks_are_left_alone():
+    dyn = Dynacast("TR_a", "vp8")
+    up = up_track(0)
+    up.expected_rids = []
+    assert dyn.update(up, 100.0) is None
