@@ -17,7 +17,7 @@ from braid.backends import Backends, make_backends
 from braid.shared import ids
 from braid.shared.auth import KeyProvider
 from braid.shared.config import Config, ConfigError, load_config
-from braid.shared.health import add_metrics_route, health_app
+from braid.shared.health import add_drain_routes, add_metrics_route, health_app
 from braid.shared.tracing import setup_tracing, shutdown_tracing
 from braid.shared.rpc import Channels, server_options
 from braid.shared.webhooks import notifier_from_config
@@ -47,7 +47,8 @@ class Server:
         self._health_task: asyncio.Task | None = None
 
     def ready(self) -> bool:
-        return self._started and not self._draining and self._backend_ok
+        serving = self.media is None or self.media.state == "SERVING"
+        return self._started and not self._draining and self._backend_ok and serving
 
     async def start(self) -> None:
         setup_tracing(
@@ -90,7 +91,7 @@ class Server:
             auto_create=self.config.room.auto_create,
         )
         router_pb2_grpc.add_RouterServicer_to_server(service, self.grpc_server)
-        self.reaper = RoomReaper(directory)
+        self.reaper = RoomReaper(directory, registry=self.backends.registry, owner=self.node_id)
 
     def _add_media(self) -> None:
         from braid.rpc import media_pb2_grpc
@@ -106,11 +107,17 @@ class Server:
             grpc_address=self.grpc_address,
         )
         media_pb2_grpc.add_MediaServicer_to_server(self.media.servicer, self.grpc_server)
+        from braid.rpc import cluster_pb2_grpc
+
+        cluster_pb2_grpc.add_RelayServicer_to_server(self.media.cluster.servicer, self.grpc_server)
 
     def _http_app(self) -> web.Application:
         """The signal edge serves clients; the other roles serve only their health probes."""
         if "signal" not in self.roles:
-            return health_app(self.ready)
+            app = health_app(self.ready)
+            if self.media is not None:
+                add_drain_routes(app, self.media.drain, KeyProvider(self.config.keys))
+            return app
         from braid.services.signal.app import create_app
         from braid.services.signal.context import SignalContext
 
@@ -184,17 +191,39 @@ async def serve(config: Config) -> None:
 
         config = apply_discovery(config, await discover(config))
     server = Server(config)
-    stop = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (os_signal.SIGINT, os_signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     try:
         await server.start()
         log.info(server.describe())
-        await stop.wait()
+        signalled = asyncio.create_task(signals.get())
+        waiting = {signalled}
+        if server.media is not None:
+            waiting.add(asyncio.create_task(server.media.drain.done.wait()))  # a drain started by an admin call
+        finished, pending = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if signalled in finished and signalled.result() == os_signal.SIGTERM and server.config.role == "media":
+            await drain_until_done_or_signalled(server, signals)
         log.info("shutting down")
     finally:
         await server.stop()
+
+
+async def drain_until_done_or_signalled(server: Server, signals: asyncio.Queue) -> None:
+    """SIGTERM on a media node: move its participants elsewhere within the drain deadline; a second
+    signal exits at once."""
+    drain = server.media.drain
+    await drain.start()
+    done = asyncio.create_task(drain.done.wait())
+    again = asyncio.create_task(signals.get())
+    finished, _ = await asyncio.wait({done, again}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (done, again):
+        task.cancel()
+    if again in finished:
+        log.warning("second signal during drain: exiting now")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -41,6 +41,20 @@ def test_private_attributes_exist():
         "component", "addresses"}
 
 
+def test_ice_restart_seams_exist():
+    """ice.py's in-place ICE restart overrides these aioice internals (see NodeIceConnection)."""
+    conn = aioice.ice.Connection(ice_controlling=False)
+    for name in ("_local_username", "_local_password", "_remote_candidates_end", "remote_username",
+                 "remote_password"):
+        assert hasattr(conn, name), name
+    for name in ("request_received", "check_complete", "_valid_username"):
+        assert name in aioice.ice.Connection.__dict__, name
+    assert list(inspect.signature(aioice.ice.Connection.request_received).parameters) == [
+        "self", "message", "addr", "protocol"]
+    assert "self._valid_username(" in inspect.getsource(aioice.ice.Connection.request_received)
+    assert "self.local_password" in inspect.getsource(aioice.ice.Connection.request_received)
+
+
 async def test_port_range_binds_inside_the_range():
     ports = PortRange(41000, 41003, host="127.0.0.1")
     conns = [NodeIceConnection(ports, "127.0.0.1") for _ in range(4)]

@@ -63,6 +63,17 @@ async def test_rooms_and_participants(backends):
     assert await store.list_participants("r") == []
 
 
+async def test_moved_participants_are_taken_once(backends):
+    store = backends.store
+    assert await store.take_moved("r", "alice") is None
+    await store.mark_moved("r", "alice", "PA_old", ttl=5)
+    assert await store.take_moved("r", "alice") == "PA_old"
+    assert await store.take_moved("r", "alice") is None, "a move is consumed by the one rejoin"
+    await store.mark_moved("r", "bob", "PA_b", ttl=0.1)
+    await asyncio.sleep(0.2)
+    assert await store.take_moved("r", "bob") is None, "an unclaimed move expires"
+
+
 async def test_registry_expires_silent_nodes(backends):
     registry = backends.registry
     await registry.heartbeat(NodeInfo(node_id="ND_a", role="media", address="x:1", region="eu"), ttl=0.3)

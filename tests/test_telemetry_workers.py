@@ -220,6 +220,26 @@ async def test_session_leaves_before_old_connection_stop(env: Env):
     assert env.worker() is None
 
 
+async def test_late_resume_after_departure_adds_no_webhook(env: Env):
+    """A resume racing the real departure (the node refuses it, but its telemetry may already be queued):
+    the worker it creates inherits `left_sent`, so the new connection's close and the reaper add nothing."""
+    svc, sig2 = env.svc, ReferenceGuard("signal-2")
+    session, sig1 = start_session(svc)
+    svc.participant_left(ROOM, ALICE, session, send_event=True, reason=DR.CLIENT_INITIATED)
+    svc.participant_left(ROOM, ALICE, sig1, send_event=False)
+    await env.advance(INTERVAL)
+    svc.participant_resumed(ROOM, ALICE)
+    svc.participant_joined(ROOM, ALICE, sig2, send_event=False)
+    svc.participant_active(ROOM, ALICE, sig2)
+    await env.advance(REAP * 2)
+    svc.participant_left(ROOM, ALICE, sig2, send_event=False)
+    svc.participant_left(ROOM, ALICE, session, send_event=True, reason=DR.CLIENT_INITIATED)  # spent guard: ignored
+    await env.advance(REAP + INTERVAL)
+    assert env.notifier.names == ["participant_joined", "participant_left"]
+    assert env.worker() is None
+    assert_well_formed(env.notifier.events, env.clock)
+
+
 # --- reaper ------------------------------------------------------------------------------------------------------
 
 

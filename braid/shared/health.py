@@ -37,3 +37,39 @@ def add_metrics_route(app: web.Application, collect: Callable[[], dict[str, floa
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
     app.router.add_get("/metrics", metrics)
+
+
+def add_drain_routes(app: web.Application, drain, keys) -> None:
+    """`/admin/drain` on a media node: GET the status, POST to start a drain, DELETE to cancel it.
+
+    Operators authenticate with any configured API key: `Authorization: Bearer <token>`.
+    """
+    from braid.shared.auth import AuthError, bearer_token, verify_token
+
+    def authorized(request: web.Request) -> web.Response | None:
+        try:
+            verify_token(bearer_token(request.headers.get("Authorization"), None), keys)
+        except AuthError as exc:
+            return web.json_response({"error": str(exc)}, status=401)
+        return None
+
+    async def status(request: web.Request) -> web.Response:
+        return authorized(request) or web.json_response(drain.status())
+
+    async def start(request: web.Request) -> web.Response:
+        denied = authorized(request)
+        if denied:
+            return denied
+        await drain.start()
+        return web.json_response(drain.status(), status=202)
+
+    async def cancel(request: web.Request) -> web.Response:
+        denied = authorized(request)
+        if denied:
+            return denied
+        cancelled = await drain.cancel()
+        return web.json_response({**drain.status(), "cancelled": cancelled})
+
+    app.router.add_get("/admin/drain", status)
+    app.router.add_post("/admin/drain", start)
+    app.router.add_delete("/admin/drain", cancel)

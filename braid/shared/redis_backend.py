@@ -150,6 +150,24 @@ class RedisStore(RoomStore):
     async def release_room_node(self, room: str, node_id: str) -> None:
         await self.r.hdel(self._room_key(room, "nodes"), node_id)
 
+    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
+        await self.r.set(self._room_key(room, f"moved:{identity}"), sid, px=max(1, int(ttl * 1000)))
+
+    # Take the lease if free, renew it if ours: SET NX PX, or PEXPIRE when the value is our owner id.
+    _LEASE = """
+    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+    if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+    return 0
+    """
+
+    async def try_lease(self, name: str, owner: str, ttl: float) -> bool:
+        key = f"{self.prefix}:lease:{name}"
+        return bool(await self.r.eval(self._LEASE, 1, key, owner, max(1, int(ttl * 1000))))
+
+    async def take_moved(self, room: str, identity: str) -> str | None:
+        raw = await self.r.getdel(self._room_key(room, f"moved:{identity}"))
+        return raw.decode() if raw else None
+
     async def close(self) -> None:
         await self.r.aclose()
 

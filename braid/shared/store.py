@@ -78,6 +78,19 @@ class RoomStore(abc.ABC):
     @abc.abstractmethod
     async def release_room_node(self, room: str, node_id: str) -> None: ...
 
+    @abc.abstractmethod
+    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
+        """A draining node is moving this participant: its rejoin elsewhere is a migration (keeps `sid`)."""
+
+    @abc.abstractmethod
+    async def take_moved(self, room: str, identity: str) -> str | None:
+        """The sid of a participant being moved here (once), or None for an ordinary join."""
+
+    async def try_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease `name` for `owner` unless another owner holds it (one process at a time does a
+        cluster-wide job, e.g. the router's room reaper). In-memory: one process, always granted."""
+        return True
+
     async def close(self) -> None:
         return None
 
@@ -118,6 +131,7 @@ class MemoryStore(RoomStore):
         self._rooms: dict[str, models.Room] = {}
         self._participants: dict[str, dict[str, models.ParticipantInfo]] = {}
         self._nodes: dict[str, dict[str, str]] = {}
+        self._moved: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = asyncio.Lock()
 
     async def create_room(self, room: models.Room) -> tuple[models.Room, bool]:
@@ -187,6 +201,13 @@ class MemoryStore(RoomStore):
 
     async def release_room_node(self, room: str, node_id: str) -> None:
         self._nodes.get(room, {}).pop(node_id, None)
+
+    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
+        self._moved[(room, identity)] = (sid, time.monotonic() + ttl)
+
+    async def take_moved(self, room: str, identity: str) -> str | None:
+        sid, expires = self._moved.pop((room, identity), ("", 0.0))
+        return sid if sid and expires > time.monotonic() else None
 
 
 class MemoryRegistry(NodeRegistry):

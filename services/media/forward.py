@@ -133,6 +133,7 @@ class UpTrack:
         self.levels = None  # speakers.AudioLevel for audio tracks with the level extension
         self.plis_sent = 0
         self.nacks_sent = 0
+        self.relays: list = []  # cluster.relay.RelaySink: every layer, to another media node (see cluster/)
 
     # --- layers --------------------------------------------------------------------------------------------
 
@@ -221,7 +222,12 @@ class UpTrack:
         layer.last_at = now
         if layer.buffer is not None:
             layer.buffer.put(seq, data)
-        if self.muted or not layer.subs or end <= off:
+        if self.muted or end <= off:
+            return
+        if self.relays:
+            for relay in self.relays:
+                relay.write(layer, data, header)
+        if not layer.subs:
             return
         keyframe = self.video and rtp.is_keyframe(self.mime, data[off:off + 24])
         payload = data[off:]

@@ -14,6 +14,9 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from livekit.protocol import webhook
+from livekit.protocol.models import DisconnectReason
+
+MIGRATION = DisconnectReason.MIGRATION
 
 from braid.shared import ids
 
@@ -31,6 +34,8 @@ class Hooks(Protocol):
     def participant_active(self, room: Room, participant: Participant) -> None: ...
 
     def participant_left(self, room: Room, participant: Participant, reason: int) -> None: ...
+
+    def participant_resumed(self, room: Room, participant: Participant) -> None: ...
 
     def track_published(self, room: Room, participant: Participant, track: PublishedTrack) -> None: ...
 
@@ -53,11 +58,16 @@ class TelemetryHooks:
         self.telemetry.participant_joined(room.info(), participant.info(), participant.guard, send_event=True)
 
     def participant_active(self, room: Room, participant: Participant) -> None:
-        self.telemetry.participant_active(room.info(), participant.info(), participant.guard)
+        self.telemetry.participant_active(room.info(), participant.info(), participant.guard,
+                                          is_migration=participant.migrated)
 
     def participant_left(self, room: Room, participant: Participant, reason: int) -> None:
-        self.telemetry.participant_left(room.info(), participant.info(), participant.guard, send_event=True,
-                                        reason=reason)
+        # A participant moved to another node has not left: that node sends its participant_left later.
+        self.telemetry.participant_left(room.info(), participant.info(), participant.guard,
+                                        send_event=reason != MIGRATION, reason=reason)
+
+    def participant_resumed(self, room: Room, participant: Participant) -> None:
+        self.telemetry.participant_resumed(room.info(), participant.info())
 
     def track_published(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
         self.telemetry.track_published(room.info(), participant.info(), track.info)
@@ -102,17 +112,26 @@ class WebhookHooks:
         return None
 
     def participant_active(self, room: Room, participant: Participant) -> None:
+        if participant.migrated:
+            self._active.add(participant.sid)
+            return
         if participant.sid in self._active:
             return
         self._active.add(participant.sid)
         self._send("participant_joined", room, participant)
 
     def participant_left(self, room: Room, participant: Participant, reason: int) -> None:
+        if reason == MIGRATION:
+            self._active.discard(participant.sid)
+            return
         if participant.sid in self._active:
             self._active.discard(participant.sid)
             self._send("participant_left", room, participant)
         else:
             self._send("participant_connection_aborted", room, participant)
+
+    def participant_resumed(self, room: Room, participant: Participant) -> None:
+        return None
 
     def track_published(self, room: Room, participant: Participant, track: PublishedTrack) -> None:
         self._send("track_published", room, participant, track)

@@ -22,6 +22,7 @@ from typing import Callable
 
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aioice.ice import Connection, StunProtocol
+from aioice.utils import random_string
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,67 @@ class NodeIceConnection(Connection):
         self._protocols.append(protocol)
         self.protocol = protocol
         return [protocol.local_candidate]
+
+    # --- ICE restart ---------------------------------------------------------------------------------------
+    #
+    # aioice cannot restart ICE, but what a restart needs here is small: new credentials on one or both sides,
+    # and checks (from the peer's new sockets, or its old ones) against our unchanged host candidate. The socket
+    # stays; aioice pairs, checks and nominates as usual, and a newly nominated pair replaces `_nominated`,
+    # which the send path reads per packet. DTLS and SCTP never notice.
+    # * The peer restarts (its offer, or its answer to ours, brings new credentials): `restart_remote`. They are
+    #   adopted when the peer first checks with them, so until then consent checks keep the old ones.
+    # * We restart (our offer on the v0 subscriber PC): `restart_local` draws new credentials for the offer.
+    # Until the peer prunes its previous generation, checks using the previous credentials are still answered.
+
+    _pending_remote: tuple[str, str] | None = None
+    _previous_remote_username: str | None = None
+    _previous_local: tuple[tuple[str, str], ...] = ()  # newest first; an unanswered restart keeps the older ones
+
+    def restart_remote(self, username: str, password: str) -> None:
+        """The peer restarted ICE with new credentials; take them once its checks use them."""
+        if username == self.remote_username:
+            return
+        self._pending_remote = (username, password)
+        self._remote_candidates_end = False  # the new generation trickles its own candidates
+
+    def restart_local(self) -> None:
+        """New local credentials for an ICE-restart offer."""
+        self._previous_local = ((self._local_username, self._local_password), *self._previous_local)[:3]
+        self._local_username, self._local_password = random_string(4), random_string(22)
+
+    def request_received(self, message, addr, protocol) -> None:  # type: ignore[override]
+        username = message.attributes.get("USERNAME")
+        local, _, remote = username.partition(":") if isinstance(username, str) else ("", "", "")
+        pending = self._pending_remote
+        if pending is not None and remote == pending[0]:
+            self._previous_remote_username = self.remote_username
+            self.remote_username, self.remote_password = pending
+            self._pending_remote = None
+        previous = next((creds for creds in self._previous_local if creds[0] == local), None)
+        if previous is not None and local != self._local_username:
+            # A check of the previous generation: authenticate and answer it with the previous credentials.
+            current = self._local_username, self._local_password
+            self._local_username, self._local_password = previous
+            try:
+                super().request_received(message, addr, protocol)
+            finally:
+                self._local_username, self._local_password = current
+            return
+        super().request_received(message, addr, protocol)
+
+    def check_complete(self, pair) -> None:  # type: ignore[override]
+        before = self._nominated.get(pair.component)
+        super().check_complete(pair)
+        after = self._nominated.get(pair.component)
+        if before is not None and after is not before:
+            log.info("ICE restart completed: media moves to %s -> %s", after.local_addr, after.remote_addr)
+
+    def _valid_username(self, username: str) -> bool:
+        if super()._valid_username(username):
+            return True
+        local, colon, remote = username.partition(":")
+        return colon == ":" and local == self.local_username and bool(remote) and remote in (
+            self._previous_remote_username, (self._pending_remote or ("",))[0])
 
     def selected(self):
         """(datagram transport, remote address) of the nominated pair, or None before ICE completes."""

@@ -21,6 +21,8 @@ from braid.shared.config import Config
 from braid.shared.store import NodeInfo, NodeRegistry, RoomStore
 
 from .admin import Admin
+from .cluster import Cluster
+from .drain import Drain
 from .hooks import Hooks, TelemetryHooks
 from .telemetry import TelemetryService
 from .ice import PortRange
@@ -73,8 +75,10 @@ class MediaNode:
         self.hooks: Hooks = TelemetryHooks(self.telemetry)
         self.rooms: dict[str, Room] = {}
         self.admin = Admin(self)
+        self.cluster = Cluster(self)  # bus events of rooms spanning nodes, the node-to-node relay
         self.servicer = MediaServicer(self)
         self.state = "SERVING"
+        self.drain = Drain(self, config.drain_deadline)
         self.started_at = time.time()
         self._empty_since: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
@@ -83,6 +87,7 @@ class MediaNode:
 
     async def start(self) -> None:
         await self.telemetry.start()
+        await self.cluster.start()
         await self._heartbeat()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="media-heartbeat"),
@@ -91,18 +96,24 @@ class MediaNode:
         log.info("media node %s serving on %s (UDP %s-%s, node IP %s)", self.node_id, self.grpc_address,
                  self.ports.start, self.ports.end, self.config.rtc.node_ip)
 
-    async def stop(self) -> None:
-        self.state = "DRAINING"
+    async def set_state(self, state: str) -> None:
+        """SERVING or DRAINING; told to the registry at once so the router stops (or resumes) placing here."""
+        self.state = state
         try:
             await asyncio.wait_for(self._heartbeat(), 2.0)
-        except Exception:
-            pass
+        except Exception as exc:
+            log.warning("could not announce state %s: %r", state, exc)
+
+    async def stop(self) -> None:
+        await self.drain.cancel(resume_serving=False)
+        await self.set_state("DRAINING")
         for room in list(self.rooms.values()):
             try:
                 await asyncio.wait_for(room.close(models.DisconnectReason.SERVER_SHUTDOWN), 5.0)
             except Exception:
                 log.exception("closing room %s failed", room.name)
         self.rooms.clear()
+        await self.cluster.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -114,10 +125,16 @@ class MediaNode:
 
     def node_info(self) -> NodeInfo:
         participants = sum(len(r.participants) for r in self.rooms.values())
-        tracks = sum(len(p.publisher.tracks) for r in self.rooms.values() for p in r.participants.values())
+        # Tracks in and out: published here, and every subscription of a participant hosted here.
+        tracks = sum(len(p.publisher.tracks) + len(p.subscriber.subs)
+                     for r in self.rooms.values() for p in r.participants.values())
+        bytes_per_second, cpu_load = self.cluster.load.sample(self)
+        limits = self.config.limits
         return NodeInfo(
             node_id=self.node_id, role="media", address=self.grpc_address, region=self.config.region,
             state=self.state, participants=participants, tracks=tracks, started_at=self.started_at,
+            bytes_per_second=bytes_per_second, cpu_load=cpu_load, max_participants=limits.max_participants,
+            max_tracks=limits.max_tracks, max_bytes_per_second=limits.max_bytes_per_second,
         )
 
     async def _heartbeat(self) -> None:
@@ -169,6 +186,7 @@ class MediaNode:
         if room is None:
             room = Room(self, stored)
             self.rooms[name] = room
+            await room.link.start()
         else:
             room.update_info(stored)
         self._empty_since.pop(name, None)

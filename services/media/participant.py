@@ -16,8 +16,10 @@ from livekit.protocol import rtc as rtc_pb
 from braid.shared import ids
 from braid.shared.auth import Claims
 
-from . import negotiation, rtcp, sdp
+from . import negotiation, resume, rtcp, sdp
+from .link import SignalLink
 from .publisher import Publisher, PublishedTrack
+from .reliable import InboundSequence, ReliableLog
 from .subscriber import Subscriber, Subscription, quality_for
 from .telemetry import ReferenceGuard
 from .transport import PeerTransport
@@ -64,11 +66,15 @@ def kind_from(claims: Claims) -> int:
 
 
 class Participant:
-    def __init__(self, room: Room, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
+    def __init__(self, room: Room, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool,
+                 moved_sid: str = ""):
         self.room = room
         self.node = room.node
         self.claims = claims
-        self.sid = ids.participant_sid()
+        # A participant moved here from a draining node keeps its sid, and its arrival is a migration.
+        self.sid = moved_sid or ids.participant_sid()
+        self.migrated = bool(moved_sid)
+        self.moving = False  # a draining node told it to rejoin elsewhere: whatever ends it here is a migration
         self.identity = claims.identity
         self.name = claims.name
         self.metadata = join.metadata or claims.metadata
@@ -82,7 +88,7 @@ class Participant:
         self.version = 0
         self.joined_at = time.time()
         self.disconnect_reason = Reason.UNKNOWN_REASON
-        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.link = SignalLink()  # the signal connection it is reached through; a resume swaps it
         self.closed = False
         self.removing = False
         self.last_token_refresh = time.time()
@@ -94,6 +100,9 @@ class Participant:
         self.sub_pc: PeerTransport | None = None
         self.channels: dict[str, list] = {RELIABLE: [], LOSSY: []}
         self.pending_reliable: deque[bytes] = deque(maxlen=PENDING_RELIABLE)
+        self.sent_reliable = ReliableLog()  # what a resume may have to send again
+        self.data_in = InboundSequence()  # last reliable sequence relayed from this client
+        self.resuming = False  # between a resume and the client's sync_state
         self.last_answer_mids: set[str] = set()
         self.answer_version = 0
         self.session_id = int(time.time() * 1000)
@@ -134,6 +143,27 @@ class Participant:
         """Bump the version and tell the room (which broadcasts and persists)."""
         self.version += 1
         self.room.participant_changed(self)
+
+    # --- signal connections ---------------------------------------------------------------------------
+
+    @property
+    def outbox(self) -> asyncio.Queue[bytes | None]:
+        return self.link.queue
+
+    def attach(self, link: SignalLink) -> list[bytes]:
+        """A resume: `link` replaces the current one, whose stream ends. Returns what was queued on the old one."""
+        old, self.link = self.link, link
+        backlog = old.take_backlog()
+        old.end()
+        self.signal_connected = True
+        return backlog
+
+    def detach(self, link: SignalLink) -> None:
+        """`link`'s stream ended. Only the current link's end means the signal is lost (a resume may follow)."""
+        if link is self.link and not self.closed and self.signal_connected:
+            self.signal_connected = False
+            self.signal_lost_at = time.monotonic()
+        link.end()
 
     # --- signalling out --------------------------------------------------------------------------------
 
@@ -345,6 +375,7 @@ class Participant:
 
     async def _on_sync_state(self, req: rtc_pb.SyncState) -> None:
         log.debug("%s: sync_state received", self)
+        await resume.apply_sync_state(self, req)
 
     # --- publisher offers ------------------------------------------------------------------------------
 
@@ -437,6 +468,8 @@ class Participant:
         if not self.permission.can_publish_data:
             return
         reliable = label == RELIABLE
+        if reliable and not self.data_in.accept(packet.sequence):
+            return  # a copy the client resent after a resume; relayed already
         packet.kind = models.DataPacket.RELIABLE if reliable else models.DataPacket.LOSSY
         packet.participant_identity = self.identity
         packet.participant_sid = self.sid
@@ -447,7 +480,18 @@ class Participant:
             destinations.extend(i for i in packet.user.destination_identities if i not in destinations)
         self.room.relay_data(self, packet, reliable, destinations)
 
-    def send_data(self, reliable: bool, payload: bytes) -> bool:
+    def send_data(self, reliable: bool, payload: bytes, sender_sid: str = "", sequence: int = 0) -> bool:
+        if reliable:
+            self.sent_reliable.record(sender_sid, sequence, payload)
+        return self._deliver(reliable, payload)
+
+    def resend_reliable(self, payload: bytes) -> bool:
+        """Send again a reliable packet the client reported missing after a resume."""
+        if any(item is payload for item in self.pending_reliable):
+            return False  # still waiting for the channel: it goes out anyway
+        return self._deliver(True, payload)
+
+    def _deliver(self, reliable: bool, payload: bytes) -> bool:
         if reliable and self.pending_reliable:
             self.pending_reliable.append(payload)  # keep the order behind what is waiting
             self._flush_reliable()

@@ -50,6 +50,7 @@ class Room:
         self._tasks: set[asyncio.Task] = set()
         self.speakers = Speakers()
         self.closed = False
+        self.link = node.cluster.room_link(self)  # participants on other media nodes, room-wide events
 
     # --- info ------------------------------------------------------------------------------------------
 
@@ -57,8 +58,9 @@ class Room:
         room = models.Room()
         room.CopyFrom(self._info)
         visible = [p for p in self.participants.values() if not p.hidden]
-        room.num_participants = len(visible)
-        room.num_publishers = sum(1 for p in visible if p.publisher.tracks)
+        remote_visible, remote_publishers = self.link.remote.count()
+        room.num_participants = len(visible) + remote_visible
+        room.num_publishers = sum(1 for p in visible if p.publisher.tracks) + remote_publishers
         return room
 
     def update_info(self, info: models.Room) -> None:
@@ -83,7 +85,8 @@ class Room:
             others |= {p.identity for p in self.participants.values() if not p.hidden}
             if len(others) >= limit:
                 raise JoinError("resource_exhausted", "room is full")
-        participant = Participant(self, claims, join, single_pc)
+        moved_sid = await self._moved_sid(claims.identity)
+        participant = Participant(self, claims, join, single_pc, moved_sid=moved_sid)
         try:
             await participant.start()
         except OSError as exc:
@@ -92,14 +95,23 @@ class Room:
         participant.state = State.JOINED
         self.participants[participant.sid] = participant
         self._persist.put_nowait(("put", participant.info()))
+        self.link.local_joined(participant)
         self.broadcast_update(participant, include_self=False)
         self.node.hooks.participant_joined(self, participant)
         log.info("%s joined %s (%s)", participant, self.name, "v1 single PC" if single_pc else "v0 dual PC")
         return participant
 
+    async def _moved_sid(self, identity: str) -> str:
+        try:
+            return await self.node.store.take_moved(self.name, identity) or ""
+        except Exception as exc:  # the store is away: an ordinary join
+            log.warning("could not check whether %s is being moved here: %r", identity, exc)
+            return ""
+
     def join_response(self, p: Participant) -> rtc_pb.JoinResponse:
         config = self.node.config
         others = [o.info() for o in self.participants.values() if o is not p and not o.hidden]
+        others += self.link.remote.infos()
         codecs = list(self._info.enabled_codecs) or [models.Codec(mime=m) for m in ("audio/opus", "video/VP8")]
         response = rtc_pb.JoinResponse(
             room=self.info(),
@@ -122,7 +134,7 @@ class Room:
 
     async def after_join(self, p: Participant, join: rtc_pb.JoinRequest) -> None:
         """After the JoinResponse: current speakers, subscribe to what is already published, then negotiate."""
-        speaking = self.speakers.current()
+        speaking = self.speakers.current() + self.link.remote.current_speakers()
         if speaking:
             p.send(rtc_pb.SignalResponse(speakers_changed=rtc_pb.SpeakersChanged(speakers=speaking)))
         if p.auto_subscribe and p.permission.can_subscribe:
@@ -130,6 +142,8 @@ class Room:
                 if other is not p and not other.hidden:
                     for track in other.publisher.tracks.values():
                         p.subscriber.subscribe(track, other.sid)
+            for publisher_sid, track in self.link.remote.published():
+                p.subscriber.subscribe(track, publisher_sid)
         if not p.single_pc and p.sub_pc is not None:
             await p.subscriber.offer()
         if join.HasField("publisher_offer") and join.publisher_offer.sdp:
@@ -150,6 +164,7 @@ class Room:
             return
         self.broadcast_update(p)
         self._persist.put_nowait(("put", p.info()))
+        self.link.local_changed(p)
 
     def broadcast(self, response: rtc_pb.SignalResponse) -> None:
         for p in self.participants.values():
@@ -184,7 +199,7 @@ class Room:
             track = p.publisher.tracks.get(track_sid)
             if track is not None:
                 return p, track
-        return None
+        return self.link.remote.find_track(track_sid)  # published on another media node
 
     def update_subscriptions(self, p: Participant, track_sids: list[str], subscribe: bool) -> None:
         for sid in track_sids:
@@ -204,11 +219,13 @@ class Room:
                    destinations: list[str]) -> int:
         payload = packet.SerializeToString()
         wanted = set(destinations)
+        if sender is not None:
+            self.link.data(payload, reliable, destinations)
         delivered = 0
         for p in self.participants.values():
             if p is sender or (wanted and p.identity not in wanted):
                 continue
-            delivered += p.send_data(reliable, payload)
+            delivered += p.send_data(reliable, payload, packet.participant_sid, packet.sequence)
         return delivered
 
     # --- leaving ---------------------------------------------------------------------------------------
@@ -224,6 +241,8 @@ class Room:
     async def remove(self, p: Participant, reason: int, send_leave: bool) -> None:
         if self.participants.get(p.sid) is not p:
             return
+        if p.moving:
+            reason = Reason.MIGRATION
         if send_leave:
             p.send_leave(reason)
         del self.participants[p.sid]
@@ -241,7 +260,9 @@ class Room:
             message = rtc_pb.SignalResponse(update=rtc_pb.ParticipantUpdate(participants=[info]))
             for other in self.participants.values():
                 other.send(message)
-        self._persist.put_nowait(("delete", info))
+        if not p.moving:  # a moved participant's record already belongs to its new node (see drain.py)
+            self._persist.put_nowait(("delete", info))
+        self.link.local_left(info)
         await p.close()
         self.node.hooks.participant_left(self, p, reason)
         log.info("%s left %s: %s", p, self.name, Reason.Name(reason))
@@ -256,6 +277,7 @@ class Room:
 
     async def stop(self) -> None:
         self.closed = True
+        await self.link.stop()
         for task in list(self._tasks):
             task.cancel()
         self._persist.put_nowait(None)
@@ -290,6 +312,7 @@ class Room:
             log.debug("%s: levels %s changed %s", self.name, levels, [(c.sid, c.active) for c in changed])
         if changed:
             self.broadcast(rtc_pb.SignalResponse(speakers_changed=rtc_pb.SpeakersChanged(speakers=changed)))
+            self.link.speakers(changed)
 
     def tick(self, now: float) -> None:
         wall = time.time()

@@ -1,7 +1,9 @@
 """The media side of a signal session: one participant's `SessionUp` stream in, `SessionDown` stream out.
 
 First message must be `SessionStart` (already authenticated by the signal edge); the first reply is either the
-`JoinResponse` or an `RpcError` the edge turns into an HTTP status before it upgrades the WebSocket.
+`JoinResponse` or an `RpcError` the edge turns into an HTTP status before it upgrades the WebSocket. A resume
+(`SessionStart.reconnect`) answers `ReconnectResponse` first, or `leave{RECONNECT}` (see `resume.py`).
+Each stream serves one `SignalLink` of the participant; a resume moves the participant to a new one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import TYPE_CHECKING, AsyncIterator
 
 from google.protobuf.message import DecodeError
@@ -19,10 +20,10 @@ from livekit.protocol import rtc as rtc_pb
 from braid.rpc import common_pb2, media_pb2
 from braid.shared.auth import AuthError, Claims
 
-from . import negotiation, sdp
+from . import negotiation, resume, sdp
+from .link import SignalLink
 from .participant import Participant, ProtocolError
 from .room import JoinError
-from .telemetry import ReferenceGuard
 
 if TYPE_CHECKING:
     from .node import MediaNode
@@ -62,46 +63,51 @@ async def run_session(node: MediaNode, requests: AsyncIterator[media_pb2.Session
         yield _error("invalid_argument", "identity and room are required")
         return
     if start.reconnect:
-        # Resuming a session is the next issue's work; until then the client is told to rejoin from scratch.
-        yield media_pb2.SessionDown(response=rtc_pb.SignalResponse(leave=rtc_pb.LeaveRequest(
-            can_reconnect=True, reason=Reason.STATE_MISMATCH, action=rtc_pb.LeaveRequest.RECONNECT,
-        )).SerializeToString())
-        yield _close(Reason.STATE_MISMATCH, "resume not supported")
-        return
-    try:
-        room = await node.room_for(start.room)
-        participant = await room.join(claims, join, start.single_pc)
-    except JoinError as exc:
-        yield _error(exc.code, exc.msg)
-        return
-    # This signal connection is a holder of the participant's stats worker (the session itself is another).
-    signal_guard = ReferenceGuard(holder=f"signal:{start.connection_id or participant.sid}")
-    node.hooks.signal_attached(room, participant, signal_guard)
-    yield media_pb2.SessionDown(response=rtc_pb.SignalResponse(join=room.join_response(participant))
-                                .SerializeToString())
-    participant.spawn(room.after_join(participant, join), "after-join")
-    reader = asyncio.create_task(_read(participant, stream), name=f"session-read-{participant.sid}")
+        found = resume.locate(node, start, claims)
+        if isinstance(found, str):
+            log.info("resume of %s in %s refused: %s", claims.identity, start.room, found)
+            yield _response(resume.mismatch_leave())
+            yield _close(Reason.STATE_MISMATCH, found)
+            return
+        participant, room = found, found.room
+        link, backlog = resume.attach(node, participant, start.connection_id)
+        # First, and at once: the SDKs give the ReconnectResponse 5 s.
+        yield _response(resume.reconnect_response(room, participant))
+        resume.after_reconnect(room, participant, backlog)
+    else:
+        try:
+            room = await node.room_for(start.room)
+            participant = await room.join(claims, join, start.single_pc)
+        except JoinError as exc:
+            yield _error(exc.code, exc.msg)
+            return
+        link = participant.link
+        link.connection_id = start.connection_id or participant.sid
+        link.guard.holder = f"signal:{link.connection_id}"
+        # This signal connection is a holder of the participant's stats worker (the session itself is another).
+        node.hooks.signal_attached(room, participant, link.guard)
+        yield _response(rtc_pb.SignalResponse(join=room.join_response(participant)))
+        participant.spawn(room.after_join(participant, join), "after-join")
+    reader = asyncio.create_task(_read(participant, link, stream), name=f"session-read-{participant.sid}")
     try:
         while True:
-            item = await participant.outbox.get()
+            item = await link.queue.get()
             if item is None:
                 break
             yield media_pb2.SessionDown(response=item)
-        if participant.closed:
+        if participant.closed and participant.link is link:
             yield _close(participant.disconnect_reason)
     finally:
         reader.cancel()
-        if not participant.closed and participant.signal_connected:
-            _signal_lost(participant)
-        node.hooks.signal_detached(room, participant, signal_guard)
+        participant.detach(link)
+        node.hooks.signal_detached(room, participant, link.guard)
 
 
-def _signal_lost(participant: Participant) -> None:
-    participant.signal_connected = False
-    participant.signal_lost_at = time.monotonic()
+def _response(response: rtc_pb.SignalResponse) -> media_pb2.SessionDown:
+    return media_pb2.SessionDown(response=response.SerializeToString())
 
 
-async def _read(participant: Participant, stream: AsyncIterator[media_pb2.SessionUp]) -> None:
+async def _read(participant: Participant, link: SignalLink, stream: AsyncIterator[media_pb2.SessionUp]) -> None:
     try:
         async for up in stream:
             kind = up.WhichOneof("message")
@@ -120,6 +126,4 @@ async def _read(participant: Participant, stream: AsyncIterator[media_pb2.Sessio
         raise
     except Exception as exc:  # the edge went away
         log.debug("%s: session stream ended: %r", participant, exc)
-    if not participant.closed:
-        _signal_lost(participant)
-        participant.outbox.put_nowait(None)
+    participant.detach(link)  # wakes the writer; the participant waits for a resume unless it is closing

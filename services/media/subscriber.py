@@ -253,6 +253,16 @@ class Subscriber:
         self.p.send(rtc_pb.SignalResponse(offer=rtc_pb.SessionDescription(
             type="offer", sdp=text, id=self.offer_id, mid_to_track_id=self.mid_to_track_id())))
 
+    async def reoffer(self) -> None:
+        """After a resume: a fresh ICE-restart offer of the whole current state. An offer still awaiting its
+        answer went to the dead connection (or its answer did), so it is superseded; the new answer binds its
+        tracks too."""
+        self.awaiting_answer = False
+        self.dirty = True
+        if self.p.sub_pc is not None:
+            self.p.sub_pc.restart_ice()  # new credentials: the client restarts ICE on its subscriber PC
+        await self.offer()
+
     async def on_answer(self, desc: rtc_pb.SessionDescription) -> None:
         if not self.awaiting_answer or self.p.sub_pc is None:
             log.info("%s: unexpected subscriber answer", self.p)

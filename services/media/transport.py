@@ -120,9 +120,14 @@ class PeerTransport:
         if first is None:
             raise TransportError("every m-line is rejected")
         if self._remote_ufrag:
-            if first.ice_ufrag != self._remote_ufrag:
-                # aioice cannot restart ICE: keep the current pair (media keeps flowing on it when the path holds).
-                log.info("%s: remote ICE credentials changed (ICE restart) - keeping the current session", self.label)
+            if first.ice_ufrag and first.ice_ufrag != self._remote_ufrag:
+                # The peer restarted ICE (a resume): same socket, DTLS and SCTP, its new credentials (see ice.py).
+                log.info("%s: ICE restart by the peer", self.label)
+                self._remote_ufrag, self._remote_pwd = first.ice_ufrag, first.ice_pwd
+                self.ice_conn.restart_remote(first.ice_ufrag, first.ice_pwd)
+                for media in session.media:
+                    for cand in media.candidates:
+                        self._add_candidate_text(cand)
             self._maybe_start_sctp(session)
             return
         self._remote_ufrag, self._remote_pwd = first.ice_ufrag, first.ice_pwd
@@ -138,6 +143,11 @@ class PeerTransport:
                 self._add_candidate_text(cand)
         self._maybe_start_sctp(session)
         self._connect_task = asyncio.create_task(self._connect(), name=f"connect-{self.label}")
+
+    def restart_ice(self) -> None:
+        """New local ICE credentials for our next offer (an ICE restart); the socket, DTLS and SCTP stay."""
+        if self.state == "connected":
+            self.ice_conn.restart_local()
 
     def _maybe_start_sctp(self, session: sdp.Session) -> None:
         app = next((m for m in session.media if m.kind == "application" and not m.rejected), None)

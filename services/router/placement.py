@@ -75,9 +75,11 @@ class NodeSelector:
         self._pick = rng or random.choice
 
     def choose(
-        self, candidates: list[NodeInfo], hosting: set[str] = frozenset(), prefer: str = "", region: str = ""
+        self, candidates: list[NodeInfo], hosting: set[str] = frozenset(), prefer: str = "", region: str = "",
+        avoid: set[str] = frozenset(),
     ) -> Choice:
-        serving = [n for n in candidates if n.state == "SERVING"]
+        # `avoid`: nodes the caller just failed to reach (a killed node stays registered until its TTL expires).
+        serving = [n for n in candidates if n.state == "SERVING" and n.node_id not in avoid]
         if not serving:
             return Choice(None, "no serving media node" + (" (all draining)" if candidates else ""))
         by_id = {n.node_id: n for n in serving}

@@ -187,7 +187,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 return router_pb2.Placement(error=rpc_error("resource_exhausted", "room is full"))
         hosting = set(await self.store.room_nodes(room.name))
         choice = self.selector.choose(
-            await self.registry.nodes("media"), hosting, prefer=request.prefer_node_id, region=request.region
+            await self.registry.nodes("media"), hosting, prefer=request.prefer_node_id, region=request.region,
+            avoid=set(request.avoid_node_ids),
         )
         if choice.node is None:
             log.warning("cannot place %s in %s: %s", request.identity, room.name, choice.reason)

@@ -29,6 +29,7 @@ from braid.rpc import common_pb2, media_pb2, router_pb2
 from braid.shared.auth import AuthError, Claims, bearer_token, verify_token
 
 from .context import SignalContext
+from .failover import RECONNECT, FailedNodes
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def join_request_from_query(query) -> rtc_pb.JoinRequest:
 class RtcEdge:
     def __init__(self, ctx: SignalContext):
         self.ctx = ctx
+        self.failed_nodes = FailedNodes()
 
     def _claims(self, request: web.Request) -> Claims:
         token = bearer_token(request.headers.get("Authorization"), request.query.get("access_token"))
@@ -243,9 +245,20 @@ class RtcEdge:
 
     async def _start_session(self, request: web.Request, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
         room = claims.video.room
+        for attempt in range(2):  # a media node that refuses the session at once is avoided, and placement redone
+            try:
+                return await self._try_session(request, claims, join, single_pc)
+            except grpc.aio.AioRpcError:
+                if attempt:
+                    raise Reject(503, "media node unavailable") from None
+        raise AssertionError("unreachable")
+
+    async def _try_session(self, request: web.Request, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
+        room = claims.video.room
         try:
             placement = await self.ctx.router.Place(
-                router_pb2.PlaceRequest(room=room, identity=claims.identity, region=self.ctx.config.region),
+                router_pb2.PlaceRequest(room=room, identity=claims.identity, region=self.ctx.config.region,
+                                        avoid_node_ids=self.failed_nodes.avoid()),
                 timeout=PLACE_TIMEOUT,
             )
         except grpc.aio.AioRpcError as exc:
@@ -273,6 +286,9 @@ class RtcEdge:
         except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
             call.cancel()
             log.warning("media node %s unreachable: %r", placement.node_id, exc)
+            self.failed_nodes.add(placement.node_id)
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise  # refused at once: try another node
             raise Reject(503, "media node unavailable") from None
         if first is grpc.aio.EOF or first is None:
             call.cancel()
@@ -298,7 +314,13 @@ class RtcEdge:
 
         async def downstream() -> None:
             while True:
-                down = await call.read()
+                try:
+                    down = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.CANCELLED:  # the media node is gone: rejoin elsewhere
+                        log.info("media session broke (%s): telling the client to reconnect", exc.code())
+                        await to_client(RECONNECT)
+                    raise
                 if down is grpc.aio.EOF or down is None:
                     return
                 kind = down.WhichOneof("message")
@@ -324,7 +346,8 @@ class RtcEdge:
                 elif msg.type == WSMsgType.ERROR:
                     log.info("signal connection error: %r", ws.exception())
                     break
-        except (grpc.aio.AioRpcError, ConnectionResetError, asyncio.CancelledError) as exc:
+        except (grpc.aio.AioRpcError, ConnectionResetError, asyncio.CancelledError,
+                asyncio.InvalidStateError) as exc:  # InvalidStateError: the media side already ended the stream
             if isinstance(exc, asyncio.CancelledError):
                 reason = models.DisconnectReason.SERVER_SHUTDOWN
             log.debug("signal relay ended: %r", exc)

@@ -1,0 +1,290 @@
+"""Cross-node figures for `make bench`: what it costs when a room spans media nodes.
+
+1. **Relay path** (in one process, uvloop, loopback UDP): a publisher's packets enter an up-track on the origin,
+   cross the SRTP relay once and feed the relayed up-track on the subscribing node. Reports CPU microseconds per
+   relayed packet for both ends together (RTP rewrite + protect + sendto, recvfrom + unprotect + parse + fan-out
+   to one local subscriber stub), at a moderate rate (packets paced like real media) and flat out.
+2. **Cluster** (real processes: redis-server, a router, 2 signal and 2 media nodes in 2 regions): a publisher on
+   one media node (audio + video, synthetic RTP), N subscribers on the other, so every packet crosses the relay
+   once. Reports join latency through the cluster (WebSocket open → JoinResponse, through signal → router →
+   media, and → first media packet), delivered packet rate, and each media node's CPU per packet.
+
+    python -m benchmarks.cluster [--subscribers 1,10] [--duration 10] [--skip-cluster]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY, SECRET = "benchkey", "a-benchmark-secret-that-is-long-enough"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- 1. the relay path in one process --------------------------------------------------------------------------
+
+
+async def relay_path(packets: int, rate: float | None) -> dict:
+    from braid.services.media import rtp
+    from braid.services.media.cluster.relay import InboundLink, OutboundLink, RelayEndpoint, new_key
+    from braid.services.media.forward import UpTrack
+    from braid.services.media.ice import PortRange
+
+    class Sub:  # a local subscriber's DownTrack, reduced to counting
+        count = 0
+
+        def write(self, *args) -> None:
+            Sub.count += 1
+
+    ports = PortRange(46000, 46099, host="127.0.0.1")
+    origin_ep, sub_ep = RelayEndpoint(), RelayEndpoint()
+    await origin_ep.open(ports, "127.0.0.1")
+    await sub_ep.open(ports, "127.0.0.1")
+    key_down, key_up = new_key(), new_key()
+    out = OutboundLink(origin_ep, "b", ("127.0.0.1", sub_ep.port), key_down, key_up, on_layers=lambda s: None)
+    origin_ep.add_outbound(out)
+    inbound = InboundLink(sub_ep, "a", key_down, key_up)
+    inbound.addr = ("127.0.0.1", origin_ep.port)
+    sub_ep.add_inbound(inbound)
+    noop = lambda *a: None  # noqa: E731
+    origin = UpTrack("TR_a", "video", "video/VP8", 90000, 96, None, request_keyframe=noop, request_nack=noop)
+    layer = origin.add_layer(1111)
+    sink = out.attach(origin, "TR_a")
+    (rid, _, ssrc), = sink.layers()
+    relayed = UpTrack("TR_a", "video", "video/VP8", 90000, 96, None, request_keyframe=noop, request_nack=noop)
+    relayed_layer = relayed.add_layer(ssrc, rid)
+    relayed_layer.subs = [Sub()]
+    inbound.by_ssrc[ssrc] = (relayed, relayed_layer)
+    payload = bytes(1100)
+    batch = 10 if rate else 64
+    try:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        for i in range(0, packets, batch):
+            for seq in range(i, i + batch):
+                data = rtp.HEADER.pack(0x80, 96, seq & 0xFFFF, seq * 3000, 1111) + payload
+                origin.on_packet(layer, data, rtp.parse(data))
+            if rate:
+                await asyncio.sleep(batch / rate)
+            else:  # closed loop: a window of packets in flight, so no socket buffer overflows
+                give_up = time.monotonic() + 1.0
+                while Sub.count < i + batch // 2 and time.monotonic() < give_up:
+                    await asyncio.sleep(0)
+        deadline = time.monotonic() + 2
+        while Sub.count < packets and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        cpu, elapsed = time.process_time() - cpu0, time.monotonic() - t0
+    finally:
+        out.close()
+        inbound.close()
+        origin_ep.close()
+        sub_ep.close()
+    return {"packets": packets, "delivered": Sub.count, "pps": Sub.count / elapsed,
+            "us_per_packet": 1e6 * cpu / max(1, Sub.count), "cpu_pct": 100 * cpu / elapsed}
+
+
+# --- 2. a real cluster -----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, http_port: int = 0):
+        self.name = name
+        self.http_port = http_port
+        self.log = open(log_dir / f"bench-cluster-{name}.log", "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+    def wait_ready(self, timeout: float = 40) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def start_cluster(log_dir: Path) -> tuple[list[Proc], dict[str, Proc]]:
+    if not shutil.which("redis-server"):
+        raise SystemExit("redis-server is not installed (scripts/ensure-test-deps.sh installs it)")
+    redis_port = _free_port()
+    redis_dir = tempfile.mkdtemp(prefix="braid-bench-redis-")
+    procs = [Proc("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--dir", redis_dir], {}, log_dir)]
+    env = {"BRAID_KEYS": f"{KEY}: {SECRET}", "BRAID_REDIS__ADDRESS": f"127.0.0.1:{redis_port}",
+           "BRAID_LOG_LEVEL": "WARNING"}
+    time.sleep(0.3)
+    server = [sys.executable, "-m", "braid.server"]
+    router_grpc = _free_port()
+    named: dict[str, Proc] = {}
+
+    def spawn(name: str, args: list[str], extra: dict[str, str] | None = None) -> Proc:
+        port = _free_port()
+        proc = Proc(name, [*server, *args, "--port", str(port)], {**env, **(extra or {})}, log_dir, port)
+        procs.append(proc)
+        named[name] = proc
+        return proc
+
+    spawn("router", ["--role", "router", "--grpc-port", str(router_grpc)])
+    for i, region in enumerate(("eu-west", "us-east")):
+        spawn(f"media-{region}", ["--role", "media", "--region", region],
+              {"BRAID_RTC__PORT_RANGE_START": str(53000 + i * 500), "BRAID_RTC__PORT_RANGE_END": str(53499 + i * 500)})
+        spawn(f"signal-{region}", ["--role", "signal", "--region", region,
+                                   "--router-address", f"127.0.0.1:{router_grpc}"])
+    for proc in procs[1:]:
+        proc.wait_ready()
+    return procs, named
+
+
+async def cluster_case(n: int, named: dict[str, Proc], args: argparse.Namespace) -> dict:
+    from aiortc.rtcdtlstransport import RTCCertificate
+
+    from braid.clients.harness import join_token
+    from braid.services.media.ice import PortRange
+
+    from .rawclient import RawParticipant, SyntheticSender
+
+    eu = f"ws://127.0.0.1:{named['signal-eu-west'].http_port}"
+    us = f"ws://127.0.0.1:{named['signal-us-east'].http_port}"
+    ports = PortRange(47000, 47999, host="127.0.0.1")
+    cert = RTCCertificate.generateCertificate()
+    room = f"bench-cluster-{n}-{int(time.time())}"
+    clients: list[RawParticipant] = []
+    sender = None
+    try:
+        publisher = RawParticipant(eu, join_token(KEY, SECRET, room, "publisher"), ports, cert, "publisher")
+        clients.append(publisher)
+        await publisher.connect(receive_audio=0, receive_video=0)
+        await publisher.wait_connected()
+        _, audio_ssrc = await publisher.publish("audio")
+        _, video_ssrc = await publisher.publish("video")
+        sender = SyntheticSender(publisher.pc, audio_ssrc, video_ssrc, fps=args.fps,
+                                 packets_per_frame=args.packets_per_frame)
+        sender.start()
+        subscribers = []
+        for i in range(n):
+            sub = RawParticipant(us, join_token(KEY, SECRET, room, f"sub-{i}"), ports, cert, f"sub-{i}")
+            clients.append(sub)
+            subscribers.append(sub)
+            await sub.connect()
+        for sub in subscribers:
+            await sub.wait_connected()
+        deadline = time.monotonic() + 15
+        while any(s.counters.packets == 0 for s in subscribers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(args.warmup)
+        origin, edge = named["media-eu-west"], named["media-us-east"]
+        packets0 = sum(s.counters.packets for s in subscribers)
+        sent0, t0 = sender.sent, time.monotonic()
+        cpu_origin0, cpu_edge0 = origin.cpu_seconds(), edge.cpu_seconds()
+        await asyncio.sleep(args.duration)
+        elapsed = time.monotonic() - t0
+        relayed = sender.sent - sent0
+        delivered = sum(s.counters.packets for s in subscribers) - packets0
+        cpu_origin, cpu_edge = origin.cpu_seconds() - cpu_origin0, edge.cpu_seconds() - cpu_edge0
+        joins = sorted(s.join_seconds * 1000 for s in subscribers)
+        firsts = sorted(s.first_media_seconds * 1000 for s in subscribers if s.first_media_seconds)
+        return {
+            "n": n,
+            "relayed_pps": relayed / elapsed,
+            "delivered_pct": 100 * delivered / max(1, relayed * n),
+            "origin_us": 1e6 * cpu_origin / max(1, relayed),
+            "edge_us": 1e6 * cpu_edge / max(1, delivered),
+            "join_ms": statistics.median(joins),
+            "join_p95_ms": joins[int(0.95 * (len(joins) - 1))],
+            "media_ms": statistics.median(firsts) if firsts else float("nan"),
+            "publisher_join_ms": publisher.join_seconds * 1000,
+        }
+    finally:
+        if sender is not None:
+            await sender.stop()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    print("Relay path, one process, both ends (uvloop, loopback UDP, 1100-byte RTP, SRTP AES-CM-128/HMAC-SHA1-80):")
+    for label, rate in (("paced 2000 pps", 2000.0), ("flat out", None)):
+        r = await relay_path(args.relay_packets if rate is None else int(2000 * 3), rate)
+        print(f"  {label:>15}: {r['us_per_packet']:6.1f} us CPU per relayed packet "
+              f"({r['delivered']}/{r['packets']} delivered, {r['pps']:.0f} pps, CPU {r['cpu_pct']:.0f}%)")
+    if args.skip_cluster:
+        return
+    log_dir = ROOT / "test-artifacts"
+    log_dir.mkdir(exist_ok=True)
+    procs, named = start_cluster(log_dir)
+    rows = []
+    try:
+        for n in args.subscribers:
+            rows.append(await cluster_case(n, named, args))
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    print()
+    print(f"Cluster: publisher on media node eu-west, N subscribers on media node us-east (every packet crosses the "
+          f"relay once); Opus 50 pps + video {args.fps:g} fps x {args.packets_per_frame}, {args.duration:g} s window")
+    header = (f"{'N':>4} {'relayed pps':>11} {'delivered':>9} {'origin us/pkt':>13} {'edge us/pkt':>11} "
+              f"{'join ms':>8} {'join p95':>8} {'1st media':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['n']:>4} {r['relayed_pps']:>11.0f} {r['delivered_pct']:>8.1f}% {r['origin_us']:>13.1f} "
+              f"{r['edge_us']:>11.1f} {r['join_ms']:>8.1f} {r['join_p95_ms']:>8.1f} {r['media_ms']:>8.0f}")
+    print("origin us/pkt: CPU of the publisher's media node per packet it received and relayed (ingest included); "
+          "edge us/pkt: CPU of the subscribers' node per packet delivered; join: WebSocket open to JoinResponse "
+          "through signal, router and media nodes; 1st media: join start to the first relayed RTP packet.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__.splitlines()[0])
+    parser.add_argument("--subscribers", default="1,10", help="comma-separated N values (default 1,10)")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--packets-per-frame", type=int, default=4)
+    parser.add_argument("--relay-packets", type=int, default=100_000)
+    parser.add_argument("--skip-cluster", action="store_true", help="only the in-process relay path")
+    args = parser.parse_args(argv)
+    args.subscribers = [int(v) for v in args.subscribers.split(",") if v.strip()]
+    try:
+        import uvloop
+
+        uvloop.run(main_async(args))
+    except ImportError:
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The node-to-node relay's data plane in one process, over real UDP sockets on loopback: SRTP both ways,
+sequence numbers kept end to end, NACKs answered from the origin's buffer, PLIs reaching the publisher side, and
+packets under the wrong key refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from braid.services.media import rtp
+from braid.services.media.cluster.relay import InboundLink, OutboundLink, RelayEndpoint, new_key
+from braid.services.media.forward import UpTrack
+from braid.services.media.ice import PortRange
+
+VP8_KEYFRAME = bytes([0x10, 0x00, 0x9D, 0x01, 0x2A]) + b"\x00" * 100
+
+
+class Feedback:
+    def __init__(self):
+        self.plis: list[int] = []
+        self.nacks: list[tuple[int, list[int]]] = []
+
+
+def _up(sid: str, feedback: Feedback) -> UpTrack:
+    return UpTrack(sid, "video", "video/VP8", 90000, 96, None,
+                   request_keyframe=feedback.plis.append,
+                   request_nack=lambda ssrc, seqs: feedback.nacks.append((ssrc, seqs)))
+
+
+def _packet(seq: int, ts: int, ssrc: int = 1234, payload: bytes = VP8_KEYFRAME) -> bytes:
+    return rtp.HEADER.pack(0x80, 0x80 | 96, seq, ts, ssrc) + payload
+
+
+class Received:
+    def __init__(self):
+        self.packets: list[bytes] = []
+
+    def write(self, layer, b0, marker, seq, ts, payload, keyframe):  # a DownTrack's signature
+        self.packets.append((seq, ts, bytes(payload)))
+
+
+@pytest.fixture
+async def relay():
+    ports = PortRange(43100, 43199, host="127.0.0.1")
+    origin_ep, sub_ep = RelayEndpoint(), RelayEndpoint()
+    await origin_ep.open(ports, "127.0.0.1")
+    await sub_ep.open(ports, "127.0.0.1")
+    key_down, key_up = new_key(), new_key()
+    announced = []
+    out = OutboundLink(origin_ep, "sub", ("127.0.0.1", sub_ep.port), key_down, key_up, on_layers=announced.append)
+    origin_ep.add_outbound(out)
+    inbound = InboundLink(sub_ep, "origin", key_down, key_up)
+    inbound.addr = ("127.0.0.1", origin_ep.port)
+    sub_ep.add_inbound(inbound)
+    yield origin_ep, sub_ep, out, inbound, announced
+    out.close()
+    inbound.close()
+    origin_ep.close()
+    sub_ep.close()
+
+
+async def _settle(predicate, timeout=2.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+async def test_packets_cross_once_with_their_numbers_and_feedback_flows_back(relay):
+    origin_ep, sub_ep, out, inbound, announced = relay
+    publisher_side, relayed_side = Feedback(), Feedback()
+    origin = _up("TR_v", publisher_side)
+    layer = origin.add_layer(1234)
+    sink = out.attach(origin, "TR_v")
+    assert publisher_side.plis == [1234], "a new link starts with a keyframe request"
+
+    relayed = _up("TR_v", relayed_side)
+    got = Received()
+    (rid, quality, relay_ssrc), = sink.layers()
+    relayed_layer = relayed.add_layer(relay_ssrc, rid)
+    relayed_layer.subs = [got]
+    inbound.by_ssrc[relay_ssrc] = (relayed, relayed_layer)
+
+    for seq in (100, 101, 103):
+        data = _packet(seq, 9000 + seq)
+        origin.on_packet(layer, data, rtp.parse(data))
+    assert await _settle(lambda: len(got.packets) == 3)
+    assert [(s, t) for s, t, _ in got.packets] == [(100, 9100), (101, 9101), (103, 9103)]
+    assert got.packets[0][2] == VP8_KEYFRAME
+    assert sub_ep.packets_in == 3 and origin_ep.packets_out == 3, "one crossing per packet"
+    # A gap the origin saw itself is NACKed to the publisher there (102 never reached the origin).
+    assert publisher_side.nacks == [(1234, [102])] and relayed_side.nacks == [(relay_ssrc, [102])]
+    relayed_side.nacks.clear()
+    # A packet lost on the relay: the subscribing node NACKs it across, the origin answers from its buffer.
+    receive, inbound.on_rtp = inbound.on_rtp, lambda data: True  # the network drops the next datagram
+    data = _packet(104, 9104, payload=b"\x00" * 50)
+    origin.on_packet(layer, data, rtp.parse(data))
+    assert await _settle(lambda: sub_ep.packets_in == 4)
+    inbound.on_rtp = receive
+    data = _packet(105, 9105, payload=b"\x00" * 50)
+    origin.on_packet(layer, data, rtp.parse(data))
+    assert await _settle(lambda: relayed_side.nacks)
+    (ssrc, seqs), = relayed_side.nacks
+    assert ssrc == relay_ssrc and 104 in seqs
+    inbound.nack(relay_ssrc, [104])
+    assert await _settle(lambda: [s for s, _, _ in got.packets] == [100, 101, 103, 105, 104])
+    assert out.retransmits == 1
+    publisher_side.plis.clear()
+    layer.keyframe_requested_at = 0
+    inbound.pli(relay_ssrc)
+    assert await _settle(lambda: publisher_side.plis == [1234])
+
+
+async def test_packets_under_another_key_are_refused(relay):
+    origin_ep, sub_ep, out, inbound, _ = relay
+    intruder = OutboundLink(origin_ep, "intruder", ("127.0.0.1", sub_ep.port), new_key(), new_key(),
+                            on_layers=lambda sink: None)
+    feedback = Feedback()
+    origin = _up("TR_x", feedback)
+    layer = origin.add_layer(77)
+    sink = intruder.attach(origin, "TR_x")
+    (_, _, ssrc), = sink.layers()
+    relayed = _up("TR_x", Feedback())
+    got = Received()
+    relayed_layer = relayed.add_layer(ssrc)
+    relayed_layer.subs = [got]
+    inbound.by_ssrc[ssrc] = (relayed, relayed_layer)
+    data = _packet(1, 1, ssrc=77)
+    origin.on_packet(layer, data, rtp.parse(data))
+    assert await _settle(lambda: sub_ep.errors >= 1)
+    assert got.packets == [] and inbound.packets == 0
+    intruder.detach("TR_x")
