@@ -291,3 +291,36 @@ def _status(url: str) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+async def test_resume_through_another_signal_node_reaches_the_same_session(cluster, room_name):
+    """Stateless edges: the client's signal link breaks and its resume lands on the other signal node; the
+    router finds the media node hosting that participant, so the session (sid, tracks, media) carries on."""
+    from .proxy import TcpProxy
+
+    eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
+    proxy = await TcpProxy(eu.server.port).start()
+    alice = Observer("alice")
+    bob = await _join(us, room_name, "bob")
+    media_a, media_b = DemoMedia(frequency=440), DemoMedia(frequency=660)
+    try:
+        await alice.connect(proxy.ws_url, join_token(KEY, SECRET, room_name, "alice"))
+        await media_a.start(alice.room)
+        await media_b.start(bob.room)
+        assert await _media_flowing(alice, 440, bob, 660, 25), (_describe(alice, "bob"), _describe(bob, "alice"))
+        sid = alice.room.local_participant.sid
+
+        proxy.target = ("127.0.0.1", us.server.port)  # the eu edge is gone for this client
+        assert proxy.cut() == 1
+        assert await wait_for(lambda: proxy.accepted >= 2 and proxy.open_connections >= 1, 20), "no resume"
+        before = alice.received["bob"].frames
+        assert await wait_until(lambda: alice.received["bob"].frames > before + 20, 20)
+        assert alice.room.local_participant.sid == sid, "the same session, not a new join"
+        assert " resumed on SignalLink(" in cluster.logs()
+        assert "alice" in {p.identity for p in bob.room.remote_participants.values()}
+    finally:
+        await media_a.stop()
+        await media_b.stop()
+        await alice.close()
+        await bob.close()
+        await proxy.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -126,6 +127,29 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return _reply(METHODS[call.method].response())
         return reply
 
+    async def _host_of(self, room: str, identity: str, sid: str) -> str:
+        """The media node hosting participant `sid`, so a resume through any signal node reaches its session."""
+        live = {n.node_id: n for n in await self.registry.nodes("media")}
+        call = common_pb2.RoomCall(
+            method="GetParticipant", room=room,
+            request=room_pb.RoomParticipantIdentity(room=room, identity=identity).SerializeToString(),
+        )
+
+        async def ask(node_id: str) -> str:
+            node = live.get(node_id)
+            if node is None:
+                return ""
+            try:
+                reply = await self.channels.media(node.address).Administer(call, timeout=2.0)
+            except grpc.aio.AioRpcError:
+                return ""
+            if reply.HasField("error"):
+                return ""
+            return node_id if models.ParticipantInfo.FromString(reply.response).sid == sid else ""
+
+        found = await asyncio.gather(*(ask(n) for n in await self.store.room_nodes(room)))
+        return next((n for n in found if n), "")
+
     async def _room(self, name: str) -> models.Room:
         room = await self.store.get_room(name)
         if room is None:
@@ -186,8 +210,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if present is None and room.num_participants >= room.max_participants:
                 return router_pb2.Placement(error=rpc_error("resource_exhausted", "room is full"))
         hosting = set(await self.store.room_nodes(room.name))
+        prefer = request.prefer_node_id
+        if not prefer and request.participant_sid:
+            prefer = await self._host_of(room.name, request.identity, request.participant_sid)
         choice = self.selector.choose(
-            await self.registry.nodes("media"), hosting, prefer=request.prefer_node_id, region=request.region,
+            await self.registry.nodes("media"), hosting, prefer=prefer, region=request.region,
             avoid=set(request.avoid_node_ids),
         )
         if choice.node is None:

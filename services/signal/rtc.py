@@ -258,7 +258,8 @@ class RtcEdge:
         try:
             placement = await self.ctx.router.Place(
                 router_pb2.PlaceRequest(room=room, identity=claims.identity, region=self.ctx.config.region,
-                                        avoid_node_ids=self.failed_nodes.avoid()),
+                                        avoid_node_ids=self.failed_nodes.avoid(),
+                                        participant_sid=join.participant_sid if join.reconnect else ""),
                 timeout=PLACE_TIMEOUT,
             )
         except grpc.aio.AioRpcError as exc:
