@@ -34,7 +34,9 @@ web-build:
 	bash scripts/build-web.sh
 
 bench: $(STAMP)
+	bash scripts/ensure-test-deps.sh
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.cluster
 
 clean:
 	rm -rf $(VENV) build *.egg-info braid/rpc .pytest_cache
