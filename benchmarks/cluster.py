@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .procs import ROOT, Proc, free_port, run
+
 KEY, SECRET = "benchkey", "a-benchmark-secret-that-is-long-enough"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- 1. the relay path in one process --------------------------------------------------------------------------
@@ -96,51 +92,10 @@ async def relay_path(packets: int, rate: float | None) -> dict:
 # --- 2. a real cluster -----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, http_port: int = 0):
-        self.name = name
-        self.http_port = http_port
-        self.log = open(log_dir / f"bench-cluster-{name}.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
-
-    def wait_ready(self, timeout: float = 40) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not ready")
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-
 def start_cluster(log_dir: Path) -> tuple[list[Proc], dict[str, Proc]]:
     if not shutil.which("redis-server"):
         raise SystemExit("redis-server is not installed (scripts/ensure-test-deps.sh installs it)")
-    redis_port = _free_port()
+    redis_port = free_port()
     redis_dir = tempfile.mkdtemp(prefix="braid-bench-redis-")
     procs = [Proc("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                             "--appendonly", "no", "--dir", redis_dir], {}, log_dir)]
@@ -148,11 +103,11 @@ def start_cluster(log_dir: Path) -> tuple[list[Proc], dict[str, Proc]]:
            "BRAID_LOG_LEVEL": "WARNING"}
     time.sleep(0.3)
     server = [sys.executable, "-m", "braid.server"]
-    router_grpc = _free_port()
+    router_grpc = free_port()
     named: dict[str, Proc] = {}
 
     def spawn(name: str, args: list[str], extra: dict[str, str] | None = None) -> Proc:
-        port = _free_port()
+        port = free_port()
         proc = Proc(name, [*server, *args, "--port", str(port)], {**env, **(extra or {})}, log_dir, port)
         procs.append(proc)
         named[name] = proc
@@ -278,12 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-cluster", action="store_true", help="only the in-process relay path")
     args = parser.parse_args(argv)
     args.subscribers = [int(v) for v in args.subscribers.split(",") if v.strip()]
-    try:
-        import uvloop
-
-        uvloop.run(main_async(args))
-    except ImportError:
-        asyncio.run(main_async(args))
+    run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from aiortc.rtcdtlstransport import RTCCertificate
@@ -27,62 +24,23 @@ from aiortc.rtcdtlstransport import RTCCertificate
 from braid.clients.harness import join_token
 from braid.services.media.ice import PortRange
 
+from .procs import ROOT, Proc, free_port, run
 from .rawclient import RawParticipant, SyntheticSender
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY, SECRET = "devkey", "secret"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, log_dir: Path):
-        self.port = _free_port()
-        self.log = open(log_dir / f"bench-server-{self.port}.log", "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "BRAID_LOG_LEVEL": "WARNING",
-               "BRAID_RTC__PORT_RANGE_START": "40000", "BRAID_RTC__PORT_RANGE_END": "44999"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "braid.server", "--dev", "--port", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+def start_dev_server(log_dir: Path) -> Proc:
+    port = free_port()
+    env = {"BRAID_LOG_LEVEL": "WARNING", "BRAID_RTC__PORT_RANGE_START": "40000", "BRAID_RTC__PORT_RANGE_END": "44999"}
+    server = Proc(f"server-{port}", [sys.executable, "-m", "braid.server", "--dev", "--port", str(port)], env,
+                  log_dir, port)
+    server.wait_ready(30)
+    return server
 
 
 async def run_case(n: int, args: argparse.Namespace, log_dir: Path) -> dict:
-    server = Server(log_dir)
+    server = start_dev_server(log_dir)
     ports = PortRange(45000, 49999, host="127.0.0.1")
     cert = RTCCertificate.generateCertificate()
     room = f"bench-{n}"
@@ -175,12 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--packets-per-frame", type=int, default=4)
     args = parser.parse_args(argv)
     args.subscribers = [int(v) for v in args.subscribers.split(",") if v.strip()]
-    try:
-        import uvloop
-
-        uvloop.run(main_async(args))
-    except ImportError:
-        asyncio.run(main_async(args))
+    run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 
 
 def add_join_room_command(subparsers) -> None:
-    from braid.cli import CLIError, add_credential_args, positive_float  # noqa: F401  (shared CLI helpers)
+    from braid.cli import add_credential_args, positive_float
 
     parser = subparsers.add_parser(
         "join-room",

@@ -244,7 +244,6 @@ class RtcEdge:
         return ws
 
     async def _start_session(self, request: web.Request, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
-        room = claims.video.room
         for attempt in range(2):  # a media node that refuses the session at once is avoided, and placement redone
             try:
                 return await self._try_session(request, claims, join, single_pc)
