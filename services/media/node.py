@@ -19,6 +19,7 @@ from braid.shared.auth import KeyProvider
 from braid.shared.bus import Bus
 from braid.shared.config import Config
 from braid.shared.store import NodeInfo, NodeRegistry, RoomStore
+from braid.shared.tracing import incoming_context, metadata_of, tracer
 
 from .admin import Admin
 from .cluster import Cluster
@@ -43,8 +44,19 @@ class MediaServicer(media_pb2_grpc.MediaServicer):
         self.node = node
 
     async def Session(self, request_iterator, context):
-        async for down in run_session(self.node, request_iterator):
-            yield down
+        # The join's span: from the first message to the first reply (JoinResponse, reconnect or error).
+        span = tracer.start_span("media.session.start", context=incoming_context(metadata_of(context)),
+                                 attributes={"braid.media_node": self.node.node_id})
+        try:
+            async for down in run_session(self.node, request_iterator):
+                if span is not None:
+                    span.set_attribute("braid.first_reply", down.WhichOneof("message") or "")
+                    span.end()
+                    span = None
+                yield down
+        finally:
+            if span is not None:
+                span.end()
 
     async def Administer(self, request: common_pb2.RoomCall, context) -> common_pb2.RoomReply:
         return await self.node.admin.handle(request)

@@ -27,6 +27,7 @@ from livekit.protocol import rtc as rtc_pb
 
 from braid.rpc import common_pb2, media_pb2, router_pb2
 from braid.shared.auth import AuthError, Claims, bearer_token, verify_token
+from braid.shared.tracing import outgoing_metadata, tracer
 
 from .context import SignalContext
 from .failover import RECONNECT, FailedNodes
@@ -244,13 +245,17 @@ class RtcEdge:
         return ws
 
     async def _start_session(self, request: web.Request, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
-        for attempt in range(2):  # a media node that refuses the session at once is avoided, and placement redone
-            try:
-                return await self._try_session(request, claims, join, single_pc)
-            except grpc.aio.AioRpcError:
-                if attempt:
-                    raise Reject(503, "media node unavailable") from None
-        raise AssertionError("unreachable")
+        # One trace per join: this span's context travels to the router and the media node in gRPC metadata.
+        with tracer.start_as_current_span("signal.join", attributes={
+            "braid.room": claims.video.room, "braid.identity": claims.identity, "braid.reconnect": join.reconnect,
+        }):
+            for attempt in range(2):  # a media node that refuses the session at once is avoided, placement redone
+                try:
+                    return await self._try_session(request, claims, join, single_pc)
+                except grpc.aio.AioRpcError:
+                    if attempt:
+                        raise Reject(503, "media node unavailable") from None
+            raise AssertionError("unreachable")
 
     async def _try_session(self, request: web.Request, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
         room = claims.video.room
@@ -260,6 +265,7 @@ class RtcEdge:
                                         avoid_node_ids=self.failed_nodes.avoid(),
                                         participant_sid=join.participant_sid if join.reconnect else ""),
                 timeout=PLACE_TIMEOUT,
+                metadata=outgoing_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("router unreachable for %s: %s", room, exc.code())
@@ -279,7 +285,7 @@ class RtcEdge:
             signal_node_id=self.ctx.node_id,
             client_ip=request.remote or "",
         )
-        call = self.ctx.media(placement.address).Session()
+        call = self.ctx.media(placement.address).Session(metadata=outgoing_metadata())
         try:
             await call.write(media_pb2.SessionUp(start=start))
             first = await asyncio.wait_for(call.read(), FIRST_REPLY_TIMEOUT)
