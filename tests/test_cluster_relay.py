@@ -132,3 +132,20 @@ async def test_packets_under_another_key_are_refused(relay):
     assert await _settle(lambda: sub_ep.errors >= 1)
     assert got.packets == [] and inbound.packets == 0
     intruder.detach("TR_x")
+
+
+def test_relay_keys_are_sealed_for_the_cluster_and_bound_to_the_node():
+    from braid.services.media.cluster.sealing import SealError, cluster_key, seal, unseal
+
+    ours = cluster_key({"k1": "s1", "k2": "s2"})
+    assert ours == cluster_key({"k2": "s2", "k1": "s1"}), "every node derives the same key"
+    secret = new_key()
+    sealed = seal(ours, secret, "ND_sub")
+    assert secret not in sealed, "the keys never cross the wire in the clear"
+    assert unseal(ours, sealed, "ND_sub") == secret
+    with pytest.raises(SealError):
+        unseal(ours, sealed, "ND_other")  # replayed under another node's name
+    with pytest.raises(SealError):
+        unseal(cluster_key({"k1": "another-secret"}), sealed, "ND_sub")  # a node of another cluster
+    with pytest.raises(SealError):
+        unseal(ours, b"short", "ND_sub")

@@ -19,6 +19,7 @@ import grpc
 from braid.rpc import cluster_pb2, cluster_pb2_grpc, common_pb2
 
 from .relay import InboundLink, OutboundLink, RelaySink, new_key
+from .sealing import SealError, seal, unseal
 
 if TYPE_CHECKING:
     from .manager import Cluster
@@ -121,9 +122,10 @@ class OriginConnection:
         stub = cluster_pb2_grpc.RelayStub(self.cluster.channels.channel(self.address))
         call = stub.Link()
         try:
+            sealing, me = self.cluster.sealing_key, self.cluster.node_id
             await asyncio.wait_for(call.write(cluster_pb2.RelayUp(open=cluster_pb2.LinkOpen(
-                node_id=self.cluster.node_id, host=endpoint.host, port=endpoint.port,
-                key_down=key_down, key_up=key_up))), OPEN_TIMEOUT)
+                node_id=me, host=endpoint.host, port=endpoint.port,
+                key_down=seal(sealing, key_down, me), key_up=seal(sealing, key_up, me)))), OPEN_TIMEOUT)
             first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT)
             if first is grpc.aio.EOF or first.WhichOneof("message") != "accept":
                 detail = first.error.msg if first is not grpc.aio.EOF and first.HasField("error") else "no accept"
@@ -212,8 +214,16 @@ class RelayServicer(cluster_pb2_grpc.RelayServicer):
         out: asyncio.Queue[cluster_pb2.RelayDown | None] = asyncio.Queue()
         endpoint = self.cluster.endpoint
         try:
-            link = OutboundLink(endpoint, request.node_id, (request.host, request.port), request.key_down,
-                                request.key_up, on_layers=lambda sink: out.put_nowait(layers_message(sink)))
+            sealing = self.cluster.sealing_key
+            key_down = unseal(sealing, request.key_down, request.node_id)
+            key_up = unseal(sealing, request.key_up, request.node_id)
+        except SealError as exc:
+            log.warning("relay link from %s refused: %s", request.node_id, exc)
+            yield _error("unauthenticated", str(exc))
+            return
+        try:
+            link = OutboundLink(endpoint, request.node_id, (request.host, request.port), key_down, key_up,
+                                on_layers=lambda sink: out.put_nowait(layers_message(sink)))
         except (ValueError, Exception) as exc:  # a bad key
             yield _error("invalid_argument", f"cannot open the link: {exc}")
             return

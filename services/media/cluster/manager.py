@@ -20,6 +20,7 @@ from braid.shared.rpc import Channels
 from ..publisher import PublishedTrack
 from ..telemetry.events import make_webhook
 from .control import OriginConnection, RelayServicer, origin_tick
+from .sealing import cluster_key
 from .events import RoomLink
 from .load import LoadMeter
 from .relay import OutboundLink, RelayEndpoint
@@ -44,6 +45,7 @@ class Cluster:
         self.store = node.store
         self.bus = node.bus
         self.endpoint = RelayEndpoint()
+        self.sealing_key = cluster_key(node.config.keys)
         self.channels = Channels()
         self.origins: dict[str, OriginConnection] = {}
         self.outbound: set[OutboundLink] = set()
