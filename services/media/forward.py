@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from . import rtcp, rtp
+from .congestion import LossAdapter
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,8 @@ class DownTrack:
         self.ssrc = ssrc or random.randint(1, 0xFFFFFFFF)
         self.clock_rate = up.clock_rate
         self.video = up.video
-        self.max_quality = 2
+        self.requested_quality = 2  # what the subscriber asked for (track_setting quality or size)
+        self.loss = LossAdapter()  # what its link carries, from its receiver reports
         self.current: Layer | None = None
         self.target: Layer | None = None
         self.paused = False
@@ -423,8 +425,15 @@ class DownTrack:
         self.plis += 1
         self.up.request_keyframe(self.current or self.target)
 
+    @property
+    def max_quality(self) -> int:
+        return min(self.requested_quality, self.loss.cap)
+
     def on_receiver_report(self, block: rtcp.ReportBlock) -> None:
         self.fraction_lost = block.fraction_lost
+        if self.video and len(self.up.layers) > 1 and self.current is not None:
+            if self.loss.on_report(block.fraction_lost / 256, self.current.quality, time.monotonic()):
+                self.up.reassign()
         if block.lsr:
             now_ntp = rtcp.ntp_now()
             middle = (now_ntp >> 16) & 0xFFFFFFFF
@@ -447,8 +456,8 @@ class DownTrack:
         return rtcp.sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
 
     def set_max_quality(self, quality: int) -> None:
-        if quality != self.max_quality:
-            self.max_quality = quality
+        if quality != self.requested_quality:
+            self.requested_quality = quality
             self.up.reassign()
 
     def close(self) -> None:
