@@ -77,9 +77,11 @@ async def test_sigterm_moves_participants_to_another_node(server_factory, redis_
             assert resp.status == 200
         before = {"alice": _frames(bob, "alice"), "bob": _frames(alice, "bob")}
         flowing = await wait_until(
-            lambda: _frames(bob, "alice") > before["alice"] + 30 and _frames(alice, "bob") > before["bob"] + 30, 25)
+            lambda: _frames(bob, "alice") > before["alice"] + 30 and _frames(alice, "bob") > before["bob"] + 30, 10)
+        moved_in = time.monotonic() - drained_at
         assert flowing, f"media after the move: {alice.events[-8:]} {bob.events[-8:]}\n{media_b.log()[-3000:]}"
-        assert time.monotonic() - drained_at < 25
+        assert moved_in < 10, f"media flowed again {moved_in:.1f}s after SIGTERM"
+        print(f"media flowing again {moved_in:.1f}s after SIGTERM")
         assert {o.identity: o.room.local_participant.sid for o in (alice, bob)} == sids, "a move keeps the sid"
         code = await asyncio.to_thread(media_a.proc.wait, 35)
         assert code == 0, "the drained node exits by itself"
