@@ -130,7 +130,7 @@ async def cluster_case(n: int, named: dict[str, Proc], args: argparse.Namespace)
     from braid.clients.harness import join_token
     from braid.services.media.ice import PortRange
 
-    from .rawclient import RawParticipant, SyntheticSender
+    from .rawclient import RawParticipant, start_publisher
 
     eu = f"ws://127.0.0.1:{named['signal-eu-west'].http_port}"
     us = f"ws://127.0.0.1:{named['signal-us-east'].http_port}"
@@ -140,15 +140,8 @@ async def cluster_case(n: int, named: dict[str, Proc], args: argparse.Namespace)
     clients: list[RawParticipant] = []
     sender = None
     try:
-        publisher = RawParticipant(eu, join_token(KEY, SECRET, room, "publisher"), ports, cert, "publisher")
-        clients.append(publisher)
-        await publisher.connect(receive_audio=0, receive_video=0)
-        await publisher.wait_connected()
-        _, audio_ssrc = await publisher.publish("audio")
-        _, video_ssrc = await publisher.publish("video")
-        sender = SyntheticSender(publisher.pc, audio_ssrc, video_ssrc, fps=args.fps,
-                                 packets_per_frame=args.packets_per_frame)
-        sender.start()
+        sender = await start_publisher(eu, join_token(KEY, SECRET, room, "publisher"), ports, cert, args.fps,
+                                       args.packets_per_frame, clients)
         subscribers = []
         for i in range(n):
             sub = RawParticipant(us, join_token(KEY, SECRET, room, f"sub-{i}"), ports, cert, f"sub-{i}")
@@ -181,7 +174,7 @@ async def cluster_case(n: int, named: dict[str, Proc], args: argparse.Namespace)
             "join_ms": statistics.median(joins),
             "join_p95_ms": joins[int(0.95 * (len(joins) - 1))],
             "media_ms": statistics.median(firsts) if firsts else float("nan"),
-            "publisher_join_ms": publisher.join_seconds * 1000,
+            "publisher_join_ms": clients[0].join_seconds * 1000,
         }
     finally:
         if sender is not None:

@@ -242,3 +242,17 @@ class SyntheticSender:
 
 
 
+
+
+async def start_publisher(url: str, token: str, ports, cert, fps: float, packets_per_frame: int,
+                          clients: list[RawParticipant]) -> SyntheticSender:
+    """Join a publisher (appended to `clients`, for cleanup), publish audio + video, start its synthetic media."""
+    publisher = RawParticipant(url, token, ports, cert, "publisher")
+    clients.append(publisher)
+    await publisher.connect(receive_audio=0, receive_video=0)
+    await publisher.wait_connected()
+    _, audio_ssrc = await publisher.publish("audio")
+    _, video_ssrc = await publisher.publish("video")
+    sender = SyntheticSender(publisher.pc, audio_ssrc, video_ssrc, fps=fps, packets_per_frame=packets_per_frame)
+    sender.start()
+    return sender

@@ -25,7 +25,7 @@ from braid.clients.harness import join_token
 from braid.services.media.ice import PortRange
 
 from .procs import ROOT, Proc, free_port, run
-from .rawclient import RawParticipant, SyntheticSender
+from .rawclient import RawParticipant, start_publisher
 
 KEY, SECRET = "devkey", "secret"
 
@@ -47,15 +47,8 @@ async def run_case(n: int, args: argparse.Namespace, log_dir: Path) -> dict:
     clients: list[RawParticipant] = []
     sender = None
     try:
-        publisher = RawParticipant(server.url, join_token(KEY, SECRET, room, "publisher"), ports, cert, "publisher")
-        clients.append(publisher)
-        await publisher.connect(receive_audio=0, receive_video=0)
-        await publisher.wait_connected()
-        _, audio_ssrc = await publisher.publish("audio")
-        _, video_ssrc = await publisher.publish("video")
-        sender = SyntheticSender(publisher.pc, audio_ssrc, video_ssrc, fps=args.fps,
-                                 packets_per_frame=args.packets_per_frame)
-        sender.start()
+        sender = await start_publisher(server.url, join_token(KEY, SECRET, room, "publisher"), ports, cert, args.fps,
+                                       args.packets_per_frame, clients)
         subscribers = []
         for i in range(n):
             sub = RawParticipant(server.url, join_token(KEY, SECRET, room, f"sub-{i}"), ports, cert, f"sub-{i}")

@@ -86,15 +86,7 @@ class Admin:
 
     async def _UpdateParticipant(self, req: room_pb.UpdateParticipantRequest) -> Message:
         room, p = self._participant(req.room, req.identity)
-        if req.metadata:
-            p.metadata = req.metadata
-        if req.name:
-            p.name = req.name
-        for key, value in req.attributes.items():
-            if value:
-                p.attributes[key] = value
-            else:
-                p.attributes.pop(key, None)
+        p.update_fields(req.name, req.metadata, req.attributes)
         if req.HasField("permission"):
             before = p.permission
             p.permission = models.ParticipantPermission()

@@ -341,21 +341,25 @@ class Participant:
             quality = quality_for(req, sub.track.info.layers)
             self.subscriber.update_settings(sid, req.disabled or quality is None, quality)
 
+    def update_fields(self, name: str, metadata: str, attributes) -> None:
+        """Name and metadata when given; attributes merged, an empty value deleting its key (LiveKit's rules)."""
+        if metadata:
+            self.metadata = metadata
+        if name:
+            self.name = name
+        for key, value in attributes.items():
+            if value:
+                self.attributes[key] = value
+            else:
+                self.attributes.pop(key, None)
+
     async def _on_update_metadata(self, req: rtc_pb.UpdateParticipantMetadata) -> None:
         if not self.permission.can_update_metadata:
             self.send_request_response(rtc_pb.RequestResponse(
                 request_id=req.request_id, reason=rtc_pb.RequestResponse.NOT_ALLOWED,
                 message="does not have permission to update own metadata", update_metadata=req))
             return
-        if req.metadata:
-            self.metadata = req.metadata
-        if req.name:
-            self.name = req.name
-        for key, value in req.attributes.items():
-            if value:
-                self.attributes[key] = value
-            else:
-                self.attributes.pop(key, None)
+        self.update_fields(req.name, req.metadata, req.attributes)
         self.changed()
         self.send_request_response(rtc_pb.RequestResponse(request_id=req.request_id,
                                                           reason=rtc_pb.RequestResponse.OK))
