@@ -18,6 +18,8 @@ from braid.shared.bus import MemoryBus
 from braid.shared.config import load_config
 from braid.shared.store import MemoryRegistry, MemoryStore
 
+from .session_stream import Stream
+
 
 class Notifier:
     def __init__(self):
@@ -40,27 +42,6 @@ async def node():
 def _claims(identity: str, room: str, **video) -> bytes:
     token = mint_token("devkey", "secret", identity=identity, video={"roomJoin": True, "room": room, **video})
     return verify_token(token, KeyProvider({"devkey": "secret"})).to_json()
-
-
-class Stream:
-    """An async iterator of SessionUp messages the test feeds."""
-
-    def __init__(self, *first: media_pb2.SessionUp):
-        self.queue: asyncio.Queue = asyncio.Queue()
-        for message in first:
-            self.queue.put_nowait(message)
-
-    def push(self, message) -> None:
-        self.queue.put_nowait(message)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        item = await self.queue.get()
-        if item is None:
-            raise StopAsyncIteration
-        return item
 
 
 async def _collect(gen, count: int, timeout: float = 5.0) -> list[media_pb2.SessionDown]:

@@ -21,6 +21,8 @@ from braid.shared.bus import MemoryBus
 from braid.shared.config import load_config
 from braid.shared.store import MemoryRegistry, MemoryStore
 
+from .session_stream import Stream
+
 pytestmark = pytest.mark.timeout(30)
 Reason = models.DisconnectReason
 REAP = 0.2
@@ -48,31 +50,6 @@ async def node():
     await media.store.create_room(models.Room(sid="RM_r", name="r"))
     yield media
     await media.stop()
-
-
-class Stream:
-    def __init__(self, *first):
-        self.queue: asyncio.Queue = asyncio.Queue()
-        for message in first:
-            self.queue.put_nowait(message)
-
-    def push(self, message) -> None:
-        self.queue.put_nowait(message)
-
-    def request(self, **fields) -> None:
-        self.push(media_pb2.SessionUp(request=rtc_pb.SignalRequest(**fields).SerializeToString()))
-
-    def end(self) -> None:
-        self.push(media_pb2.SessionUp(end=media_pb2.SessionEnd(reason=Reason.SIGNAL_CLOSE)))
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        item = await self.queue.get()
-        if item is None:
-            raise StopAsyncIteration
-        return item
 
 
 class Session:
