@@ -130,7 +130,7 @@ async def cluster_case(n: int, named: dict[str, Proc], args: argparse.Namespace)
     from braid.clients.harness import join_token
     from braid.services.media.ice import PortRange
 
-    from .rawclient import RawParticipant, start_publisher
+    from .rawclient import RawParticipant, join_subscribers, start_publisher
 
     eu = f"ws://127.0.0.1:{named['signal-eu-west'].http_port}"
     us = f"ws://127.0.0.1:{named['signal-us-east'].http_port}"
@@ -142,17 +142,8 @@ async def cluster_case(n: int, named: dict[str, Proc], args: argparse.Namespace)
     try:
         sender = await start_publisher(eu, join_token(KEY, SECRET, room, "publisher"), ports, cert, args.fps,
                                        args.packets_per_frame, clients)
-        subscribers = []
-        for i in range(n):
-            sub = RawParticipant(us, join_token(KEY, SECRET, room, f"sub-{i}"), ports, cert, f"sub-{i}")
-            clients.append(sub)
-            subscribers.append(sub)
-            await sub.connect()
-        for sub in subscribers:
-            await sub.wait_connected()
-        deadline = time.monotonic() + 15
-        while any(s.counters.packets == 0 for s in subscribers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        subscribers = await join_subscribers(us, room, n, lambda r, i: join_token(KEY, SECRET, r, i), ports, cert,
+                                             clients)
         await asyncio.sleep(args.warmup)
         origin, edge = named["media-eu-west"], named["media-us-east"]
         packets0 = sum(s.counters.packets for s in subscribers)

@@ -256,3 +256,20 @@ async def start_publisher(url: str, token: str, ports, cert, fps: float, packets
     sender = SyntheticSender(publisher.pc, audio_ssrc, video_ssrc, fps=fps, packets_per_frame=packets_per_frame)
     sender.start()
     return sender
+
+
+async def join_subscribers(url: str, room: str, n: int, token, ports, cert,
+                           clients: list[RawParticipant], wait: float = 15.0) -> list[RawParticipant]:
+    """Join `n` subscribers (appended to `clients`) and wait until each has received media, or `wait` passed."""
+    subscribers = []
+    for i in range(n):
+        sub = RawParticipant(url, token(room, f"sub-{i}"), ports, cert, f"sub-{i}")
+        clients.append(sub)
+        subscribers.append(sub)
+        await sub.connect()
+    for sub in subscribers:
+        await sub.wait_connected()
+    deadline = time.monotonic() + wait
+    while any(s.counters.packets == 0 for s in subscribers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return subscribers

@@ -25,7 +25,7 @@ from braid.clients.harness import join_token
 from braid.services.media.ice import PortRange
 
 from .procs import ROOT, Proc, free_port, run
-from .rawclient import RawParticipant, start_publisher
+from .rawclient import RawParticipant, join_subscribers, start_publisher
 
 KEY, SECRET = "devkey", "secret"
 
@@ -49,17 +49,8 @@ async def run_case(n: int, args: argparse.Namespace, log_dir: Path) -> dict:
     try:
         sender = await start_publisher(server.url, join_token(KEY, SECRET, room, "publisher"), ports, cert, args.fps,
                                        args.packets_per_frame, clients)
-        subscribers = []
-        for i in range(n):
-            sub = RawParticipant(server.url, join_token(KEY, SECRET, room, f"sub-{i}"), ports, cert, f"sub-{i}")
-            clients.append(sub)
-            subscribers.append(sub)
-            await sub.connect()
-        for sub in subscribers:
-            await sub.wait_connected()
-        deadline = time.monotonic() + 15
-        while any(s.counters.packets == 0 for s in subscribers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        subscribers = await join_subscribers(server.url, room, n, lambda r, i: join_token(KEY, SECRET, r, i), ports, cert,
+                                             clients)
         await asyncio.sleep(args.warmup)
         packets0 = sum(s.counters.packets for s in subscribers)
         sent0, cpu0, t0 = sender.sent, server.cpu_seconds(), time.monotonic()
