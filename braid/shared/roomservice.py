@@ -44,7 +44,7 @@ METHODS: dict[str, Method] = {
                "admin", implemented=False),
         Method("MoveParticipant", room_pb.MoveParticipantRequest, room_pb.MoveParticipantResponse,
                "admin", implemented=False),
-        Method("PerformRpc", room_pb.PerformRpcRequest, room_pb.PerformRpcResponse, "admin", implemented=False),
+        Method("PerformRpc", room_pb.PerformRpcRequest, room_pb.PerformRpcResponse, "admin"),
     )
 }
 
@@ -65,3 +65,19 @@ def permission_error(method: Method, claims: Claims, request: Message) -> str | 
         if not video.room:
             return "roomAdmin grant must name a room"
     return None
+
+
+RPC_ROUND_TRIP = 2.0  # LiveKit's allowance for the ack of a data-channel RPC
+RPC_DEFAULT_TIMEOUT_MS = 10_000
+
+
+def call_deadline(call, default: float, hops: int = 1) -> float:
+    """How long an internal call may wait for `call`, `hops` calls before the media node: a PerformRpc waits as
+    long as its response may take, with `default` to spare per hop."""
+    if call.method != "PerformRpc":
+        return default
+    try:
+        timeout_ms = room_pb.PerformRpcRequest.FromString(call.request).response_timeout_ms
+    except Exception:
+        return default
+    return (timeout_ms or RPC_DEFAULT_TIMEOUT_MS) / 1000 + RPC_ROUND_TRIP + hops * default

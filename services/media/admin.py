@@ -17,6 +17,8 @@ from livekit.protocol import rtc as rtc_pb
 from braid.rpc import common_pb2
 from braid.shared.roomservice import METHODS
 
+from .data import RpcFailed
+
 if TYPE_CHECKING:
     from .node import MediaNode
     from .participant import Participant
@@ -126,6 +128,14 @@ class Admin:
         packet = models.DataPacket(kind=req.kind, destination_identities=identities, user=user)
         room.relay_data(None, packet, reliable, identities)
         return room_pb.SendDataResponse()
+
+    async def _PerformRpc(self, req: room_pb.PerformRpcRequest) -> Message:
+        _, p = self._participant(req.room, req.destination_identity)
+        try:
+            payload = await p.perform_rpc(req.method, req.payload, req.response_timeout_ms)
+        except RpcFailed as exc:
+            raise CallError(exc.twirp_code, str(exc)) from None
+        return room_pb.PerformRpcResponse(payload=payload)
 
     async def _DeleteRoom(self, req: room_pb.DeleteRoomRequest) -> Message:
         room = self.node.rooms.get(req.room)

@@ -17,6 +17,7 @@ from braid.shared import ids
 from braid.shared.auth import Claims
 
 from . import negotiation, resume, rtcp, sdp
+from .data import ServerRpc, is_agent, stamp_sender
 from .link import SignalLink
 from .publisher import Publisher, PublishedTrack
 from .reliable import InboundSequence, ReliableLog
@@ -102,6 +103,7 @@ class Participant:
         self.pending_reliable: deque[bytes] = deque(maxlen=PENDING_RELIABLE)
         self.sent_reliable = ReliableLog()  # what a resume may have to send again
         self.data_in = InboundSequence()  # last reliable sequence relayed from this client
+        self.server_rpc = ServerRpc()  # PerformRpc calls waiting on this participant
         self.resuming = False  # between a resume and the client's sync_state
         self.last_answer_mids: set[str] = set()
         self.answer_version = 0
@@ -475,14 +477,17 @@ class Participant:
         if reliable and not self.data_in.accept(packet.sequence):
             return  # a copy the client resent after a resume; relayed already
         packet.kind = models.DataPacket.RELIABLE if reliable else models.DataPacket.LOSSY
-        packet.participant_identity = self.identity
-        packet.participant_sid = self.sid
-        destinations = list(packet.destination_identities)
-        if packet.HasField("user"):
-            packet.user.participant_identity = self.identity
-            packet.user.participant_sid = self.sid
-            destinations.extend(i for i in packet.user.destination_identities if i not in destinations)
-        self.room.relay_data(self, packet, reliable, destinations)
+        if self.server_rpc.take(packet):
+            return
+        if not stamp_sender(packet, self.identity, self.sid, self.hidden, is_agent(self.kind, self.permission)):
+            return
+        self.room.relay_data(self, packet, reliable, list(packet.destination_identities))
+
+    async def perform_rpc(self, method: str, payload: str, response_timeout_ms: int) -> str:
+        """RoomService PerformRpc: the server calls this participant's RPC method."""
+        def send(packet: models.DataPacket) -> bool:
+            return self.send_data(True, packet.SerializeToString())
+        return await self.server_rpc.perform(send, method, payload, response_timeout_ms)
 
     def send_data(self, reliable: bool, payload: bytes, sender_sid: str = "", sequence: int = 0) -> bool:
         if reliable:
@@ -555,6 +560,7 @@ class Participant:
         if self.closed:
             return
         self.closed = True
+        self.server_rpc.close()
         self.outbox.put_nowait(None)
         self.subscriber.close()
         self.publisher.close()

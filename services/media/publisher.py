@@ -91,6 +91,7 @@ class Publisher:
             stream=req.stream,
             audio_features=req.audio_features,
             backup_codec_policy=req.backup_codec_policy,
+            packet_trailer_features=req.packet_trailer_features,
         )
 
     # --- offers --------------------------------------------------------------------------------------------

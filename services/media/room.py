@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-from braid import __version__
+from braid import LIVEKIT_VERSION
 from braid.shared.auth import Claims, refreshed_token
+from braid.shared.serverinfo import server_info
 
 from .participant import Participant
 from .publisher import PublishedTrack
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 PING_INTERVAL = 5
 PING_TIMEOUT = 15
-PROTOCOL_VERSION = 16
 MEDIA_TIMEOUT = 12.0  # a connected client's transport silent this long is gone
 SIGNAL_GRACE = 10.0  # a participant whose signal connection dropped (no leave) may resume this long
 State = models.ParticipantInfo.State
@@ -117,11 +117,8 @@ class Room:
             room=self.info(),
             participant=p.info(),
             other_participants=others,
-            server_version=__version__,
-            server_info=models.ServerInfo(
-                edition=models.ServerInfo.Standard, version=__version__, protocol=PROTOCOL_VERSION,
-                region=config.region, node_id=self.node.node_id,
-            ),
+            server_version=LIVEKIT_VERSION,
+            server_info=server_info(config.region, self.node.node_id),
             subscriber_primary=p.subscriber_primary,
             ping_timeout=PING_TIMEOUT,
             ping_interval=PING_INTERVAL,

@@ -11,7 +11,7 @@ from livekit.protocol import models
 from livekit.protocol import room as room_pb
 
 from braid.rpc import common_pb2, router_pb2, router_pb2_grpc
-from braid.shared.roomservice import METHODS
+from braid.shared.roomservice import METHODS, call_deadline
 from braid.shared.rpc import DEFAULT_DEADLINE, Channels, call_idempotent, rpc_error
 from braid.shared.store import NodeRegistry, RoomStore
 from braid.shared.tracing import incoming_context, metadata_of, tracer
@@ -127,6 +127,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return _reply(METHODS[call.method].response())
         return reply
 
+    async def _PerformRpc(self, call, request: room_pb.PerformRpcRequest) -> common_pb2.RoomReply:
+        if not request.destination_identity:
+            raise CallError("invalid_argument", "destination identity is required")
+        await self._room(request.room)
+        if await self.store.get_participant(request.room, request.destination_identity) is None:
+            raise CallError("not_found", f"participant {request.destination_identity!r} is not in room "
+                                         f"{request.room!r}")
+        reply = await self._fan_out(call, request.room, stop_at_first=True)
+        if reply is None:
+            raise CallError("not_found", f"participant {request.destination_identity!r} is not in room "
+                                         f"{request.room!r}")
+        return reply
+
     async def _host_of(self, room: str, identity: str, sid: str) -> str:
         """The media node hosting participant `sid`, so a resume through any signal node reaches its session."""
         live = {n.node_id: n for n in await self.registry.nodes("media")}
@@ -170,7 +183,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if node is None:
                 continue
             try:
-                reply = await self.channels.media(node.address).Administer(call, timeout=DEFAULT_DEADLINE)
+                reply = await self.channels.media(node.address).Administer(
+                    call, timeout=call_deadline(call, DEFAULT_DEADLINE))
             except grpc.aio.AioRpcError as exc:
                 log.warning("media node %s unreachable for %s: %s", node_id, call.method, exc.code())
                 failure = common_pb2.RoomReply(error=rpc_error("unavailable", f"media node {node_id} unreachable"))
@@ -234,4 +248,4 @@ async def administer(router: router_pb2_grpc.RouterStub, call: common_pb2.RoomCa
     """Client-side helper: reads are retried, writes are sent once."""
     if call.method in ("ListRooms", "ListParticipants", "GetParticipant"):
         return await call_idempotent(lambda: router.Administer(call, timeout=DEFAULT_DEADLINE))
-    return await router.Administer(call, timeout=DEFAULT_DEADLINE)
+    return await router.Administer(call, timeout=call_deadline(call, DEFAULT_DEADLINE, hops=2))

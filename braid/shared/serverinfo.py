@@ -1,0 +1,22 @@
+"""The ServerInfo every client and agent worker is told: which LiveKit release Braid speaks, and which node."""
+
+from __future__ import annotations
+
+from livekit.protocol import models
+
+from braid import LIVEKIT_VERSION, __version__
+
+PROTOCOL_VERSION = 16  # livekit signal protocol
+AGENT_PROTOCOL_VERSION = 1  # livekit_agent.proto worker protocol
+
+
+def server_info(region: str, node_id: str) -> models.ServerInfo:
+    return models.ServerInfo(
+        edition=models.ServerInfo.Standard,
+        version=LIVEKIT_VERSION,
+        protocol=PROTOCOL_VERSION,
+        agent_protocol=AGENT_PROTOCOL_VERSION,
+        region=region,
+        node_id=node_id,
+        debug_info=f"braid {__version__}",
+    )

@@ -1,0 +1,163 @@
+"""What the SDKs check of the server, participant RPC, RoomService PerformRpc, data sender identity and frame
+metadata: official Python SDK clients and livekit-api against `braid-server --dev`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from livekit import api, rtc
+
+from braid.clients.harness import Observer, join_token, wait_until
+from braid.clients.media import pattern_frame
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _join(server, room: str, identity: str, **grants) -> Observer:
+    obs = Observer(identity)
+    await obs.connect(server.ws_url, join_token(server.api_key, server.api_secret, room, identity, **grants))
+    return obs
+
+
+async def _perform_rpc(lk: api.LiveKitAPI, req: api.PerformRpcRequest) -> api.PerformRpcResponse:
+    """RoomService.PerformRpc through livekit-api's Twirp client (its Python RoomService has no wrapper yet)."""
+    service = lk.room
+    return await service._client.request("RoomService", "PerformRpc", req, service._auth_header(
+        api.VideoGrants(room_admin=True, room=req.room)), api.PerformRpcResponse)
+
+
+def _echo(data: rtc.RpcInvocationData) -> str:
+    if data.payload == "fail":
+        raise rtc.RpcError(4001, "refused", "details")
+    return f"{data.caller_identity}:{data.method}:{data.payload}"
+
+
+async def test_rpc_between_clients_and_perform_rpc(dev_server, room_name):
+    alice = await _join(dev_server, room_name, "alice")
+    bob = await _join(dev_server, room_name, "bob")
+    lk = api.LiveKitAPI(dev_server.http_url, dev_server.api_key, dev_server.api_secret)
+    try:
+        alice.room.local_participant.register_rpc_method("echo", _echo)
+
+        async def slow(data: rtc.RpcInvocationData) -> str:
+            await asyncio.sleep(3)
+            return "late"
+
+        alice.room.local_participant.register_rpc_method("slow", slow)
+        assert await wait_until(lambda: "alice" in {p.identity for p in bob.room.remote_participants.values()}, 10)
+
+        answer = await bob.room.local_participant.perform_rpc(
+            destination_identity="alice", method="echo", payload="hi")
+        assert answer == "bob:echo:hi"
+        with pytest.raises(rtc.RpcError) as failed:
+            await bob.room.local_participant.perform_rpc(destination_identity="alice", method="echo", payload="fail")
+        assert (failed.value.code, failed.value.message, failed.value.data) == (4001, "refused", "details")
+        with pytest.raises(rtc.RpcError) as unknown:
+            await bob.room.local_participant.perform_rpc(destination_identity="alice", method="nope", payload="")
+        assert unknown.value.code == 1400
+
+        # RoomService PerformRpc: the server is the caller.
+        reply = await _perform_rpc(lk, api.PerformRpcRequest(
+            room=room_name, destination_identity="alice", method="echo", payload="from-server"))
+        assert reply.payload.endswith(":echo:from-server")
+        with pytest.raises(api.TwirpError) as app_error:
+            await _perform_rpc(lk, api.PerformRpcRequest(
+                room=room_name, destination_identity="alice", method="echo", payload="fail"))
+        assert app_error.value.code == "internal" and "4001" in app_error.value.message
+        with pytest.raises(api.TwirpError) as timed_out:
+            await _perform_rpc(lk, api.PerformRpcRequest(
+                room=room_name, destination_identity="alice", method="slow", payload="", response_timeout_ms=1000))
+        assert timed_out.value.code == "canceled" and "1502" in timed_out.value.message
+        reply = await _perform_rpc(lk, api.PerformRpcRequest(
+            room=room_name, destination_identity="alice", method="slow", payload="", response_timeout_ms=6000))
+        assert reply.payload == "late"
+        with pytest.raises(api.TwirpError) as missing:
+            await _perform_rpc(lk, api.PerformRpcRequest(
+                room=room_name, destination_identity="nobody", method="echo", payload=""))
+        assert missing.value.code == "not_found"
+    finally:
+        await lk.aclose()
+        await alice.close()
+        await bob.close()
+
+
+async def test_sender_identity_hidden_and_transcription(dev_server, room_name):
+    watcher = await _join(dev_server, room_name, "watcher")
+    ghost = await _join(dev_server, room_name, "ghost", hidden=True)
+    agent = await _join(dev_server, room_name, "agent-1", agent=True)
+    user = await _join(dev_server, room_name, "user")
+    transcripts: list[rtc.Transcription] = []
+    watcher.room.on("transcription_received", lambda segments, participant, pub: transcripts.append(
+        (participant.identity if participant else None, [s.text for s in segments])))
+    try:
+        assert await wait_until(lambda: {"agent-1", "user"} <= {
+            p.identity for p in watcher.room.remote_participants.values()}, 10)
+        assert "ghost" not in {p.identity for p in watcher.room.remote_participants.values()}
+        await ghost.room.local_participant.publish_data(b"from-ghost", reliable=True, topic="g")
+        await user.room.local_participant.publish_data(b"from-user", reliable=True, topic="u")
+        assert await wait_until(lambda: {d.topic for d in watcher.data} >= {"g", "u"}, 10)
+        by_topic = {d.topic: d for d in watcher.data}
+        assert by_topic["g"].participant is None  # hidden senders are anonymous
+        assert by_topic["u"].participant.identity == "user"
+
+        # An agent transcribes the user: the segment names the user, whoever published it.
+        for sender, text in ((user, "forged"), (agent, "hello")):
+            await sender.room.local_participant.publish_transcription(rtc.Transcription(
+                participant_identity="user", track_sid="TR_transcribed", segments=[rtc.TranscriptionSegment(
+                    id=f"seg-{text}", text=text, start_time=0, end_time=0, language="en", final=True)]))
+        assert await wait_until(lambda: any(t[1] == ["hello"] for t in transcripts), 10), transcripts
+        await asyncio.sleep(0.5)
+        assert transcripts == [("user", ["hello"])]  # a non-agent's transcription is not forwarded
+    finally:
+        for obs in (watcher, ghost, agent, user):
+            await obs.close()
+
+
+async def _publish_with_metadata(obs: Observer) -> tuple[rtc.VideoSource, rtc.LocalTrackPublication]:
+    source = rtc.VideoSource(320, 240)
+    track = rtc.LocalVideoTrack.create_video_track("camera", source)
+    options = rtc.TrackPublishOptions(
+        source=rtc.TrackSource.SOURCE_CAMERA,
+        frame_metadata_features=[rtc.FrameMetadataFeature.FMF_USER_TIMESTAMP, rtc.FrameMetadataFeature.FMF_FRAME_ID])
+    pub = await obs.room.local_participant.publish_track(track, options)
+    return source, pub
+
+
+async def _send_frames(source: rtc.VideoSource, stop: asyncio.Event) -> None:
+    index = 0
+    while not stop.is_set():
+        index += 1
+        source.capture_frame(pattern_frame(320, 240, index), timestamp_us=int(time.monotonic() * 1e6),
+                             metadata=rtc.FrameMetadata(user_timestamp=1_000_000 + index, frame_id=index))
+        await asyncio.sleep(1 / 30)
+
+
+async def test_frame_metadata_features_round_trip_also_after_rejoin(dev_server, room_name):
+    """The publisher's packet trailer features reach the subscriber's TrackInfo (which makes its SDK read the
+    frame metadata trailer) and the room's stored participant, again after a fresh connection."""
+    viewer = await _join(dev_server, room_name, "viewer")
+    lk = api.LiveKitAPI(dev_server.http_url, dev_server.api_key, dev_server.api_secret)
+    for attempt in range(2):  # the second time through a brand-new connection and publication
+        sender = await _join(dev_server, room_name, "camera")
+        stop = asyncio.Event()
+        source, pub = await _publish_with_metadata(sender)
+        pumping = asyncio.create_task(_send_frames(source, stop))
+        try:
+            assert await wait_until(lambda: any(
+                p.identity == "camera" and any(list(t.frame_metadata_features) for t in p.track_publications.values())
+                for p in viewer.room.remote_participants.values()), 10), "TrackInfo lost the frame metadata features"
+            features = {list(t.frame_metadata_features)[0] for p in viewer.room.remote_participants.values()
+                        for t in p.track_publications.values() if list(t.frame_metadata_features)}
+            assert features, f"attempt {attempt}"
+            stored = await lk.room.list_participants(api.ListParticipantsRequest(room=room_name))
+            camera = next(p for p in stored.participants if p.identity == "camera")
+            assert [list(t.packet_trailer_features) for t in camera.tracks] == [[0, 1]], camera.tracks
+        finally:
+            stop.set()
+            await pumping
+            await sender.close()
+        await wait_until(lambda: "camera" not in {p.identity for p in viewer.room.remote_participants.values()}, 10)
+    await lk.aclose()
+    await viewer.close()
