@@ -284,7 +284,8 @@ def cmd_create_token(args: argparse.Namespace) -> int:
     if args.join and (not args.identity or not args.room):
         raise UsageError("--join needs both --identity and --room")
     if (args.admin or args.record) and not args.room:
-        print("note: --admin/--record without --room grant nothing on any room", file=sys.stderr)
+        print("note: --admin/--record without --room grant nothing on any room "
+              "(--admin alone is a node operator's token, for /admin/drain)", file=sys.stderr)
     api_key, api_secret = resolve_credentials(args)
     video = video_grant(args)
     token = mint_token(

@@ -123,10 +123,19 @@ async def test_admin_drain_requires_a_key_and_ends_the_node(server_factory, redi
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
 
-    token = api.AccessToken(KEY, SECRET).with_identity("operator").to_jwt()
-    forged = api.AccessToken(KEY, "wrong-secret-wrong-secret").with_identity("operator").to_jwt()
+    token = api.AccessToken(KEY, SECRET).with_identity("operator").with_grants(
+        api.VideoGrants(room_admin=True)).to_jwt()
+    forged = api.AccessToken(KEY, "wrong-secret-wrong-secret").with_identity("operator").with_grants(
+        api.VideoGrants(room_admin=True)).to_jwt()
+    join_token = api.AccessToken(KEY, SECRET).with_identity("guest").with_grants(
+        api.VideoGrants(room_join=True, room="r")).to_jwt()
+    one_room_admin = api.AccessToken(KEY, SECRET).with_identity("mod").with_grants(
+        api.VideoGrants(room_admin=True, room="r")).to_jwt()
     assert (await asyncio.to_thread(call, "GET", None))[0] == 401
     assert (await asyncio.to_thread(call, "POST", forged))[0] == 401
+    assert (await asyncio.to_thread(call, "POST", join_token))[0] == 403, "a join token cannot drain a node"
+    assert (await asyncio.to_thread(call, "POST", one_room_admin))[0] == 403
+    assert (await asyncio.to_thread(call, "GET", join_token))[0] == 403
     status, body = await asyncio.to_thread(call, "GET", token)
     assert status == 200 and body["state"] == "SERVING" and body["participants"] == 0
     status, body = await asyncio.to_thread(call, "POST", token)

@@ -16,7 +16,7 @@ from braid.services.media.ice import NodeIceConnection, PortRange
 from braid.services.media.link import SignalLink, replayable
 from braid.services.media.node import MediaNode
 from braid.services.media.reliable import InboundSequence, ReliableLog
-from braid.shared.auth import KeyProvider, mint_token, verify_token
+from braid.shared.auth import mint_token
 from braid.shared.bus import MemoryBus
 from braid.shared.config import load_config
 from braid.shared.store import MemoryRegistry, MemoryStore
@@ -84,17 +84,16 @@ class Session:
         await asyncio.wait_for(self.finished.wait(), 5)
 
 
-def _claims(identity: str) -> bytes:
-    token = mint_token("devkey", "secret", identity=identity, video={"roomJoin": True, "room": "r"})
-    return verify_token(token, KeyProvider({"devkey": "secret"})).to_json()
+def _token(identity: str) -> str:
+    return mint_token("devkey", "secret", identity=identity, video={"roomJoin": True, "room": "r"})
 
 
-def _start(identity: str, *, sid: str = "", single_pc: bool = True, token_identity: str = "",
+def _start(identity: str, *, sid: str = "", single_pc: bool = True,
            conn: str = "") -> media_pb2.SessionUp:
     join = rtc_pb.JoinRequest(connection_settings=rtc_pb.ConnectionSettings(auto_subscribe=True),
                               reconnect=bool(sid), participant_sid=sid)
     return media_pb2.SessionUp(start=media_pb2.SessionStart(
-        room="r", identity=identity, claims_json=_claims(token_identity or identity),
+        room="r", identity=identity, token=_token(identity),
         join_request=join.SerializeToString(), single_pc=single_pc, reconnect=bool(sid), participant_sid=sid,
         connection_id=conn or f"conn-{identity}-{sid or 'join'}"))
 

@@ -102,11 +102,6 @@ class Claims:
     expires_at: int = 0
     raw: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> bytes:
-        import json
-
-        return json.dumps(dict(self.raw), separators=(",", ":")).encode()
-
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> "Claims":
         attrs = payload.get("attributes") or {}
@@ -127,12 +122,6 @@ class Claims:
             expires_at=int(payload.get("exp", 0) or 0),
             raw=dict(payload),
         )
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Claims":
-        import json
-
-        return cls.from_payload(json.loads(data))
 
 
 class KeyProvider:
@@ -185,6 +174,31 @@ def verify_token(token: str, keys: KeyProvider) -> Claims:
     except jwt.PyJWTError as exc:
         raise AuthError(f"invalid token: {exc}") from None
     return Claims.from_payload(payload)
+
+
+def verify_join_token(token: str, keys: KeyProvider, room: str | None = None, identity: str | None = None) -> Claims:
+    """A token that may join: verified, with roomJoin, a room and an identity (equal to `room`/`identity` if given)."""
+    claims = verify_token(token, keys)
+    if not claims.video.room_join:
+        raise AuthError("permission denied: token has no roomJoin grant")
+    if not claims.video.room:
+        raise AuthError("permission denied: token names no room")
+    if not claims.identity:
+        raise AuthError("permission denied: token has no identity")
+    if room is not None and claims.video.room != room:
+        raise AuthError("permission denied: token is for another room")
+    if identity is not None and claims.identity != identity:
+        raise AuthError("permission denied: token is for another identity")
+    return claims
+
+
+def verify_admin_token(token: str, keys: KeyProvider) -> Claims:
+    """A node operator's token: roomAdmin over every room (no `room` restriction), as no join token has."""
+    claims = verify_token(token, keys)
+    if not claims.video.room_admin or claims.video.room:
+        raise AuthError("permission denied: needs a roomAdmin grant not limited to one room", status=403,
+                        code="permission_denied")
+    return claims
 
 
 def bearer_token(authorization: str | None, query_token: str | None) -> str:

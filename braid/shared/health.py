@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 
 def add_health_routes(app: web.Application, ready: Callable[[], bool]) -> None:
@@ -42,15 +45,19 @@ def add_metrics_route(app: web.Application, collect: Callable[[], dict[str, floa
 def add_drain_routes(app: web.Application, drain, keys) -> None:
     """`/admin/drain` on a media node: GET the status, POST to start a drain, DELETE to cancel it.
 
-    Operators authenticate with any configured API key: `Authorization: Bearer <token>`.
+    Operators authenticate with `Authorization: Bearer <token>`, a token with a roomAdmin grant over every room
+    (no `room` in it): a participant's join token, or an admin token scoped to one room, cannot drain a node.
     """
-    from braid.shared.auth import AuthError, bearer_token, verify_token
+    from braid.shared.auth import AuthError, bearer_token, verify_admin_token
 
     def authorized(request: web.Request) -> web.Response | None:
         try:
-            verify_token(bearer_token(request.headers.get("Authorization"), None), keys)
+            claims = verify_admin_token(bearer_token(request.headers.get("Authorization"), None), keys)
         except AuthError as exc:
-            return web.json_response({"error": str(exc)}, status=401)
+            log.warning("%s %s refused (%s) from %s: %s", request.method, request.path, exc.status,
+                        request.remote, exc)
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        log.info("%s %s by %s (key %s)", request.method, request.path, claims.identity or "-", claims.api_key)
         return None
 
     async def status(request: web.Request) -> web.Response:

@@ -1,6 +1,7 @@
 """The media side of a signal session: one participant's `SessionUp` stream in, `SessionDown` stream out.
 
-First message must be `SessionStart` (already authenticated by the signal edge); the first reply is either the
+First message must be `SessionStart`, whose token this node verifies itself (the edge did too, but nothing that
+reaches the gRPC port is trusted on its word); the first reply is either the
 `JoinResponse` or an `RpcError` the edge turns into an HTTP status before it upgrades the WebSocket. A resume
 (`SessionStart.reconnect`) answers `ReconnectResponse` first, or `leave{RECONNECT}` (see `resume.py`).
 Each stream serves one `SignalLink` of the participant; a resume moves the participant to a new one.
@@ -9,7 +10,6 @@ Each stream serves one `SignalLink` of the participant; a resume moves the parti
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -18,7 +18,7 @@ from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 from braid.rpc import common_pb2, media_pb2
-from braid.shared.auth import AuthError, Claims
+from braid.shared.auth import AuthError, verify_join_token
 
 from . import negotiation, resume, sdp
 from .link import SignalLink
@@ -54,13 +54,15 @@ async def run_session(node: MediaNode, requests: AsyncIterator[media_pb2.Session
         return
     start = first.start
     try:
-        claims = Claims.from_json(start.claims_json)
-        join = rtc_pb.JoinRequest.FromString(start.join_request)
-    except (ValueError, DecodeError, AuthError, json.JSONDecodeError) as exc:
-        yield _error("invalid_argument", f"malformed session start: {exc}")
+        claims = verify_join_token(start.token, node.keys, room=start.room, identity=start.identity)
+    except AuthError as exc:
+        log.warning("session refused (%s): %s", exc.code, exc)
+        yield _error(exc.code, str(exc))
         return
-    if not claims.identity or not start.room:
-        yield _error("invalid_argument", "identity and room are required")
+    try:
+        join = rtc_pb.JoinRequest.FromString(start.join_request)
+    except DecodeError as exc:
+        yield _error("invalid_argument", f"malformed session start: {exc}")
         return
     if start.reconnect:
         found = resume.locate(node, start, claims)

@@ -26,7 +26,7 @@ from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 from braid.rpc import common_pb2, media_pb2, router_pb2
-from braid.shared.auth import AuthError, Claims, bearer_token, verify_token
+from braid.shared.auth import AuthError, Claims, bearer_token, verify_join_token
 from braid.shared.tracing import outgoing_metadata, tracer
 
 from .context import SignalContext
@@ -151,19 +151,13 @@ class RtcEdge:
         self.ctx = ctx
         self.failed_nodes = FailedNodes()
 
-    def _claims(self, request: web.Request) -> Claims:
+    def _claims(self, request: web.Request) -> tuple[Claims, str]:
         token = bearer_token(request.headers.get("Authorization"), request.query.get("access_token"))
         try:
-            claims = verify_token(token, self.ctx.keys)
+            return verify_join_token(token, self.ctx.keys), token
         except AuthError as exc:
+            log.info("rtc join refused (%s): %s", exc.status, exc)
             raise Reject(exc.status, str(exc)) from None
-        if not claims.video.room_join:
-            raise Reject(401, "permission denied: token has no roomJoin grant")
-        if not claims.video.room:
-            raise Reject(401, "permission denied: token names no room")
-        if not claims.identity:
-            raise Reject(401, "permission denied: token has no identity")
-        return claims
 
     def _join_request(self, request: web.Request, v1: bool) -> tuple[rtc_pb.JoinRequest, bool]:
         value = request.query.get("join_request")
@@ -186,7 +180,7 @@ class RtcEdge:
 
     async def _validate(self, request: web.Request, v1: bool) -> web.Response:
         try:
-            claims = self._claims(request)
+            claims, _ = self._claims(request)
             self._join_request(request, v1)
             if not self.ctx.config.room.auto_create:
                 await self._require_room(claims.video.room)
@@ -226,9 +220,9 @@ class RtcEdge:
         try:
             if not self.ctx.ready():
                 raise Reject(503, "server is not ready")
-            claims = self._claims(request)
+            claims, token = self._claims(request)
             join, single_pc = self._join_request(request, v1)
-            call, first = await self._start_session(request, claims, join, single_pc)
+            call, first = await self._start_session(request, claims, token, join, single_pc)
         except Reject as exc:
             if call is not None:
                 call.cancel()
@@ -244,20 +238,22 @@ class RtcEdge:
         await self._relay(ws, call, first)
         return ws
 
-    async def _start_session(self, request: web.Request, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
+    async def _start_session(self, request: web.Request, claims: Claims, token: str, join: rtc_pb.JoinRequest,
+                             single_pc: bool):
         # One trace per join: this span's context travels to the router and the media node in gRPC metadata.
         with tracer.start_as_current_span("signal.join", attributes={
             "braid.room": claims.video.room, "braid.identity": claims.identity, "braid.reconnect": join.reconnect,
         }):
             for attempt in range(2):  # a media node that refuses the session at once is avoided, placement redone
                 try:
-                    return await self._try_session(request, claims, join, single_pc)
+                    return await self._try_session(request, claims, token, join, single_pc)
                 except grpc.aio.AioRpcError:
                     if attempt:
                         raise Reject(503, "media node unavailable") from None
             raise AssertionError("unreachable")
 
-    async def _try_session(self, request: web.Request, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool):
+    async def _try_session(self, request: web.Request, claims: Claims, token: str, join: rtc_pb.JoinRequest,
+                           single_pc: bool):
         room = claims.video.room
         try:
             placement = await self.ctx.router.Place(
@@ -276,7 +272,7 @@ class RtcEdge:
         start = media_pb2.SessionStart(
             room=room,
             identity=claims.identity,
-            claims_json=claims.to_json(),
+            token=token,
             join_request=join.SerializeToString(),
             single_pc=single_pc,
             reconnect=join.reconnect,
