@@ -46,6 +46,10 @@ class RTCConfig:
     enable_v1: bool = True  # `/rtc/v1` single-PeerConnection path; off → 404, SDKs fall back to v0
     stun_servers: list[str] = field(default_factory=list)
     use_node_external_ip: bool = False  # in Kubernetes: announce the node's ExternalIP (see braid/shared/kube.py)
+    ping_interval: int = 5  # seconds; told to clients in the JoinResponse
+    ping_timeout: int = 15  # a participant whose signal and media are both silent this long is removed
+    connect_timeout: float = 20.0  # a participant whose transports never connect is removed after this long
+    websocket_heartbeat: float = 10.0  # the edge pings each WebSocket; no pong in half of it closes it
 
 
 @dataclass
@@ -83,11 +87,28 @@ class RouterConfig:
 
 @dataclass
 class LimitsConfig:
-    """Hard limits of one media node; the router places nothing on a node that reached one. 0: none."""
+    """What a node and each client may hold. 0 disables a limit.
+
+    The node's own (`max_participants`, `max_tracks`, `max_bytes_per_second`): the router places nothing on a node
+    that reached one, and the node refuses joins past `max_participants`. The rest bound what one client controls,
+    with LiveKit's figures where it has them (metadata, attributes, name); each refusal is counted in `/metrics`
+    as `braid_limit_<name>_refused_total`.
+    """
 
     max_participants: int = 0
     max_tracks: int = 0
     max_bytes_per_second: float = 0.0
+    max_tracks_per_participant: int = 32  # published and pending (add_track not yet bound to an m-line)
+    max_layers_per_track: int = 4  # SSRCs of one published track (simulcast layers; RTX rides with its layer)
+    max_candidates_per_transport: int = 64  # trickled remote ICE candidates
+    max_subscriptions: int = 1000  # tracks one participant receives
+    max_participant_name_length: int = 256
+    max_metadata_size: int = 64000
+    max_attributes_size: int = 64000  # keys and values of all attributes together
+    max_data_packet_size: int = 256 * 1024
+    max_data_bytes_per_second: int = 2 * 1024 * 1024  # what one participant may publish on its data channels
+    max_signal_queue: int = 1000  # messages queued toward a client that does not read them: then it is dropped
+    max_data_buffered: int = 8 * 1024 * 1024  # reliable data buffered toward one slow subscriber: then dropped
 
 
 @dataclass
@@ -157,6 +178,14 @@ class Config:
         for name in ("empty_timeout", "departure_timeout", "max_participants"):
             if getattr(self.room, name) < 0:
                 raise ConfigError(f"room.{name}: must not be negative")
+        for limit in dataclasses.fields(self.limits):
+            if getattr(self.limits, limit.name) < 0:
+                raise ConfigError(f"limits.{limit.name}: must not be negative")
+        for name in ("ping_interval", "ping_timeout", "connect_timeout"):
+            if getattr(self.rtc, name) <= 0:
+                raise ConfigError(f"rtc.{name}: must be positive")
+        if self.rtc.websocket_heartbeat < 0:
+            raise ConfigError("rtc.websocket_heartbeat: must not be negative")
         if self.drain_deadline < 0:
             raise ConfigError("drain_deadline: must not be negative")
         for url in self.turn.urls:

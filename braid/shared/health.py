@@ -30,12 +30,12 @@ def health_app(ready: Callable[[], bool]) -> web.Application:
 
 
 def add_metrics_route(app: web.Application, collect: Callable[[], dict[str, float]]) -> None:
-    """`GET /metrics` in the Prometheus text format: gauges from `collect()` (name → value)."""
+    """`GET /metrics` in the Prometheus text format: `collect()` gives name → value; `…_total` are counters."""
 
     async def metrics(request: web.Request) -> web.Response:
         lines = []
         for name, value in sorted(collect().items()):
-            lines.append(f"# TYPE {name} gauge")
+            lines.append(f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}")
             lines.append(f"{name} {float(value):g}")
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 

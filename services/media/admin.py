@@ -88,6 +88,10 @@ class Admin:
 
     async def _UpdateParticipant(self, req: room_pb.UpdateParticipantRequest) -> Message:
         room, p = self._participant(req.room, req.identity)
+        problem = p.fields_problem(req.name, req.metadata, req.attributes)
+        if problem is not None:
+            self.node.refusals.count(problem[0])
+            raise CallError("invalid_argument", problem[1])
         p.update_fields(req.name, req.metadata, req.attributes)
         if req.HasField("permission"):
             before = p.permission

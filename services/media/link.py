@@ -34,6 +34,17 @@ class SignalLink:
     def __repr__(self) -> str:
         return f"SignalLink({self.connection_id}{', ended' if self.ended else ''})"
 
+    def push(self, data: bytes, limit: int) -> bool:
+        """Queue a response unless `limit` (0: none) are already waiting; False means the reader is too slow."""
+        if limit and self.queue.qsize() >= limit:
+            return False
+        self.queue.put_nowait(data)
+        return True
+
+    def force(self, data: bytes | None) -> None:
+        """Queue past the limit: the last words to a client being dropped, or the end sentinel."""
+        self.queue.put_nowait(data)
+
     def end(self) -> None:
         """Wake the stream serving this link so it finishes (idempotent)."""
         if not self.ended:

@@ -25,6 +25,7 @@ from .admin import Admin
 from .cluster import Cluster
 from .drain import Drain
 from .hooks import Hooks, TelemetryHooks
+from .limits import Refusals
 from .telemetry import TelemetryService
 from .ice import PortRange
 from .room import JoinError, Room
@@ -86,6 +87,7 @@ class MediaNode:
         self.telemetry = TelemetryService.from_config(config.telemetry, notifier)
         self.hooks: Hooks = TelemetryHooks(self.telemetry)
         self.rooms: dict[str, Room] = {}
+        self.refusals = Refusals()  # what the limits refused, for /metrics
         self.admin = Admin(self)
         self.cluster = Cluster(self)  # bus events of rooms spanning nodes, the node-to-node relay
         self.servicer = MediaServicer(self)

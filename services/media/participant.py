@@ -18,6 +18,7 @@ from braid.shared.auth import Claims
 
 from . import negotiation, resume, rtcp, sdp
 from .data import ServerRpc, is_agent, stamp_sender
+from .limits import TokenBucket, fields_problem, merged_attributes
 from .link import SignalLink
 from .publisher import Publisher, PublishedTrack
 from .reliable import InboundSequence, ReliableLog
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 RELIABLE, LOSSY = "_reliable", "_lossy"
 LOSSY_BUFFER_LIMIT = 256 * 1024
 PENDING_RELIABLE = 256  # reliable packets kept for a participant whose data channel is not open yet
-MAX_DATA_MESSAGE = 256 * 1024
 State = models.ParticipantInfo.State
 Reason = models.DisconnectReason
 
@@ -89,6 +89,12 @@ class Participant:
         self.version = 0
         self.joined_at = time.time()
         self.disconnect_reason = Reason.UNKNOWN_REASON
+        self.disconnect_detail = ""  # why, in words, for the edge's WebSocket close (a limit, a timeout)
+        self.limits = self.node.config.limits
+        self.last_signal_at = time.monotonic()  # the last request from the client (SDKs ping every few seconds)
+        self.candidates: dict[int, int] = {}  # trickled candidates per signal target
+        data_rate = self.limits.max_data_bytes_per_second
+        self.data_budget = TokenBucket(data_rate, burst=2 * data_rate)
         self.link = SignalLink()  # the signal connection it is reached through; a resume swaps it
         self.closed = False
         self.removing = False
@@ -171,7 +177,28 @@ class Participant:
 
     def send(self, response: rtc_pb.SignalResponse) -> None:
         if not self.closed:
-            self.outbox.put_nowait(response.SerializeToString())
+            self.send_bytes(response.SerializeToString())
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue a serialized SignalResponse; a client that lets `max_signal_queue` pile up is dropped."""
+        if self.closed or self.link.push(data, self.limits.max_signal_queue) or self.removing:
+            return
+        self.refuse("signal_queue", f"{self.limits.max_signal_queue} signal messages queued and unread")
+        self.link.force(rtc_pb.SignalResponse(leave=rtc_pb.LeaveRequest(
+            reason=Reason.SIGNAL_CLOSE, action=rtc_pb.LeaveRequest.DISCONNECT)).SerializeToString())
+        self.disconnect_detail = "signal queue overflow: the client does not read its messages"
+        self.room.schedule_remove(self, Reason.SIGNAL_CLOSE, send_leave=False)
+
+    def refuse(self, limit: str, why: str) -> None:
+        """Count (and log) a refusal by a limit; the caller answers the client."""
+        if self.node.refusals.count(limit):
+            log.info("%s: %s limit: %s (refusals so far: %d)", self, limit, why, self.node.refusals.counts[limit])
+
+    def refuse_request(self, limit: str, message: str, **request) -> None:
+        """Refuse a signal request by a limit with RequestResponse LIMIT_EXCEEDED, as LiveKit does."""
+        self.refuse(limit, message)
+        self.send_request_response(rtc_pb.RequestResponse(
+            reason=rtc_pb.RequestResponse.LIMIT_EXCEEDED, message=message, **request))
 
     def send_request_response(self, response: rtc_pb.RequestResponse) -> None:
         self.send(rtc_pb.SignalResponse(request_response=response))
@@ -254,6 +281,7 @@ class Participant:
     async def handle(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_signal_at = time.monotonic()
         try:
             request = rtc_pb.SignalRequest.FromString(data)
         except DecodeError:
@@ -294,6 +322,13 @@ class Participant:
         except ValueError:
             return
         candidate = init.get("candidate", "") if isinstance(init, dict) else ""
+        if candidate:
+            seen = self.candidates.get(trickle.target, 0)
+            if self.limits.max_candidates_per_transport and seen >= self.limits.max_candidates_per_transport:
+                self.refuse_request("candidates", f"more than {self.limits.max_candidates_per_transport} candidates",
+                                    trickle=trickle)
+                return
+            self.candidates[trickle.target] = seen + 1
         if candidate or trickle.final:
             await pc.add_candidate(candidate or None)
 
@@ -303,9 +338,29 @@ class Participant:
             self.send_request_response(rtc_pb.RequestResponse(
                 reason=rtc_pb.RequestResponse.NOT_ALLOWED, message="no permission to publish", add_track=req))
             return
+        problem = self._add_track_problem(req)
+        if problem is not None:
+            self.refuse_request(*problem, add_track=req)
+            return
         response = self.publisher.add_track(req)
         if response is not None:
             self.send(rtc_pb.SignalResponse(track_published=response))
+
+    def _add_track_problem(self, req: rtc_pb.AddTrackRequest) -> tuple[str, str] | None:
+        limits, publisher = self.limits, self.publisher
+        if req.cid in publisher.pending:
+            return None  # a repeat: answered with what was promised
+        held = len(publisher.pending) + len(publisher.tracks)
+        if limits.max_tracks_per_participant and held >= limits.max_tracks_per_participant:
+            return "tracks", f"already {held} published and pending tracks"
+        layers = max(len(req.layers), *(len(c.layers) for c in req.simulcast_codecs)) if req.simulcast_codecs \
+            else len(req.layers)
+        if limits.max_layers_per_track and (layers > limits.max_layers_per_track
+                                            or len(req.simulcast_codecs) > limits.max_layers_per_track):
+            return "layers", f"more than {limits.max_layers_per_track} layers or codecs"
+        if limits.max_participant_name_length and len(req.name) > limits.max_participant_name_length:
+            return "name", f"track name is longer than {limits.max_participant_name_length} characters"
+        return None
 
     def _may_publish(self, source: int) -> bool:
         if not self.permission.can_publish:
@@ -329,6 +384,13 @@ class Participant:
         self.changed()
         return track
 
+    def may_subscribe_more(self) -> bool:
+        limit = self.limits.max_subscriptions
+        if limit and len(self.subscriber.subs) >= limit:
+            self.refuse("subscriptions", f"already {limit} subscriptions")
+            return False
+        return True
+
     async def _on_subscription(self, req: rtc_pb.UpdateSubscription) -> None:
         sids = list(req.track_sids)
         for pt in req.participant_tracks:
@@ -343,23 +405,27 @@ class Participant:
             quality = quality_for(req, sub.track.info.layers)
             self.subscriber.update_settings(sid, req.disabled or quality is None, quality)
 
+    def fields_problem(self, name: str, metadata: str, attributes) -> tuple[str, str] | None:
+        """What `update_fields` with these would exceed: (limit, message), or None."""
+        return fields_problem(self.limits, name, metadata, merged_attributes(self.attributes, attributes))
+
     def update_fields(self, name: str, metadata: str, attributes) -> None:
         """Name and metadata when given; attributes merged, an empty value deleting its key (LiveKit's rules)."""
         if metadata:
             self.metadata = metadata
         if name:
             self.name = name
-        for key, value in attributes.items():
-            if value:
-                self.attributes[key] = value
-            else:
-                self.attributes.pop(key, None)
+        self.attributes = merged_attributes(self.attributes, attributes)
 
     async def _on_update_metadata(self, req: rtc_pb.UpdateParticipantMetadata) -> None:
         if not self.permission.can_update_metadata:
             self.send_request_response(rtc_pb.RequestResponse(
                 request_id=req.request_id, reason=rtc_pb.RequestResponse.NOT_ALLOWED,
                 message="does not have permission to update own metadata", update_metadata=req))
+            return
+        problem = self.fields_problem(req.name, req.metadata, req.attributes)
+        if problem is not None:
+            self.refuse_request(*problem, request_id=req.request_id, update_metadata=req)
             return
         self.update_fields(req.name, req.metadata, req.attributes)
         self.changed()
@@ -465,7 +531,13 @@ class Participant:
             self.pending_reliable.popleft()
 
     def _on_data(self, label: str, message) -> None:
-        if not isinstance(message, (bytes, bytearray)) or len(message) > MAX_DATA_MESSAGE:
+        if not isinstance(message, (bytes, bytearray)):
+            return
+        if self.limits.max_data_packet_size and len(message) > self.limits.max_data_packet_size:
+            self.refuse("data_packet_size", f"{len(message)}-byte data packet dropped")
+            return
+        if not self.data_budget.take(len(message)):
+            self.refuse("data_rate", f"over {self.limits.max_data_bytes_per_second} data bytes/s: packet dropped")
             return
         try:
             packet = models.DataPacket.FromString(bytes(message))
@@ -518,12 +590,23 @@ class Participant:
                 continue
             if label == LOSSY and channel.bufferedAmount > LOSSY_BUFFER_LIMIT:
                 return False
+            if label == RELIABLE and self.limits.max_data_buffered \
+                    and channel.bufferedAmount > self.limits.max_data_buffered:
+                self._slow_data_receiver(channel.bufferedAmount)
+                return True  # it is being disconnected: nothing more is kept for it
             try:
                 channel.send(payload)
             except Exception:  # closed underneath us
                 continue
             return True
         return False
+
+    def _slow_data_receiver(self, buffered: int) -> None:
+        if self.removing or self.closed:
+            return
+        self.refuse("data_buffered", f"{buffered} reliable bytes unread: disconnecting a slow receiver")
+        self.disconnect_detail = "data channel backlog: the client does not read its data"
+        self.room.schedule_remove(self, Reason.CONNECTION_TIMEOUT, send_leave=True)
 
     # --- periodic --------------------------------------------------------------------------------------
 
@@ -547,11 +630,15 @@ class Participant:
         if sub_report and self.sub_pc is not None:
             self.sub_pc.send_rtcp(sub_report)
 
-    def media_silent_for(self, now: float) -> float:
-        """Seconds since the client's transports last sent anything (0 while still connecting)."""
+    def media_silent_for(self, now: float, connecting: bool = False) -> float:
+        """Seconds since the client's transports last sent anything: 0 while still connecting, or (`connecting`)
+        since the newest transport was made."""
         pcs = [pc for pc in (self.pub_pc, self.sub_pc) if pc is not None and pc.state == "connected"]
         if not pcs:
-            return 0.0
+            if not connecting:
+                return 0.0
+            made = [pc.created_at for pc in (self.pub_pc, self.sub_pc) if pc is not None]
+            return now - max(made) if made else now - self.last_signal_at
         return now - max(pc.last_rx for pc in pcs)
 
     # --- teardown --------------------------------------------------------------------------------------
@@ -561,7 +648,7 @@ class Participant:
             return
         self.closed = True
         self.server_rpc.close()
-        self.outbox.put_nowait(None)
+        self.link.force(None)
         self.subscriber.close()
         self.publisher.close()
         for task in list(self._tasks):

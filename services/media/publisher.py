@@ -230,12 +230,16 @@ class Publisher:
                 self.unknown_ssrcs.add(ssrc)
             return None
         up = track.up
+        limit = self.p.limits.max_layers_per_track
         rrid = exts.get(rrid_id) if rrid_id is not None else None
         rid = exts.get(rid_id) if rid_id is not None else None
         if rrid is not None or pt == up.rtx_pt:
             name = rrid.decode(errors="replace") if rrid is not None else ""
             layer = up.layer_by_rid(name) if name else (up.layers[0] if len(up.layers) == 1 else None)
             if layer is None:
+                return None
+            if limit and len(up.rtx_by_ssrc) >= limit:
+                self._refuse_ssrc(ssrc, f"track {track.sid} already has {limit} RTX streams")
                 return None
             up.add_rtx(ssrc, layer)
             entry = (up, layer, True)
@@ -245,12 +249,21 @@ class Publisher:
                 return None
             layer = up.layer_by_rid(name) if name else None
             if layer is None:
+                if limit and len(up.layers) >= limit:
+                    self._refuse_ssrc(ssrc, f"track {track.sid} already has {limit} layers")
+                    return None
                 layer = up.add_layer(ssrc, name)
             entry = (up, layer, False)
         else:
             return None
         self.ssrc_map[ssrc] = entry
         return entry
+
+    def _refuse_ssrc(self, ssrc: int, why: str) -> None:
+        """An SSRC past the layer limit: ignored from now on (the set itself is bounded)."""
+        if len(self.unknown_ssrcs) < MAX_UNKNOWN_SSRCS:
+            self.unknown_ssrcs.add(ssrc)
+        self.p.refuse("layers", f"SSRC {ssrc} ignored: {why}")
 
     def on_rtcp(self, packet: rtcp.Packet) -> bool:
         """RTCP about a stream we receive (SR from the publisher); True when consumed."""

@@ -14,6 +14,7 @@ from braid import LIVEKIT_VERSION
 from braid.shared.auth import Claims, refreshed_token
 from braid.shared.serverinfo import server_info
 
+from .limits import fields_problem
 from .participant import Participant
 from .publisher import PublishedTrack
 from .speakers import Speakers
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PING_INTERVAL = 5
-PING_TIMEOUT = 15
 MEDIA_TIMEOUT = 12.0  # a connected client's transport silent this long is gone
 SIGNAL_GRACE = 10.0  # a participant whose signal connection dropped (no leave) may resume this long
 State = models.ParticipantInfo.State
@@ -75,6 +74,7 @@ class Room:
     # --- joining ---------------------------------------------------------------------------------------
 
     async def join(self, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool) -> Participant:
+        self._check_join(claims, join)
         existing = self.by_identity(claims.identity)
         if existing is not None:
             await self.remove(existing, Reason.DUPLICATE_IDENTITY, send_leave=True)
@@ -84,6 +84,7 @@ class Room:
             others = {p.identity for p in stored if not p.permission.hidden} - {claims.identity}
             others |= {p.identity for p in self.participants.values() if not p.hidden}
             if len(others) >= limit:
+                self.node.refusals.count("room_participants")
                 raise JoinError("resource_exhausted", "room is full")
         moved_sid = await self._moved_sid(claims.identity)
         participant = Participant(self, claims, join, single_pc, moved_sid=moved_sid)
@@ -100,6 +101,19 @@ class Room:
         self.node.hooks.participant_joined(self, participant)
         log.info("%s joined %s (%s)", participant, self.name, "v1 single PC" if single_pc else "v0 dual PC")
         return participant
+
+    def _check_join(self, claims: Claims, join: rtc_pb.JoinRequest) -> None:
+        """The node's participant limit, and the sizes of what the client itself sets (join metadata, attributes)."""
+        limits, refusals = self.node.config.limits, self.node.refusals
+        hosted = sum(len(r.participants) for r in self.node.rooms.values())
+        if limits.max_participants and hosted >= limits.max_participants:
+            refusals.count("node_participants")
+            raise JoinError("resource_exhausted", "media node is full")
+        attributes = {**claims.attributes, **dict(join.participant_attributes)}
+        problem = fields_problem(limits, claims.name, join.metadata or claims.metadata, attributes)
+        if problem is not None:
+            refusals.count(problem[0])
+            raise JoinError("invalid_argument", problem[1])
 
     async def _moved_sid(self, identity: str) -> str:
         try:
@@ -120,8 +134,8 @@ class Room:
             server_version=LIVEKIT_VERSION,
             server_info=server_info(config.region, self.node.node_id),
             subscriber_primary=p.subscriber_primary,
-            ping_timeout=PING_TIMEOUT,
-            ping_interval=PING_INTERVAL,
+            ping_timeout=config.rtc.ping_timeout,
+            ping_interval=config.rtc.ping_interval,
             server_region=config.region,
             enabled_publish_codecs=codecs,
         )
@@ -154,7 +168,7 @@ class Room:
         for other in self.participants.values():
             if other.closed or (other is p and not include_self) or (other is not p and p.hidden):
                 continue
-            other.outbox.put_nowait(message)
+            other.send_bytes(message)
 
     def participant_changed(self, p: Participant) -> None:
         if p.sid not in self.participants:
@@ -313,6 +327,7 @@ class Room:
 
     def tick(self, now: float) -> None:
         wall = time.time()
+        rtc = self.node.config.rtc
         for p in list(self.participants.values()):
             if p.closed:
                 continue
@@ -322,6 +337,15 @@ class Room:
                 log.exception("%s: tick failed", p)
             if p.media_silent_for(now) > MEDIA_TIMEOUT:
                 log.info("%s: media transport silent for %.0fs", p, p.media_silent_for(now))
+                self.schedule_remove(p, Reason.CONNECTION_TIMEOUT, send_leave=True)
+            elif p.signal_connected and now - p.last_signal_at > rtc.ping_timeout \
+                    and p.media_silent_for(now, connecting=True) > rtc.ping_timeout:
+                log.info("%s: no ping and no media for %.0fs", p, now - p.last_signal_at)
+                p.disconnect_detail = f"ping timeout: signal and media silent for {rtc.ping_timeout}s"
+                self.schedule_remove(p, Reason.CONNECTION_TIMEOUT, send_leave=True)
+            elif p.state == State.JOINED and wall - p.joined_at > rtc.connect_timeout:
+                log.info("%s: transports not connected after %.0fs", p, wall - p.joined_at)
+                p.disconnect_detail = f"transport not connected within {rtc.connect_timeout:g}s"
                 self.schedule_remove(p, Reason.CONNECTION_TIMEOUT, send_leave=True)
             elif not p.signal_connected and now - p.signal_lost_at > SIGNAL_GRACE:
                 self.schedule_remove(p, Reason.SIGNAL_CLOSE, send_leave=False)

@@ -98,7 +98,7 @@ async def run_session(node: MediaNode, requests: AsyncIterator[media_pb2.Session
                 break
             yield media_pb2.SessionDown(response=item)
         if participant.closed and participant.link is link:
-            yield _close(participant.disconnect_reason)
+            yield _close(participant.disconnect_reason, participant.disconnect_detail)
     finally:
         reader.cancel()
         participant.detach(link)

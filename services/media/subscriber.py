@@ -86,7 +86,7 @@ class Subscriber:
     # --- what to receive -----------------------------------------------------------------------------------
 
     def subscribe(self, track: PublishedTrack, publisher_sid: str) -> None:
-        if track.sid in self.subs or track.up.closed:
+        if track.sid in self.subs or track.up.closed or not self.p.may_subscribe_more():
             return
         self.subs[track.sid] = Subscription(track, publisher_sid)
         self.dirty = True

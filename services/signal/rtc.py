@@ -19,7 +19,7 @@ import uuid
 import zlib
 
 import grpc
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from livekit.protocol import models
@@ -228,7 +228,8 @@ class RtcEdge:
                 call.cancel()
             log.info("rtc join refused (%s): %s", exc.status, exc.msg)
             return web.Response(status=exc.status, text=exc.msg)
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, autoping=True)
+        heartbeat = self.ctx.config.rtc.websocket_heartbeat or None  # a half-open socket is closed by it
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, autoping=True, heartbeat=heartbeat)
         try:
             await ws.prepare(request)
         except Exception:
@@ -306,6 +307,7 @@ class RtcEdge:
 
     async def _relay(self, ws: web.WebSocketResponse, call, first: bytes) -> None:
         text_mode = [False]
+        closing: list[str] = []  # the media node's reason for ending the session, for the WebSocket close
 
         async def to_client(data: bytes) -> None:
             if text_mode[0]:
@@ -315,23 +317,32 @@ class RtcEdge:
                 await ws.send_bytes(data)
 
         async def downstream() -> None:
-            while True:
-                try:
+            """Media node → client until either side ends; never raises (its end is read by `_until`)."""
+            try:
+                while True:
                     down = await call.read()
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.CANCELLED:  # the media node is gone: rejoin elsewhere
-                        log.info("media session broke (%s): telling the client to reconnect", exc.code())
+                    if down is grpc.aio.EOF or down is None:
+                        return
+                    kind = down.WhichOneof("message")
+                    if kind == "response":
+                        await to_client(down.response)
+                    elif kind == "close":
+                        closing.append(down.close.detail or models.DisconnectReason.Name(down.close.reason))
+                        return
+                    elif kind == "error":
+                        closing.append(down.error.msg)
+                        return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:  # the media node is gone: rejoin elsewhere
+                    log.info("media session broke (%s): telling the client to reconnect", exc.code())
+                    try:
                         await to_client(RECONNECT)
-                    raise
-                if down is grpc.aio.EOF or down is None:
-                    return
-                kind = down.WhichOneof("message")
-                if kind == "response":
-                    await to_client(down.response)
-                elif kind in ("close", "error"):
-                    return
+                    except Exception:
+                        pass
+            except (ConnectionResetError, RuntimeError, asyncio.InvalidStateError) as exc:
+                log.debug("signal relay to the client ended: %r", exc)  # the WebSocket closed under it
 
-        down_task = asyncio.create_task(downstream())
+        down_task = asyncio.create_task(downstream(), name="rtc-downstream")
         reason = models.DisconnectReason.SIGNAL_CLOSE
         try:
             await to_client(first)
@@ -368,7 +379,8 @@ class RtcEdge:
                     down_task.cancel()
             call.cancel()
             if not ws.closed:
-                await ws.close()
+                message = closing[0].encode()[:120] if closing else b""  # a close reason fits in 123 bytes
+                await ws.close(code=WSCloseCode.OK, message=message)
 
 
 async def _until(ws: web.WebSocketResponse, stop: asyncio.Task):
