@@ -54,6 +54,7 @@ class Observer:
         room.on("participant_disconnected", lambda p: self.events.append(("participant_disconnected", p.identity)))
         room.on("track_unpublished", lambda pub, p: self.events.append(("track_unpublished", pub.sid)))
         room.on("track_published", lambda pub, p: self.events.append(("track_published", pub.sid)))
+        room.on("track_unsubscribed", lambda track, pub, p: self.events.append(("track_unsubscribed", pub.sid)))
         room.on("track_muted", lambda p, pub: self.events.append(("track_muted", pub.sid)))
         room.on("track_unmuted", lambda p, pub: self.events.append(("track_unmuted", pub.sid)))
         room.on("participant_metadata_changed",

@@ -20,6 +20,7 @@ from . import negotiation, resume, rtcp, sdp
 from .data import ServerRpc, is_agent, stamp_sender
 from .limits import TokenBucket, fields_problem, merged_attributes
 from .link import SignalLink
+from .permissions import InvalidPermission
 from .publisher import Publisher, PublishedTrack
 from .reliable import InboundSequence, ReliableLog
 from .subscriber import Subscriber, Subscription, quality_for
@@ -396,6 +397,16 @@ class Participant:
         for pt in req.participant_tracks:
             sids.extend(pt.track_sids)
         self.room.update_subscriptions(self, sids, req.subscribe)
+
+    async def _on_subscription_permission(self, req: rtc_pb.SubscriptionPermission) -> None:
+        try:
+            self.publisher.access.update(req, self.room.identity_of_sid)
+        except InvalidPermission as exc:
+            log.info("%s: subscription permission refused: %s", self, exc)
+            return
+        log.info("%s: subscription permission %s", self, "everyone" if self.publisher.access.allowed is None
+                 else sorted(self.publisher.access.allowed))
+        self.room.subscription_permission_changed(self)
 
     async def _on_track_setting(self, req: rtc_pb.UpdateTrackSettings) -> None:
         for sid in req.track_sids:

@@ -17,6 +17,7 @@ from braid.shared import ids
 from . import negotiation, rtcp, rtp, sdp
 from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
+from .permissions import SubscriptionPermission
 from .speakers import AudioLevel
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class PublishedTrack:
     subscribed_notified: bool = False
     subscribers: set[str] = field(default_factory=set)  # subscriber participant sids
     dynacast: Dynacast | None = None
+    access: SubscriptionPermission = field(default_factory=SubscriptionPermission)  # its publisher's, shared
 
     @property
     def sid(self) -> str:
@@ -57,6 +59,7 @@ class Publisher:
         self.ext_ids: dict[str, int] = {}
         self.rtcp_ssrc = random.randint(1, 0xFFFFFFFF)
         self.newly_published: list[PublishedTrack] = []
+        self.access = SubscriptionPermission()  # who may subscribe to these tracks
         self._reported: dict[object, tuple[int, ...]] = {}  # counters already reported to the stats worker
 
     # --- add_track -----------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ class Publisher:
         if media.kind == "audio" and level_id is not None:
             up.levels = AudioLevel(level_id)
         up.muted = req.muted
-        track = PublishedTrack(info, media.kind, media.mid, chosen.codec, chosen.rtx, up)
+        track = PublishedTrack(info, media.kind, media.mid, chosen.codec, chosen.rtx, up, access=self.access)
         if up.video and len(up.expected_rids) > 1:
             track.dynacast = Dynacast(sid, mime.split("/")[-1].lower())
         self._register_sdp_ssrcs(track, media)

@@ -212,6 +212,24 @@ class Room:
                 return p, track
         return self.link.remote.find_track(track_sid)  # published on another media node
 
+    def identity_of_sid(self, sid: str) -> str | None:
+        local = self.participants.get(sid)
+        if local is not None:
+            return local.identity
+        return self.link.remote.identity_of_sid(sid)
+
+    def subscription_permission_changed(self, p: Participant) -> None:
+        """`p` changed who may subscribe to its tracks: enforce it here, and on the room's other nodes."""
+        self.recheck_permission(p.sid, list(p.publisher.tracks.values()))
+        p.version += 1
+        self._persist.put_nowait(("put", p.info()))
+        self.link.local_changed(p)
+
+    def recheck_permission(self, publisher_sid: str, tracks: list[PublishedTrack]) -> None:
+        for other in list(self.participants.values()):
+            if other.sid != publisher_sid and not other.closed:
+                other.subscriber.recheck_permission(tracks)
+
     def update_subscriptions(self, p: Participant, track_sids: list[str], subscribe: bool) -> None:
         for sid in track_sids:
             if not subscribe:

@@ -65,6 +65,7 @@ class Subscriber:
     def __init__(self, participant: Participant):
         self.p = participant
         self.subs: dict[str, Subscription] = {}  # track sid → subscription
+        self.denied: dict[str, tuple[PublishedTrack, str]] = {}  # wanted, not permitted: track sid → (track, publisher sid)
         self.down_by_ssrc: dict[int, DownTrack] = {}
         self.cname = f"braid-{random.getrandbits(32):08x}"
         # v1
@@ -88,11 +89,35 @@ class Subscriber:
     def subscribe(self, track: PublishedTrack, publisher_sid: str) -> None:
         if track.sid in self.subs or track.up.closed or not self.p.may_subscribe_more():
             return
+        if not track.access.allows(track.sid, self.p.identity):
+            if track.sid not in self.denied:  # wanted, but the publisher does not allow it (yet)
+                self.denied[track.sid] = (track, publisher_sid)
+                self._permission_update(publisher_sid, track.sid, False)
+            return
+        if self.denied.pop(track.sid, None) is not None:
+            self._permission_update(publisher_sid, track.sid, True)
         self.subs[track.sid] = Subscription(track, publisher_sid)
         self.dirty = True
         self.renegotiate()
 
+    def recheck_permission(self, tracks: list[PublishedTrack]) -> None:
+        """The publisher of `tracks` changed who may subscribe: cut off what is no longer allowed, and subscribe
+        again to what was wanted and now is."""
+        for track in tracks:
+            allowed = track.access.allows(track.sid, self.p.identity)
+            sub = self.subs.get(track.sid)
+            if sub is not None and not allowed:
+                self.unsubscribe(track.sid)
+                self.subscribe(track, sub.publisher_sid)  # remembered as denied, and the client told
+            elif allowed and track.sid in self.denied:
+                self.subscribe(track, self.denied[track.sid][1])
+
+    def _permission_update(self, publisher_sid: str, track_sid: str, allowed: bool) -> None:
+        self.p.send(rtc_pb.SignalResponse(subscription_permission_update=rtc_pb.SubscriptionPermissionUpdate(
+            participant_sid=publisher_sid, track_sid=track_sid, allowed=allowed)))
+
     def unsubscribe(self, track_sid: str) -> bool:
+        self.denied.pop(track_sid, None)
         sub = self.subs.pop(track_sid, None)
         if sub is None:
             return False
@@ -323,6 +348,7 @@ class Subscriber:
         for sub in list(self.subs.values()):
             self._release(sub)
         self.subs.clear()
+        self.denied.clear()
 
     def stats(self) -> tuple[int, int]:
         packets = sum(d.packets for d in self.down_by_ssrc.values())

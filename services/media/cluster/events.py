@@ -119,7 +119,9 @@ class RoomLink:
 
     def _state(self, p: Participant) -> cluster_pb2.RoomEvent:
         specs = [track_spec(t) for t in p.publisher.tracks.values()]
-        return self._event(participant=cluster_pb2.ParticipantState(info=p.info().SerializeToString(), tracks=specs))
+        return self._event(participant=cluster_pb2.ParticipantState(
+            info=p.info().SerializeToString(), tracks=specs,
+            subscription_permission=p.publisher.access.to_proto().SerializeToString()))
 
     def local_joined(self, p: Participant) -> None:
         self.remote.local_joined(p.identity, p.sid)
@@ -235,7 +237,8 @@ class RoomLink:
         remote = self.remote
         if kind == "participant":
             info = models.ParticipantInfo.FromString(event.participant.info)
-            remote.apply_state(event.node_id, event.node_address, info, list(event.participant.tracks))
+            remote.apply_state(event.node_id, event.node_address, info, list(event.participant.tracks),
+                               event.participant.subscription_permission)
         elif kind == "left":
             remote.apply_gone(event.node_id, models.ParticipantInfo.FromString(event.left.info))
         elif kind == "data":

@@ -17,6 +17,7 @@ from livekit.protocol import rtc as rtc_pb
 
 from braid.rpc import cluster_pb2
 
+from ..permissions import SubscriptionPermission
 from ..publisher import PublishedTrack
 from .relayed import RelayedTrack
 
@@ -38,6 +39,7 @@ class RemoteParticipant:
     seen: float
     tracks: dict[str, RelayedTrack] = field(default_factory=dict)
     specs: dict[str, cluster_pb2.RelayTrackSpec] = field(default_factory=dict)
+    access: SubscriptionPermission = field(default_factory=SubscriptionPermission)
 
     @property
     def sid(self) -> str:
@@ -88,6 +90,9 @@ class RemoteView:
                 if not relayed.up.closed:
                     yield rp.sid, relayed.published
 
+    def identity_of_sid(self, sid: str) -> str | None:
+        return next((rp.identity for rp in self.by_identity.values() if rp.sid == sid), None)
+
     def current_speakers(self) -> list[models.SpeakerInfo]:
         return [models.SpeakerInfo(sid=sid, level=level, active=True) for sid, level in self.speaking.items()]
 
@@ -101,7 +106,7 @@ class RemoteView:
                 self.by_identity[info.identity] = RemoteParticipant(info, "", "", now)
 
     def apply_state(self, node_id: str, address: str, info: models.ParticipantInfo,
-                    specs: list[cluster_pb2.RelayTrackSpec]) -> None:
+                    specs: list[cluster_pb2.RelayTrackSpec], permission: bytes = b"") -> None:
         room = self.room
         local = room.by_identity(info.identity)
         if local is not None:
@@ -131,9 +136,13 @@ class RemoteView:
             log.info("%s: remote participant %s", room.name, rp)
         rp.info, rp.node_id, rp.address, rp.seen = info, node_id, address, now
         rp.specs = {spec.track_sid: spec for spec in specs}
+        resolved = rtc_pb.SubscriptionPermission.FromString(permission) if permission else None
+        permission_changed = rp.access.apply_proto(resolved or rtc_pb.SubscriptionPermission(all_participants=True))
         if not rp.hidden:
             room.broadcast(rtc_pb.SignalResponse(update=rtc_pb.ParticipantUpdate(participants=[info])))
         self._sync_tracks(rp)
+        if permission_changed:
+            room.recheck_permission(rp.sid, [relayed.published for relayed in rp.tracks.values()])
 
     def apply_gone(self, node_id: str, info: models.ParticipantInfo) -> None:
         rp = self.by_identity.get(info.identity)
@@ -216,13 +225,14 @@ class RemoteView:
             relayed = RelayedTrack(origin, self.room.name, rp.sid, spec, info,
                                    on_subscribed=lambda identity=rp.identity, sid=sid: self.link.track_subscribed(
                                        identity, sid))
+            relayed.published.access = rp.access
             rp.tracks[sid] = relayed
             log.info("%s: %s", self.room.name, relayed)
             subscribed = False
             for other in list(self.room.participants.values()):
                 if not other.closed and other.auto_subscribe and other.permission.can_subscribe:
                     other.subscriber.subscribe(relayed.published, rp.sid)
-                    subscribed = True
+                    subscribed = subscribed or sid in other.subscriber.subs
             if subscribed:
                 relayed.want()
 
