@@ -6,7 +6,8 @@ The generated gRPC modules land in `braid/rpc/` (git-ignored), so `pip install .
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -42,6 +43,36 @@ class BuildWithProtos(build_py):
         super().run()
 
 
+class OptionalBuildExt(build_ext):
+    """The compiled forwarding path is optional: without a compiler or OpenSSL headers Braid still installs and
+    forwards on the pure-Python path (the media node says which one it runs at start)."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # no compiler at all
+            self._skip(exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # compiler or headers missing, or the compile failed
+            self._skip(exc)
+
+    @staticmethod
+    def _skip(exc: Exception) -> None:
+        print(f"WARNING: the compiled forwarding path was not built ({exc}); Braid will use the pure-Python path")
+
+
+FASTPATH = Extension(
+    "braid.services.media.fastpath._fastpath",
+    sources=["services/media/fastpath/_fastpath.c"],
+    libraries=["crypto"],
+    extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wno-deprecated-declarations"],
+    optional=True,
+)
+
+
 def _packages() -> list[str]:
     braid = find_packages(where=".", include=["braid", "braid.*"])
     services = ["braid.services"] + [
@@ -57,5 +88,6 @@ setup(
     packages=_packages(),
     package_dir={"braid": "braid", "braid.services": "services"},
     package_data={"braid": ["rpc/*.pyi", "py.typed", "web/**/*"]},
-    cmdclass={"build_py": BuildWithProtos},
+    ext_modules=[FASTPATH],
+    cmdclass={"build_py": BuildWithProtos, "build_ext": OptionalBuildExt},
 )

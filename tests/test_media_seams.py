@@ -27,7 +27,8 @@ def test_pinned_versions():
 
 def test_private_attributes_exist():
     dtls_src = inspect.getsource(RTCDtlsTransport)
-    for name in ("_rx_srtp", "_tx_srtp", "_handle_rtp_data", "_handle_rtcp_data", "_set_role"):
+    for name in ("_rx_srtp", "_tx_srtp", "_handle_rtp_data", "_handle_rtcp_data", "_set_role", "_ssl", "_role",
+                 "_srtp_profiles", 'b"EXTRACTOR-dtls_srtp"', "get_key_and_salt(view, 1)"):
         assert name in dtls_src, name
     assert "await self._handle_rtp_data(data, arrival_time_ms=arrival_time_ms)" in dtls_src
     gatherer = RTCIceGatherer(iceServers=[])

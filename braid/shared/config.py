@@ -50,6 +50,7 @@ class RTCConfig:
     ping_timeout: int = 15  # a participant whose signal and media are both silent this long is removed
     connect_timeout: float = 20.0  # a participant whose transports never connect is removed after this long
     websocket_heartbeat: float = 10.0  # the edge pings each WebSocket; no pong in half of it closes it
+    fast_path: bool = True  # the compiled SRTP/sendmmsg send path when built; off: the pure-Python path
 
 
 @dataclass

@@ -23,6 +23,7 @@ from braid.shared.tracing import incoming_context, metadata_of, tracer
 
 from .admin import Admin
 from .cluster import Cluster
+from . import fastpath
 from .drain import Drain
 from .hooks import Hooks, TelemetryHooks
 from .limits import Refusals
@@ -84,6 +85,7 @@ class MediaNode:
         self.keys = KeyProvider(config.keys)
         self.ports = PortRange(config.rtc.port_range_start, config.rtc.port_range_end, host=config.rtc.node_ip)
         self.certificate = RTCCertificate.generateCertificate()
+        self.send_path = fastpath.choose(config.rtc.fast_path)  # the forwarding send path, chosen once
         self.telemetry = TelemetryService.from_config(config.telemetry, notifier)
         self.hooks: Hooks = TelemetryHooks(self.telemetry)
         self.rooms: dict[str, Room] = {}
@@ -107,8 +109,9 @@ class MediaNode:
             asyncio.create_task(self._heartbeat_loop(), name="media-heartbeat"),
             asyncio.create_task(self._tick_loop(), name="media-tick"),
         ]
-        log.info("media node %s serving on %s (UDP %s-%s, node IP %s)", self.node_id, self.grpc_address,
-                 self.ports.start, self.ports.end, self.config.rtc.node_ip)
+        log.info("media node %s serving on %s (UDP %s-%s, node IP %s); forwarding path: %s", self.node_id,
+                 self.grpc_address, self.ports.start, self.ports.end, self.config.rtc.node_ip,
+                 fastpath.describe(self.send_path, self.config.rtc.fast_path))
 
     async def set_state(self, state: str) -> None:
         """SERVING or DRAINING; told to the registry at once so the router stops (or resumes) placing here."""

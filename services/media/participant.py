@@ -237,6 +237,7 @@ class Participant:
             on_rtcp=self.on_rtcp,
             on_state=lambda state: self._on_transport_state(label, state),
             on_datachannel=self._on_datachannel,
+            send_path=self.node.send_path,
         )
 
     async def start(self) -> None:

@@ -25,6 +25,7 @@ from aiortc.rtcicetransport import RTCIceGatherer, RTCIceParameters, RTCIceTrans
 from aiortc.rtcsctptransport import RTCSctpCapabilities, RTCSctpTransport
 
 from . import sdp
+from .fastpath import CompiledSendPath, SendError
 from .ice import NodeIceConnection, PortRange
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class PeerTransport:
         on_rtcp: Callable[[bytes], None],
         on_state: Callable[[str], None],
         on_datachannel: Callable[[RTCDataChannel], None] | None = None,
+        send_path: CompiledSendPath | None = None,
     ):
         self.label = label
         self.offerer = offerer
@@ -62,8 +64,9 @@ class PeerTransport:
         self.state = "new"
         self.connected_at = 0.0
         self.created_at = time.monotonic()
-        self.packets_in = self.packets_out = 0
-        self.bytes_in = self.bytes_out = 0
+        self.packets_in = 0
+        self.bytes_in = 0
+        self._packets_out = self._bytes_out = 0
         self.errors = 0
 
         self.ice_conn = NodeIceConnection(ports, announce_ip, controlling=offerer)
@@ -85,6 +88,10 @@ class PeerTransport:
         self._connect_task: asyncio.Task | None = None
         self._rx: pylibsrtp.Session | None = None
         self._tx: pylibsrtp.Session | None = None
+        self._send_path = send_path
+        self._srtp_sender = None
+        self._out = None  # the compiled path's Output for `_out_pair`, when it handles this connection
+        self._out_pair = None
         self._closed = False
         self._tasks: set[asyncio.Future] = set()
         self.ice.on("statechange", self._ice_state)
@@ -289,9 +296,18 @@ class PeerTransport:
             log.exception("%s: RTCP handler failed", self.label)
 
     def send_rtp(self, packet: bytes) -> None:
-        tx = self._tx
         pair = self.ice_conn._nominated.get(1)
+        if self._out_pair is pair and pair is not None:
+            try:
+                self._out.send(packet)  # type: ignore[union-attr]
+            except SendError:
+                self.errors += 1
+            return
+        tx = self._tx
         if tx is None or pair is None:
+            return
+        if self._send_path is not None and self._bind_output(pair):
+            self.send_rtp(packet)
             return
         try:
             data = tx.protect(packet)
@@ -299,8 +315,35 @@ class PeerTransport:
             self.errors += 1
             return
         pair.protocol.transport.sendto(data, pair.remote_addr)
-        self.packets_out += 1
-        self.bytes_out += len(data)
+        self._packets_out += 1
+        self._bytes_out += len(data)
+
+    def _bind_output(self, pair) -> bool:
+        """Move RTP of this connection to the compiled path (again, after an ICE restart changed the pair).
+        Once it protected a packet, RTP never goes back to the pylibsrtp session: their rollover counters
+        would part."""
+        if self._out is None and self._packets_out:
+            return False  # already sending through pylibsrtp: stay there
+        path = self._send_path
+        if self._srtp_sender is None:
+            self._srtp_sender = path.srtp_sender(self.dtls)  # type: ignore[union-attr]
+        out = path.output(self._srtp_sender, pair.protocol.transport, pair.remote_addr) if self._srtp_sender else None
+        if out is None:
+            self._send_path = None
+            return False
+        if self._out is not None:
+            self._packets_out += self._out.packets
+            self._bytes_out += self._out.bytes
+        self._out, self._out_pair = out, pair
+        return True
+
+    @property
+    def packets_out(self) -> int:
+        return self._packets_out + (self._out.packets if self._out is not None else 0)
+
+    @property
+    def bytes_out(self) -> int:
+        return self._bytes_out + (self._out.bytes if self._out is not None else 0)
 
     def send_rtcp(self, packet: bytes) -> None:
         tx = self._tx
@@ -324,6 +367,8 @@ class PeerTransport:
         if self.ice_conn.protocol is not None:
             self.ice_conn.protocol.fast = None
         self._tx = None
+        self._packets_out, self._bytes_out = self.packets_out, self.bytes_out
+        self._out = self._out_pair = None
         pending = [t for t in (self._connect_task, *self._tasks) if t is not None and not t.done()]
         for task in pending:
             task.cancel()

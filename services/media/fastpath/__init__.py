@@ -1,0 +1,97 @@
+"""The send path of the forwarding loop, chosen once when the media node starts.
+
+* Compiled (`_fastpath.c`, built by `pip install` when a C compiler and OpenSSL's headers are there): SRTP protect
+  in C with the DTLS-SRTP keys of each PeerConnection, queued into one `Batch` per event loop and handed to the
+  kernel with one `sendmmsg` per socket at the end of the wake-up that produced them.
+* Pure Python (the reference, and the fallback when the extension is missing or `rtc.fast_path` is off): aiortc's
+  pylibsrtp session and one `sendto` per packet, see `PeerTransport.send_rtp`.
+
+Both produce the same bytes for the same keys and packets (tests/test_fastpath.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+
+log = logging.getLogger(__name__)
+
+try:
+    from . import _fastpath
+except ImportError as exc:  # not built: no compiler or no OpenSSL headers at install time
+    _fastpath = None
+    UNAVAILABLE = f"the compiled extension is not built ({exc})"
+else:
+    UNAVAILABLE = ""
+
+SendError: tuple[type[Exception], ...] = (_fastpath.Error,) if _fastpath is not None else ()
+
+# aiortc's OpenSSL profile names -> the extension's profile numbers (pylibsrtp's, too)
+_PROFILES = {
+    b"SRTP_AES128_CM_SHA1_80": 1,
+    b"SRTP_AEAD_AES_128_GCM": 7,
+    b"SRTP_AEAD_AES_256_GCM": 8,
+}
+
+
+class CompiledSendPath:
+    """Makes one `_fastpath.Output` per PeerConnection; all of them share the batch of the running loop."""
+
+    name = "compiled (C SRTP + sendmmsg batching)"
+
+    def __init__(self) -> None:
+        self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object] = weakref.WeakKeyDictionary()
+
+    def batch(self):
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
+        if batch is None:
+            holder: list = []
+            call_soon = loop.call_soon
+            batch = _fastpath.Batch(1024, lambda: call_soon(holder[0].flush))
+            holder.append(batch)
+            self._batches[loop] = batch
+        return batch
+
+    def output(self, sender, transport, remote_addr):
+        """An Output protecting with `sender` (see `srtp_sender`; one per connection, its rollover counters
+        must survive a change of path) and sending on `transport` to `remote_addr`, or None when the socket is
+        not one the extension handles."""
+        sock = transport.get_extra_info("socket")
+        if sock is None or ":" in remote_addr[0]:
+            return None
+        return _fastpath.Output(sender, self.batch(), sock.fileno(), remote_addr[0], remote_addr[1])
+
+    @staticmethod
+    def srtp_sender(dtls):
+        return srtp_sender(dtls)
+
+
+def srtp_sender(dtls):
+    """A compiled outbound SRTP context with the same keys as aiortc's `dtls._tx_srtp` (aiortc 1.16.0 seams:
+    `_ssl`, `_role`, `_srtp_profiles`, pinned by tests/test_media_seams.py)."""
+    ssl = dtls._ssl
+    if ssl is None or _fastpath is None:
+        return None
+    selected = ssl.get_selected_srtp_profile()
+    profile = next((p for p in dtls._srtp_profiles if p.openssl_profile == selected), None)
+    number = _PROFILES.get(selected)
+    if profile is None or number is None:
+        return None
+    material = ssl.export_keying_material(b"EXTRACTOR-dtls_srtp", 2 * (profile.key_length + profile.salt_length))
+    key = profile.get_key_and_salt(material, 1 if dtls._role == "server" else 0)
+    return _fastpath.SrtpSender(key, number)
+
+
+def choose(enabled: bool = True) -> CompiledSendPath | None:
+    """The send path for this process: the compiled one when built and enabled, else None (pure Python)."""
+    if enabled and _fastpath is not None:
+        return CompiledSendPath()
+    return None
+
+
+def describe(path: CompiledSendPath | None, enabled: bool = True) -> str:
+    if path is not None:
+        return path.name
+    return "pure Python (" + ("rtc.fast_path is off" if not enabled else UNAVAILABLE) + ")"

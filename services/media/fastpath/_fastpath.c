@@ -1,0 +1,697 @@
+/* The compiled forwarding floor: SRTP protect (AES_CM_128_HMAC_SHA1_80, AEAD_AES_128_GCM, AEAD_AES_256_GCM),
+ * RTP header rewrite per subscriber, and batched sends (sendmmsg) of everything one event-loop wake-up produced.
+ *
+ * The pure-Python path (pylibsrtp sessions, services/media/forward.py) is the reference: for the same master key,
+ * salt and packets, `SrtpSender.protect` returns exactly what a pylibsrtp outbound session with window 1024 and
+ * allow_repeat_tx returns, rollover counter included (tests/test_fastpath.py compares them byte for byte).
+ *
+ * Objects:
+ *   SrtpSender(key_and_salt, profile)   per-SSRC outbound SRTP state (48-bit index, 1024-packet window)
+ *   Batch(capacity, schedule)           protected datagrams waiting for one sendmmsg per socket; `schedule()` is
+ *                                       called when the batch becomes non-empty (the owner flushes it soon)
+ *   Output(sender, batch, fd, host, port)   one destination: `send(rtp)` protects and queues
+ *   Output.forward(packet, off, seq, ts, marker, pt, ssrc)  rewrite the 12-byte header of `packet` and send
+ */
+#define PY_SSIZE_T_CLEAN
+#define OPENSSL_SUPPRESS_DEPRECATED
+#include <Python.h>
+#include <structmember.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+
+#define PROFILE_AES128_CM_SHA1_80 1
+#define PROFILE_AEAD_AES_128_GCM 7
+#define PROFILE_AEAD_AES_256_GCM 8
+
+#define WINDOW_BITS 1024
+#define WINDOW_WORDS (WINDOW_BITS / 64)
+#define SLOT_SIZE 2048
+#define MAX_RTP (SLOT_SIZE - 16)
+
+static PyObject *FastpathError;
+
+/* --- per-SSRC index and replay window (libsrtp's rdbx semantics) ------------------------------------------ */
+
+typedef struct {
+    uint32_t ssrc;
+    int used;
+    uint64_t index;                 /* 48-bit packet index of the newest packet */
+    uint64_t seen[WINDOW_WORDS];    /* bit k: the packet k behind the newest one was protected */
+} Stream;
+
+static int64_t estimate_index(const Stream *s, uint16_t seq, uint64_t *guess) {
+    if (s->index > 0x8000) {
+        uint32_t local_roc = (uint32_t)(s->index >> 16);
+        uint16_t local_seq = (uint16_t)s->index;
+        uint32_t roc;
+        int64_t diff;
+        if (local_seq < 0x8000) {
+            if ((int)seq - (int)local_seq > 0x8000) {
+                roc = local_roc - 1;
+                diff = (int64_t)seq - local_seq - 0x10000;
+            } else {
+                roc = local_roc;
+                diff = (int64_t)seq - local_seq;
+            }
+        } else {
+            if ((int)local_seq - 0x8000 > (int)seq) {
+                roc = local_roc + 1;
+                diff = (int64_t)seq - local_seq + 0x10000;
+            } else {
+                roc = local_roc;
+                diff = (int64_t)seq - local_seq;
+            }
+        }
+        *guess = (((uint64_t)roc) << 16) | seq;
+        return diff;
+    }
+    *guess = seq;
+    return (int64_t)seq - (int64_t)s->index;
+}
+
+static void window_advance(Stream *s, int64_t delta) {
+    if (delta >= WINDOW_BITS) {
+        memset(s->seen, 0, sizeof(s->seen));
+    } else {
+        int words = (int)(delta >> 6), bits = (int)(delta & 63);
+        for (int i = WINDOW_WORDS - 1; i >= 0; i--) {
+            uint64_t v = 0;
+            if (i - words >= 0) {
+                v = s->seen[i - words] << bits;
+                if (bits && i - words - 1 >= 0)
+                    v |= s->seen[i - words - 1] >> (64 - bits);
+            }
+            s->seen[i] = v;
+        }
+    }
+    s->seen[0] |= 1;
+    s->index = (s->index + (uint16_t)delta) & 0xFFFFFFFFFFFFULL;
+}
+
+/* --- SrtpSender ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    int profile;
+    int tag_len;
+    uint8_t salt[14];
+    EVP_CIPHER_CTX *cipher;
+    SHA_CTX hmac_inner, hmac_outer;
+    Stream *streams;
+    size_t nstreams, capacity;  /* open addressing, capacity a power of two */
+    uint32_t last_ssrc;
+    Stream *last;
+} SrtpSender;
+
+/* RFC 3711 4.3.1 key derivation (AES-CM PRF, key derivation rate 0), as libsrtp applies it to every profile:
+ * the label is XORed into byte 7 of the (zero-padded) 14-byte salt. */
+static int derive(const uint8_t *key, int key_len, const uint8_t *salt, int salt_len, uint8_t label, uint8_t *out,
+                  int out_len) {
+    uint8_t iv[16] = {0}, zeros[64] = {0};
+    int len = 0;
+    memcpy(iv, salt, salt_len);
+    iv[7] ^= label;
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (!ctx)
+        return -1;
+    int ok = EVP_EncryptInit_ex(ctx, key_len == 32 ? EVP_aes_256_ctr() : EVP_aes_128_ctr(), NULL, key, iv) &&
+             EVP_EncryptUpdate(ctx, out, &len, zeros, out_len);
+    EVP_CIPHER_CTX_free(ctx);
+    return ok ? 0 : -1;
+}
+
+static void hmac_prepare(SrtpSender *self, const uint8_t *auth_key, int key_len) {
+    uint8_t pad[64];
+    memset(pad, 0x36, sizeof(pad));
+    for (int i = 0; i < key_len; i++)
+        pad[i] ^= auth_key[i];
+    SHA1_Init(&self->hmac_inner);
+    SHA1_Update(&self->hmac_inner, pad, 64);
+    memset(pad, 0x5c, sizeof(pad));
+    for (int i = 0; i < key_len; i++)
+        pad[i] ^= auth_key[i];
+    SHA1_Init(&self->hmac_outer);
+    SHA1_Update(&self->hmac_outer, pad, 64);
+}
+
+static int SrtpSender_init(SrtpSender *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"key", "profile", NULL};
+    Py_buffer key;
+    int profile = PROFILE_AES128_CM_SHA1_80;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|i", kwlist, &key, &profile))
+        return -1;
+    int key_len, salt_len;
+    const EVP_CIPHER *cipher;
+    if (profile == PROFILE_AES128_CM_SHA1_80) {
+        key_len = 16, salt_len = 14, cipher = EVP_aes_128_ctr(), self->tag_len = 10;
+    } else if (profile == PROFILE_AEAD_AES_128_GCM) {
+        key_len = 16, salt_len = 12, cipher = EVP_aes_128_gcm(), self->tag_len = 16;
+    } else if (profile == PROFILE_AEAD_AES_256_GCM) {
+        key_len = 32, salt_len = 12, cipher = EVP_aes_256_gcm(), self->tag_len = 16;
+    } else {
+        PyBuffer_Release(&key);
+        PyErr_Format(PyExc_ValueError, "unsupported SRTP profile %d", profile);
+        return -1;
+    }
+    if (key.len != key_len + salt_len) {
+        PyBuffer_Release(&key);
+        PyErr_Format(PyExc_ValueError, "key and salt must be %d bytes", key_len + salt_len);
+        return -1;
+    }
+    const uint8_t *master = key.buf, *master_salt = (const uint8_t *)key.buf + key_len;
+    uint8_t enc_key[32], auth_key[20];
+    memset(self->salt, 0, sizeof(self->salt));
+    int failed = derive(master, key_len, master_salt, salt_len, 0x00, enc_key, key_len) ||
+                 derive(master, key_len, master_salt, salt_len, 0x02, self->salt, salt_len);
+    if (!failed && profile == PROFILE_AES128_CM_SHA1_80) {
+        failed = derive(master, key_len, master_salt, salt_len, 0x01, auth_key, 20);
+        if (!failed)
+            hmac_prepare(self, auth_key, 20);
+    }
+    PyBuffer_Release(&key);
+    if (self->cipher == NULL)
+        self->cipher = EVP_CIPHER_CTX_new();
+    if (failed || self->cipher == NULL || !EVP_EncryptInit_ex(self->cipher, cipher, NULL, enc_key, NULL)) {
+        PyErr_SetString(FastpathError, "SRTP key setup failed");
+        return -1;
+    }
+    if (profile != PROFILE_AES128_CM_SHA1_80)
+        EVP_CIPHER_CTX_ctrl(self->cipher, EVP_CTRL_GCM_SET_IVLEN, 12, NULL);
+    self->profile = profile;
+    self->capacity = 16;
+    self->nstreams = 0;
+    PyMem_Free(self->streams);
+    self->streams = PyMem_Calloc(self->capacity, sizeof(Stream));
+    self->last = NULL;
+    if (self->streams == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void SrtpSender_dealloc(SrtpSender *self) {
+    if (self->cipher)
+        EVP_CIPHER_CTX_free(self->cipher);
+    PyMem_Free(self->streams);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Stream *stream_of(SrtpSender *self, uint32_t ssrc) {
+    if (self->last != NULL && self->last_ssrc == ssrc)
+        return self->last;
+    if ((self->nstreams + 1) * 2 > self->capacity) {
+        size_t capacity = self->capacity * 2;
+        Stream *grown = PyMem_Calloc(capacity, sizeof(Stream));
+        if (grown == NULL)
+            return NULL;
+        for (size_t i = 0; i < self->capacity; i++) {
+            Stream *old = &self->streams[i];
+            if (!old->used)
+                continue;
+            size_t j = (old->ssrc * 2654435761u) & (capacity - 1);
+            while (grown[j].used)
+                j = (j + 1) & (capacity - 1);
+            grown[j] = *old;
+        }
+        PyMem_Free(self->streams);
+        self->streams = grown;
+        self->capacity = capacity;
+    }
+    size_t j = (ssrc * 2654435761u) & (self->capacity - 1);
+    while (self->streams[j].used && self->streams[j].ssrc != ssrc)
+        j = (j + 1) & (self->capacity - 1);
+    Stream *s = &self->streams[j];
+    if (!s->used) {
+        memset(s, 0, sizeof(*s));
+        s->used = 1;
+        s->ssrc = ssrc;
+        self->nstreams++;
+    }
+    self->last_ssrc = ssrc;
+    self->last = s;
+    return s;
+}
+
+/* Protect the RTP packet in `buf` (len bytes, room for the tag after it) in place; the protected length or -1. */
+static Py_ssize_t protect_into(SrtpSender *self, uint8_t *buf, Py_ssize_t len) {
+    if (len < 12 || (buf[0] >> 6) != 2) {
+        PyErr_SetString(FastpathError, "not an RTP packet");
+        return -1;
+    }
+    Py_ssize_t header = 12 + 4 * (buf[0] & 0x0F);
+    if ((buf[0] & 0x10) && header + 4 <= len)
+        header += 4 + 4 * (((Py_ssize_t)buf[header + 2] << 8) | buf[header + 3]);
+    if (header > len) {
+        PyErr_SetString(FastpathError, "RTP header longer than the packet");
+        return -1;
+    }
+    uint16_t seq = (uint16_t)((buf[2] << 8) | buf[3]);
+    uint32_t ssrc = ((uint32_t)buf[8] << 24) | ((uint32_t)buf[9] << 16) | ((uint32_t)buf[10] << 8) | buf[11];
+    Stream *s = stream_of(self, ssrc);
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint64_t index;
+    int64_t delta = estimate_index(s, seq, &index);
+    if (delta > 0) {
+        window_advance(s, delta);
+    } else if (WINDOW_BITS - 1 + delta < 0) {
+        PyErr_SetString(FastpathError, "SRTP protect failed: replay_old");
+        return -1;
+    } else {
+        s->seen[(-delta) >> 6] |= 1ULL << ((-delta) & 63);  /* a repeat is allowed (allow_repeat_tx) */
+    }
+    uint32_t roc = (uint32_t)(index >> 16);
+    int out = 0;
+    if (self->profile == PROFILE_AES128_CM_SHA1_80) {
+        uint8_t iv[16];
+        memcpy(iv, self->salt, 14);
+        iv[14] = iv[15] = 0;
+        iv[4] ^= buf[8], iv[5] ^= buf[9], iv[6] ^= buf[10], iv[7] ^= buf[11];
+        for (int i = 0; i < 6; i++)
+            iv[8 + i] ^= (uint8_t)(index >> (40 - 8 * i));
+        if (!EVP_EncryptInit_ex(self->cipher, NULL, NULL, NULL, iv) ||
+            !EVP_EncryptUpdate(self->cipher, buf + header, &out, buf + header, (int)(len - header))) {
+            PyErr_SetString(FastpathError, "AES-CM failed");
+            return -1;
+        }
+        uint8_t roc_be[4] = {roc >> 24, roc >> 16, roc >> 8, roc}, digest[20];
+        SHA_CTX ctx = self->hmac_inner;
+        SHA1_Update(&ctx, buf, len);
+        SHA1_Update(&ctx, roc_be, 4);
+        SHA1_Final(digest, &ctx);
+        ctx = self->hmac_outer;
+        SHA1_Update(&ctx, digest, 20);
+        SHA1_Final(digest, &ctx);
+        memcpy(buf + len, digest, 10);
+        return len + 10;
+    }
+    uint8_t iv[12] = {0, 0, buf[8], buf[9], buf[10], buf[11], roc >> 24, roc >> 16, roc >> 8, roc, buf[2], buf[3]};
+    for (int i = 0; i < 12; i++)
+        iv[i] ^= self->salt[i];
+    int final = 0;
+    if (!EVP_EncryptInit_ex(self->cipher, NULL, NULL, NULL, iv) ||
+        !EVP_EncryptUpdate(self->cipher, NULL, &out, buf, (int)header) ||
+        !EVP_EncryptUpdate(self->cipher, buf + header, &out, buf + header, (int)(len - header)) ||
+        !EVP_EncryptFinal_ex(self->cipher, buf + header + out, &final) ||
+        !EVP_CIPHER_CTX_ctrl(self->cipher, EVP_CTRL_GCM_GET_TAG, 16, buf + len)) {
+        PyErr_SetString(FastpathError, "AES-GCM failed");
+        return -1;
+    }
+    return len + 16;
+}
+
+static PyObject *SrtpSender_protect(SrtpSender *self, PyObject *arg) {
+    Py_buffer packet;
+    if (PyObject_GetBuffer(arg, &packet, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (packet.len > MAX_RTP) {
+        PyBuffer_Release(&packet);
+        PyErr_SetString(FastpathError, "RTP packet too large");
+        return NULL;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, packet.len + self->tag_len);
+    if (result == NULL) {
+        PyBuffer_Release(&packet);
+        return NULL;
+    }
+    uint8_t *buf = (uint8_t *)PyBytes_AS_STRING(result);
+    memcpy(buf, packet.buf, packet.len);
+    Py_ssize_t n = protect_into(self, buf, packet.len);
+    PyBuffer_Release(&packet);
+    if (n < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static PyMethodDef SrtpSender_methods[] = {
+    {"protect", (PyCFunction)SrtpSender_protect, METH_O, "protect(rtp) -> srtp, like a pylibsrtp Session"},
+    {NULL},
+};
+
+static PyTypeObject SrtpSenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "braid.services.media.fastpath._fastpath.SrtpSender",
+    .tp_basicsize = sizeof(SrtpSender),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Outbound SRTP for any SSRC of one DTLS-SRTP association",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)SrtpSender_init,
+    .tp_dealloc = (destructor)SrtpSender_dealloc,
+    .tp_methods = SrtpSender_methods,
+};
+
+/* --- Batch ----------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    int fd;
+    int order;
+    uint16_t len;
+    struct sockaddr_in addr;
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t capacity, count;
+    uint8_t *arena;
+    Entry *entries;
+    struct mmsghdr *msgs;
+    struct iovec *iovs;
+    struct sockaddr_in *addrs;
+    PyObject *schedule;
+    unsigned long long sent, dropped, flushes, syscalls;
+} Batch;
+
+static int Batch_init(Batch *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"capacity", "schedule", NULL};
+    Py_ssize_t capacity = 1024;
+    PyObject *schedule = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nO", kwlist, &capacity, &schedule))
+        return -1;
+    if (capacity < 1 || capacity > 65536) {
+        PyErr_SetString(PyExc_ValueError, "capacity must be in 1..65536");
+        return -1;
+    }
+    if (self->arena != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Batch already initialised");
+        return -1;
+    }
+    self->capacity = capacity;
+    self->arena = PyMem_Malloc(capacity * SLOT_SIZE);
+    self->entries = PyMem_Calloc(capacity, sizeof(Entry));
+    self->msgs = PyMem_Calloc(capacity, sizeof(struct mmsghdr));
+    self->iovs = PyMem_Calloc(capacity, sizeof(struct iovec));
+    self->addrs = PyMem_Calloc(capacity, sizeof(struct sockaddr_in));
+    if (!self->arena || !self->entries || !self->msgs || !self->iovs || !self->addrs) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_INCREF(schedule);
+    Py_XSETREF(self->schedule, schedule);
+    return 0;
+}
+
+static void Batch_dealloc(Batch *self) {
+    PyMem_Free(self->arena);
+    PyMem_Free(self->entries);
+    PyMem_Free(self->msgs);
+    PyMem_Free(self->iovs);
+    PyMem_Free(self->addrs);
+    Py_XDECREF(self->schedule);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int entry_order(const void *a, const void *b) {
+    const Entry *x = a, *y = b;
+    if (x->fd != y->fd)
+        return x->fd < y->fd ? -1 : 1;
+    return x->order - y->order;
+}
+
+/* Hand every queued datagram to the kernel: one sendmmsg per socket (more only if the kernel takes part). */
+static void batch_flush(Batch *self) {
+    Py_ssize_t n = self->count;
+    if (n == 0)
+        return;
+    self->flushes++;
+    int sorted = 1;
+    for (Py_ssize_t i = 1; i < n && sorted; i++)
+        sorted = self->entries[i].fd >= self->entries[i - 1].fd;
+    Entry *order = self->entries;
+    if (!sorted) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            self->entries[i].order = (int)i;
+        qsort(self->entries, n, sizeof(Entry), entry_order);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Entry *e = &order[i];
+        self->addrs[i] = e->addr;
+        self->iovs[i].iov_base = self->arena + (Py_ssize_t)(sorted ? i : e->order) * SLOT_SIZE;
+        self->iovs[i].iov_len = e->len;
+        struct msghdr *h = &self->msgs[i].msg_hdr;
+        h->msg_name = &self->addrs[i];
+        h->msg_namelen = sizeof(struct sockaddr_in);
+        h->msg_iov = &self->iovs[i];
+        h->msg_iovlen = 1;
+        h->msg_control = NULL;
+        h->msg_controllen = 0;
+        h->msg_flags = 0;
+    }
+    Py_ssize_t start = 0;
+    while (start < n) {
+        int fd = order[start].fd;
+        Py_ssize_t end = start;
+        while (end < n && order[end].fd == fd)
+            end++;
+        Py_ssize_t i = start;
+        while (i < end) {
+            unsigned int chunk = (unsigned int)(end - i > 1024 ? 1024 : end - i);
+            int r = sendmmsg(fd, &self->msgs[i], chunk, MSG_DONTWAIT);
+            self->syscalls++;
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EBADF || errno == ENOTSOCK) {
+                    self->dropped += end - i;  /* a full or closed socket: the rest of its datagrams are lost */
+                    break;
+                }
+                self->dropped++;  /* this datagram's destination refused it: skip it */
+                i++;
+                continue;
+            }
+            self->sent += r;
+            i += r;
+        }
+        start = end;
+    }
+    self->count = 0;
+}
+
+static PyObject *Batch_flush(Batch *self, PyObject *unused) {
+    unsigned long long before = self->sent;
+    batch_flush(self);
+    return PyLong_FromUnsignedLongLong(self->sent - before);
+}
+
+/* A slot for one more datagram, flushing first if the batch is full; schedules a flush when it was empty. */
+static Entry *batch_slot(Batch *self, uint8_t **buf) {
+    if (self->count == self->capacity)
+        batch_flush(self);
+    if (self->count == 0 && self->schedule != Py_None) {
+        PyObject *r = PyObject_CallNoArgs(self->schedule);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    *buf = self->arena + self->count * SLOT_SIZE;
+    return &self->entries[self->count];
+}
+
+static PyMemberDef Batch_members[] = {
+    {"count", T_PYSSIZET, offsetof(Batch, count), READONLY, "datagrams waiting"},
+    {"sent", T_ULONGLONG, offsetof(Batch, sent), READONLY, "datagrams the kernel accepted"},
+    {"dropped", T_ULONGLONG, offsetof(Batch, dropped), READONLY, "datagrams a socket refused"},
+    {"flushes", T_ULONGLONG, offsetof(Batch, flushes), READONLY, "flushes that sent something"},
+    {"syscalls", T_ULONGLONG, offsetof(Batch, syscalls), READONLY, "sendmmsg calls"},
+    {NULL},
+};
+
+static PyMethodDef Batch_methods[] = {
+    {"flush", (PyCFunction)Batch_flush, METH_NOARGS, "send everything queued; returns how many were sent"},
+    {NULL},
+};
+
+static PyTypeObject BatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "braid.services.media.fastpath._fastpath.Batch",
+    .tp_basicsize = sizeof(Batch),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Datagrams queued during one wake-up, sent with one sendmmsg per socket",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Batch_init,
+    .tp_dealloc = (destructor)Batch_dealloc,
+    .tp_members = Batch_members,
+    .tp_methods = Batch_methods,
+};
+
+/* --- Output ---------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    SrtpSender *sender;
+    Batch *batch;
+    int fd;
+    struct sockaddr_in addr;
+    unsigned long long packets, bytes, errors;
+} Output;
+
+static int Output_init(Output *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"sender", "batch", "fd", "host", "port", NULL};
+    SrtpSender *sender;
+    Batch *batch;
+    int fd, port;
+    const char *host;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!isi", kwlist, &SrtpSenderType, &sender, &BatchType, &batch,
+                                     &fd, &host, &port))
+        return -1;
+    memset(&self->addr, 0, sizeof(self->addr));
+    self->addr.sin_family = AF_INET;
+    self->addr.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &self->addr.sin_addr) != 1 || port <= 0 || port > 65535) {
+        PyErr_Format(PyExc_ValueError, "not an IPv4 address and port: %s:%d", host, port);
+        return -1;
+    }
+    Py_INCREF(sender);
+    Py_XSETREF(self->sender, sender);
+    Py_INCREF(batch);
+    Py_XSETREF(self->batch, batch);
+    self->fd = fd;
+    return 0;
+}
+
+static void Output_dealloc(Output *self) {
+    Py_XDECREF(self->sender);
+    Py_XDECREF(self->batch);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline PyObject *queue(Output *self, Entry *e, uint8_t *buf, Py_ssize_t len) {
+    Py_ssize_t n = protect_into(self->sender, buf, len);
+    if (n < 0) {
+        self->errors++;
+        return NULL;
+    }
+    e->fd = self->fd;
+    e->len = (uint16_t)n;
+    e->addr = self->addr;
+    self->batch->count++;
+    self->packets++;
+    self->bytes += n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Output_send(Output *self, PyObject *arg) {
+    Py_buffer packet;
+    if (PyObject_GetBuffer(arg, &packet, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (packet.len > MAX_RTP) {
+        PyBuffer_Release(&packet);
+        PyErr_SetString(FastpathError, "RTP packet too large");
+        return NULL;
+    }
+    uint8_t *buf;
+    Entry *e = batch_slot(self->batch, &buf);
+    if (e == NULL) {
+        PyBuffer_Release(&packet);
+        return NULL;
+    }
+    memcpy(buf, packet.buf, packet.len);
+    Py_ssize_t len = packet.len;
+    PyBuffer_Release(&packet);
+    return queue(self, e, buf, len);
+}
+
+/* forward(packet, off, seq, ts, marker, pt, ssrc): a new 12-byte header (version 2, the packet's padding bit,
+ * marker, pt, seq, ts, ssrc) in front of packet[off:], protected and queued. Same bytes as forward.DownTrack. */
+static PyObject *Output_forward(Output *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "forward(packet, off, seq, ts, marker, pt, ssrc)");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "packet must be bytes");
+        return NULL;
+    }
+    const uint8_t *src = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
+    unsigned long seq = PyLong_AsUnsignedLongMask(args[2]);
+    unsigned long ts = PyLong_AsUnsignedLongMask(args[3]);
+    long marker = PyLong_AsLong(args[4]);
+    long pt = PyLong_AsLong(args[5]);
+    unsigned long ssrc = PyLong_AsUnsignedLongMask(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (off < 0 || off > size || size - off + 12 > MAX_RTP || size < 1) {
+        PyErr_SetString(FastpathError, "bad payload offset or size");
+        return NULL;
+    }
+    uint8_t *buf;
+    Entry *e = batch_slot(self->batch, &buf);
+    if (e == NULL)
+        return NULL;
+    buf[0] = 0x80 | (src[0] & 0x20);
+    buf[1] = (uint8_t)((marker ? 0x80 : 0) | (pt & 0x7F));
+    buf[2] = (uint8_t)(seq >> 8), buf[3] = (uint8_t)seq;
+    buf[4] = (uint8_t)(ts >> 24), buf[5] = (uint8_t)(ts >> 16), buf[6] = (uint8_t)(ts >> 8), buf[7] = (uint8_t)ts;
+    buf[8] = (uint8_t)(ssrc >> 24), buf[9] = (uint8_t)(ssrc >> 16), buf[10] = (uint8_t)(ssrc >> 8);
+    buf[11] = (uint8_t)ssrc;
+    memcpy(buf + 12, src + off, size - off);
+    return queue(self, e, buf, 12 + size - off);
+}
+
+static PyMemberDef Output_members[] = {
+    {"packets", T_ULONGLONG, offsetof(Output, packets), READONLY, "packets queued"},
+    {"bytes", T_ULONGLONG, offsetof(Output, bytes), READONLY, "protected bytes queued"},
+    {"errors", T_ULONGLONG, offsetof(Output, errors), READONLY, "packets SRTP refused"},
+    {"fd", T_INT, offsetof(Output, fd), READONLY, "the socket"},
+    {NULL},
+};
+
+static PyMethodDef Output_methods[] = {
+    {"send", (PyCFunction)Output_send, METH_O, "send(rtp): protect and queue"},
+    {"forward", (PyCFunction)(void (*)(void))Output_forward, METH_FASTCALL,
+     "forward(packet, off, seq, ts, marker, pt, ssrc): rewrite the header, protect and queue"},
+    {NULL},
+};
+
+static PyTypeObject OutputType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "braid.services.media.fastpath._fastpath.Output",
+    .tp_basicsize = sizeof(Output),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One SRTP destination: a sender's keys, a socket and the peer's address",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Output_init,
+    .tp_dealloc = (destructor)Output_dealloc,
+    .tp_members = Output_members,
+    .tp_methods = Output_methods,
+};
+
+/* --- module ---------------------------------------------------------------------------------------------- */
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT, "braid.services.media.fastpath._fastpath",
+    "Compiled SRTP protect, header rewrite and sendmmsg batching for the forwarding path.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    if (PyType_Ready(&SrtpSenderType) < 0 || PyType_Ready(&BatchType) < 0 || PyType_Ready(&OutputType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (m == NULL)
+        return NULL;
+    FastpathError = PyErr_NewException("braid.services.media.fastpath._fastpath.Error", NULL, NULL);
+    Py_INCREF(FastpathError);
+    PyModule_AddObject(m, "Error", FastpathError);
+    Py_INCREF(&SrtpSenderType);
+    PyModule_AddObject(m, "SrtpSender", (PyObject *)&SrtpSenderType);
+    Py_INCREF(&BatchType);
+    PyModule_AddObject(m, "Batch", (PyObject *)&BatchType);
+    Py_INCREF(&OutputType);
+    PyModule_AddObject(m, "Output", (PyObject *)&OutputType);
+    PyModule_AddIntConstant(m, "PROFILE_AES128_CM_SHA1_80", PROFILE_AES128_CM_SHA1_80);
+    PyModule_AddIntConstant(m, "PROFILE_AEAD_AES_128_GCM", PROFILE_AEAD_AES_128_GCM);
+    PyModule_AddIntConstant(m, "PROFILE_AEAD_AES_256_GCM", PROFILE_AEAD_AES_256_GCM);
+    return m;
+}

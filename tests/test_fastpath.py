@@ -1,0 +1,207 @@
+"""The compiled send path against its reference: the same bytes as pylibsrtp (aiortc's SRTP) and as the Python
+header rewrite of forward.DownTrack, for the same keys and packets, rollover counter included."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+
+import pylibsrtp
+import pytest
+from aiortc.rtcdtlstransport import RTCCertificate
+
+from braid.services.media import fastpath, rtp, sdp
+from braid.services.media.forward import DownTrack, UpTrack
+from braid.services.media.ice import PortRange
+from braid.services.media.transport import PeerTransport
+
+_fast = pytest.importorskip("braid.services.media.fastpath._fastpath", reason="compiled path not built")
+
+PROFILES = [  # (pylibsrtp profile, key + salt length)
+    (pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 30),
+    (pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM, 28),
+    (pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM, 44),
+]
+
+
+def reference(key: bytes, profile: int, inbound: bool = False) -> pylibsrtp.Session:
+    """An SRTP session configured the way aiortc configures its own (rtcdtlstransport._setup_srtp)."""
+    ssrc_type = pylibsrtp.Policy.SSRC_ANY_INBOUND if inbound else pylibsrtp.Policy.SSRC_ANY_OUTBOUND
+    policy = pylibsrtp.Policy(key=key, ssrc_type=ssrc_type, srtp_profile=profile)
+    policy.allow_repeat_tx = True
+    policy.window_size = 1024
+    return pylibsrtp.Session(policy)
+
+
+def packet(seq: int, ssrc: int, rng: random.Random, csrcs: int = 0, extension: bool = False) -> bytes:
+    header = struct.pack("!BBHII", 0x80 | (0x10 if extension else 0) | csrcs, 96, seq & 0xFFFF, seq * 3000, ssrc)
+    header += b"".join(struct.pack("!I", rng.getrandbits(32)) for _ in range(csrcs))
+    if extension:
+        header += struct.pack("!HH", 0xBEDE, 2) + bytes([0x10, 0x2A, 0x22, 1, 2, 3, 0, 0])
+    return header + rng.randbytes(rng.randint(1, 1200))
+
+
+@pytest.mark.parametrize("profile,key_len", PROFILES)
+def test_protect_matches_pylibsrtp_across_rollover_repeats_and_replays(profile, key_len):
+    rng = random.Random(profile)
+    key = rng.randbytes(key_len)
+    ref, fast = reference(key, profile), _fast.SrtpSender(key, profile)
+    seqs = (
+        list(range(65500, 65536)) + list(range(0, 40))  # a wrap: the rollover counter becomes 1
+        + [65530, 10, 5]  # late packets from before and after the wrap, and a repeat (retransmission)
+        + [20000, 30, 40000, 60000, 65535, 0, 100]  # jumps, one too old for the window, a second wrap
+        + list(range(64000, 65536, 97)) + list(range(0, 3000, 89))  # a third wrap in big steps
+    )
+    outcomes = []
+    for ssrc in (0x1234, 0xDEADBEEF):
+        for i, seq in enumerate(seqs):
+            pkt = packet(seq, ssrc, rng, csrcs=i % 3, extension=i % 4 == 1)
+            try:
+                expected = ref.protect(pkt)
+            except pylibsrtp.Error:
+                expected = None
+            try:
+                got = fast.protect(pkt)
+            except _fast.Error:
+                got = None
+            assert got == expected, (ssrc, i, seq)
+            outcomes.append(expected is not None)
+    assert not all(outcomes) and sum(outcomes) > len(outcomes) * 0.9  # both outcomes were compared
+
+
+def test_protect_refuses_what_is_not_rtp():
+    fast = _fast.SrtpSender(bytes(30), 1)
+    for bad in (b"", b"\x80" * 5, b"\x40" + bytes(20), struct.pack("!BBHII", 0x8F, 96, 1, 1, 1)):
+        with pytest.raises(_fast.Error):
+            fast.protect(bad)
+    with pytest.raises(_fast.Error):
+        fast.protect(struct.pack("!BBHII", 0x80, 96, 1, 1, 1) + bytes(3000))
+    with pytest.raises(ValueError):
+        _fast.SrtpSender(bytes(29), 1)
+    with pytest.raises(ValueError):
+        _fast.SrtpSender(bytes(30), 2)
+
+
+def _udp_pair():
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    rx.settimeout(2)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    return rx, tx
+
+
+def _drain(sock: socket.socket, count: int) -> list[bytes]:
+    return [sock.recv(4096) for _ in range(count)]
+
+
+def test_forward_writes_the_downtrack_header_and_batches_one_sendmmsg_per_socket():
+    """Output.forward == DownTrack's header rewrite + pylibsrtp protect; queued datagrams leave on flush, one
+    sendmmsg per socket, in order per destination."""
+    rng = random.Random(7)
+    key = rng.randbytes(30)
+    ref = reference(key, 1)
+    (rx1, tx1), (rx2, tx2) = _udp_pair(), _udp_pair()
+    scheduled = []
+    batch = _fast.Batch(64, lambda: scheduled.append(1))
+    sender = _fast.SrtpSender(key, 1)
+    outputs = [_fast.Output(sender, batch, tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+               for tx, rx in ((tx1, rx1), (tx2, rx2))]
+    sent: list[list[bytes]] = [[], []]
+    up = UpTrack("TR_x", "video", "video/VP8", 90000, 96, None, lambda ssrc: None, lambda ssrc, seqs: None)
+    for i in range(40):
+        seq = (65520 + i) & 0xFFFF  # across the wrap
+        src = packet(seq, 0x51, rng, csrcs=i % 2)
+        if i % 5 == 0:  # padded: the padding bit and bytes must survive
+            src = bytes([src[0] | 0x20]) + src[1:] + b"\x00\x00\x03"
+        _, _, seq_in, ts_in, marker, off, _ = rtp.parse(src)
+        which = i % 2
+        ssrc, pt = (0xA0 + which), (100 + which)
+        out_seq, out_ts = (seq_in + 1000 * which) & 0xFFFF, (ts_in + 7) & 0xFFFFFFFF
+        outputs[which].forward(src, off, out_seq, out_ts, marker, pt, ssrc)
+        captured = []
+        down = DownTrack(up, captured.append, pt, ssrc=ssrc)
+        down.seq_off, down.ts_off = (out_seq - seq_in) & 0xFFFF, 7
+        down.current, down.waiting_keyframe, down.switch_seq = "layer", False, seq_in
+        down.write("layer", src[0], marker, seq_in, ts_in, src[off:], False)
+        sent[which].append(ref.protect(captured[0]))
+    assert scheduled == [1] and batch.count == 40
+    assert batch.flush() == 40
+    assert batch.count == 0 and batch.syscalls == 2 and batch.dropped == 0
+    assert _drain(rx1, 20) == sent[0]
+    assert _drain(rx2, 20) == sent[1]
+    assert outputs[0].packets == 20 and outputs[0].bytes == sum(map(len, sent[0]))
+    for sock in (rx1, tx1, rx2, tx2):
+        sock.close()
+
+
+def test_full_batch_flushes_itself_and_a_closed_socket_only_loses_its_own_datagrams():
+    key = bytes(range(30))
+    rx, tx = _udp_pair()
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    batch = _fast.Batch(8)
+    sender = _fast.SrtpSender(key, 1)
+    good = _fast.Output(sender, batch, tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    gone = _fast.Output(sender, batch, dead.fileno(), "127.0.0.1", rx.getsockname()[1])
+    dead.close()
+    base = struct.pack("!BBHII", 0x80, 96, 0, 0, 9)
+    for seq in range(12):
+        good.send(base[:2] + struct.pack("!H", seq) + base[4:] + b"x" * 100)
+        gone.send(base[:2] + struct.pack("!H", seq) + base[4:] + b"y" * 100)
+    batch.flush()
+    assert batch.sent == 12 and batch.dropped == 12
+    inbound = reference(key, 1, inbound=True)
+    got = [rtp.parse(inbound.unprotect(d))[2] for d in _drain(rx, 12)]
+    assert got == list(range(12))
+    with pytest.raises(ValueError):
+        _fast.Output(sender, batch, tx.fileno(), "::1", 5000)
+    rx.close()
+    tx.close()
+
+
+def _sections(pc: PeerTransport, setup: str) -> str:
+    sections = [sdp.Section(kind="video", mid="0", direction="sendrecv", codecs=[sdp.Codec(96, "VP8", 90000)])]
+    return sdp.write(sections, pc.local_transport(setup), 1, 1)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+async def test_peer_transport_sends_through_the_chosen_path_across_a_rollover(compiled):
+    """Two PeerTransports over loopback: RTP from one reaches the other intact across a sequence wrap, through
+    the compiled path (DTLS keys exported to C, batched sendmmsg) or the pure-Python one."""
+    ports = PortRange(41040, 41060, host="127.0.0.1")
+    cert = RTCCertificate.generateCertificate()
+    received: list[bytes] = []
+    path = fastpath.choose(compiled)
+    a = PeerTransport(ports=ports, announce_ip="127.0.0.1", certificate=cert, offerer=True, label="a",
+                      on_rtp=lambda d: None, on_rtcp=lambda d: None, on_state=lambda s: None, send_path=path)
+    b = PeerTransport(ports=ports, announce_ip="127.0.0.1", certificate=cert, offerer=False, label="b",
+                      on_rtp=received.append, on_rtcp=lambda d: None, on_state=lambda s: None)
+    try:
+        await a.prepare()
+        await b.prepare()
+        b.set_remote(sdp.parse(_sections(a, "actpass")), is_offer=True)
+        a.set_remote(sdp.parse(_sections(b, b.answer_setup)), is_offer=False)
+        for _ in range(300):
+            if a.state == b.state == "connected":
+                break
+            await asyncio.sleep(0.02)
+        assert a.state == b.state == "connected"
+        sent = []
+        for i in range(300):
+            sent.append(rtp.HEADER.pack(0x80, 96, (65400 + i) & 0xFFFF, 3000 * i, 4321) + os.urandom(200))
+            a.send_rtp(sent[-1])
+            if i % 20 == 19:
+                await asyncio.sleep(0.005)  # let the batch flush and the receiver read
+        for _ in range(200):
+            if len(received) >= len(sent):
+                break
+            await asyncio.sleep(0.01)
+        assert received == sent
+        assert a.packets_out == 300 and (a._out is not None) == compiled
+    finally:
+        await a.close()
+        await b.close()
