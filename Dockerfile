@@ -11,6 +11,11 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# gcc and libssl-dev compile the forwarding fast path (services/media/fastpath/_fastpath.c); the runtime stage
+# needs only libssl3, which the Python image already has.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/braid
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
@@ -19,7 +24,8 @@ COPY braid ./braid
 COPY services ./services
 RUN /opt/braid/bin/pip install --upgrade pip \
     && /opt/braid/bin/pip install . \
-    && /opt/braid/bin/braid-server --help >/dev/null
+    && /opt/braid/bin/braid-server --help >/dev/null \
+    && /opt/braid/bin/python -c "import braid.services.media.fastpath._fastpath"
 
 # Runtime: no compilers, no sources, a fixed unprivileged user (the chart's runAsUser 10001).
 FROM ${PYTHON_IMAGE}

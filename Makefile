@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml setup.py services/media/fastpath/_fastpath.c $(wildcard proto/braid/rpc/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	bash scripts/ensure-build-deps.sh
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
@@ -35,6 +36,7 @@ web-build:
 
 bench: $(STAMP)
 	bash scripts/ensure-test-deps.sh
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet 'matplotlib>=3.7'
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.cluster
 

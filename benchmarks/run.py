@@ -1,12 +1,16 @@
-"""`make bench`: one publisher (audio + 30 fps video) and N subscribers on `braid-server --dev`.
+"""`make bench`: one publisher (audio + 30 fps video) and N subscribers on `braid-server --dev`, for each send path.
 
-For each N it starts a fresh server process, joins the publisher and N subscribers over `/rtc/v1` with real
-ICE/DTLS/SRTP (benchmarks/rawclient.py: no codecs, so the client side stays cheap), lets media flow, and prints:
-forwarded packets per second (received by all subscribers), server CPU microseconds per forwarded packet (user +
-system time of the server process over the window), join latency (WebSocket open → JoinResponse, and → first
-media packet) and the server's RSS.
+For each send path (compiled: C SRTP + sendmmsg batching; python: pylibsrtp + one sendto per packet, the
+reference) and each N it starts a fresh server process, joins the publisher and N subscribers over `/rtc/v1` with
+real ICE/DTLS/SRTP (benchmarks/rawclient.py: no codecs, and once media flows the subscribers count datagrams
+without decrypting them, so the client side stays cheap), lets media flow, and prints: forwarded packets per second
+(received by all subscribers), server CPU microseconds per forwarded packet (user + system time of the server
+process over the window: CPU time, not wall time, so other load on the machine inflates it only through cache and
+scheduler effects), join latency, the server's RSS and its growth per subscribed track; then writes a PNG plot
+of CPU per forwarded packet against N for both paths.
 
-    python -m benchmarks.run [--subscribers 1,10,50] [--duration 10] [--fps 30] [--packets-per-frame 4]
+    python -m benchmarks.run [--subscribers 1,10,50,100,200] [--paths compiled,python] [--duration 10]
+                             [--fps 30] [--packets-per-frame 15] [--plot test-artifacts/bench-forwarding.png]
 """
 
 from __future__ import annotations
@@ -22,25 +26,30 @@ from pathlib import Path
 from aiortc.rtcdtlstransport import RTCCertificate
 
 from braid.clients.harness import join_token
+from braid.services.media import fastpath
 from braid.services.media.ice import PortRange
 
 from .procs import ROOT, Proc, free_port, run
 from .rawclient import RawParticipant, join_subscribers, start_publisher
 
+PATHS = {"compiled": "true", "python": "false"}  # -> rtc.fast_path
+TARGETS = {1: 40.0, 10: 5.0}  # issue 15: us of server CPU per forwarded packet at N = 1 and N >= 10
+
 KEY, SECRET = "devkey", "secret"
 
 
-def start_dev_server(log_dir: Path) -> Proc:
+def start_dev_server(log_dir: Path, path: str = "compiled") -> Proc:
     port = free_port()
-    env = {"BRAID_LOG_LEVEL": "WARNING", "BRAID_RTC__PORT_RANGE_START": "40000", "BRAID_RTC__PORT_RANGE_END": "44999"}
+    env = {"BRAID_LOG_LEVEL": "INFO", "BRAID_RTC__PORT_RANGE_START": "40000", "BRAID_RTC__PORT_RANGE_END": "44999",
+           "BRAID_RTC__FAST_PATH": PATHS[path]}
     server = Proc(f"server-{port}", [sys.executable, "-m", "braid.server", "--dev", "--port", str(port)], env,
                   log_dir, port)
     server.wait_ready(30)
     return server
 
 
-async def run_case(n: int, args: argparse.Namespace, log_dir: Path) -> dict:
-    server = start_dev_server(log_dir)
+async def run_case(n: int, path: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    server = start_dev_server(log_dir, path)
     ports = PortRange(45000, 49999, host="127.0.0.1")
     cert = RTCCertificate.generateCertificate()
     room = f"bench-{n}"
@@ -49,8 +58,10 @@ async def run_case(n: int, args: argparse.Namespace, log_dir: Path) -> dict:
     try:
         sender = await start_publisher(server.url, join_token(KEY, SECRET, room, "publisher"), ports, cert, args.fps,
                                        args.packets_per_frame, clients)
+        await asyncio.sleep(1.0)
+        rss_before = server.rss_mb()
         subscribers = await join_subscribers(server.url, room, n, lambda r, i: join_token(KEY, SECRET, r, i), ports, cert,
-                                             clients)
+                                             clients, count_only=True)
         await asyncio.sleep(args.warmup)
         packets0 = sum(s.counters.packets for s in subscribers)
         sent0, cpu0, t0 = sender.sent, server.cpu_seconds(), time.monotonic()
@@ -60,8 +71,11 @@ async def run_case(n: int, args: argparse.Namespace, log_dir: Path) -> dict:
         cpu = server.cpu_seconds() - cpu0
         joins = sorted(s.join_seconds * 1000 for s in subscribers)
         firsts = sorted(s.first_media_seconds * 1000 for s in subscribers if s.first_media_seconds)
+        rss = server.rss_mb()
         return {
             "n": n,
+            "path": path,
+            "rss_per_track_kb": 1024 * (rss - rss_before) / (2 * n),
             "in_pps": (sender.sent - sent0) / elapsed,
             "out_pps": forwarded / elapsed,
             "expected_pps": (sender.sent - sent0) / elapsed * n,
@@ -70,7 +84,7 @@ async def run_case(n: int, args: argparse.Namespace, log_dir: Path) -> dict:
             "join_ms": statistics.median(joins),
             "join_p95_ms": joins[int(0.95 * (len(joins) - 1))],
             "media_ms": statistics.median(firsts) if firsts else float("nan"),
-            "rss_mb": server.rss_mb(),
+            "rss_mb": rss,
         }
     finally:
         if sender is not None:
@@ -83,40 +97,87 @@ def _print(rows: list[dict], args: argparse.Namespace) -> None:
     print()
     print(f"Braid forwarding benchmark: 1 publisher (Opus 50 pps + video {args.fps:g} fps x "
           f"{args.packets_per_frame} packets), N subscribers, {args.duration:g} s window, "
-          f"{os.cpu_count()} CPUs, loop={'uvloop' if os.environ.get('BRAID_NO_UVLOOP') != '1' else 'asyncio'}")
-    header = (f"{'N':>4} {'in pps':>8} {'fwd pps':>9} {'delivered':>9} {'srv CPU':>8} {'us/pkt':>7} "
-              f"{'join ms':>8} {'join p95':>8} {'1st media':>9} {'RSS MB':>7}")
+          f"{os.cpu_count()} CPUs, loop={'uvloop' if os.environ.get('BRAID_NO_UVLOOP') != '1' else 'asyncio'}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
+    header = (f"{'path':>8} {'N':>4} {'in pps':>7} {'fwd pps':>8} {'delivered':>9} {'srv CPU':>8} {'us/pkt':>7} "
+              f"{'join ms':>8} {'join p95':>8} {'1st media':>9} {'RSS MB':>7} {'KB/track':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         delivered = 100 * r["out_pps"] / r["expected_pps"] if r["expected_pps"] else 0
-        print(f"{r['n']:>4} {r['in_pps']:>8.0f} {r['out_pps']:>9.0f} {delivered:>8.1f}% {r['cpu_pct']:>7.1f}% "
-              f"{r['us_per_pkt']:>7.1f} {r['join_ms']:>8.1f} {r['join_p95_ms']:>8.1f} {r['media_ms']:>8.0f} "
-              f"{r['rss_mb']:>7.1f}")
+        print(f"{r['path']:>8} {r['n']:>4} {r['in_pps']:>7.0f} {r['out_pps']:>8.0f} {delivered:>8.1f}% "
+              f"{r['cpu_pct']:>7.1f}% {r['us_per_pkt']:>7.1f} {r['join_ms']:>8.1f} {r['join_p95_ms']:>8.1f} "
+              f"{r['media_ms']:>8.0f} {r['rss_mb']:>7.1f} {r['rss_per_track_kb']:>8.1f}")
     print("srv CPU: user+system time of the server process; us/pkt: server CPU per forwarded packet "
-          "(ingest, RTCP and signalling included); 1st media: join start to the first RTP packet.")
+          "(ingest, RTCP and signalling included); 1st media: join start to the first RTP packet; "
+          "KB/track: RSS growth per subscribed track (2 per subscriber).")
+    for r in rows:
+        target = TARGETS[1] if r["n"] == 1 else TARGETS[10] if r["n"] >= 10 else None
+        if r["path"] == "compiled" and target is not None:
+            verdict = "meets" if r["us_per_pkt"] <= target else "MISSES"
+            print(f"  compiled, N={r['n']}: {r['us_per_pkt']:.1f} us/pkt {verdict} the target of {target:g} us")
+
+
+def plot(rows: list[dict], out: Path, args: argparse.Namespace) -> bool:
+    """CPU per forwarded packet against N, one line per send path; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for path in dict.fromkeys(r["path"] for r in rows):
+        points = [(r["n"], r["us_per_pkt"]) for r in rows if r["path"] == path]
+        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=f"{path} send path")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("subscribers N")
+    ax.set_ylabel("server CPU us per forwarded packet")
+    ax.set_title(f"Braid forwarding cost, 1 publisher at ~{50 + args.fps * args.packets_per_frame:.0f} pps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 async def main_async(args: argparse.Namespace) -> None:
     log_dir = ROOT / "test-artifacts"
     log_dir.mkdir(exist_ok=True)
     rows = []
-    for n in args.subscribers:
-        rows.append(await run_case(n, args, log_dir))
-        r = rows[-1]
-        print(f"N={n}: {r['out_pps']:.0f} forwarded pps, {r['us_per_pkt']:.1f} us/packet", file=sys.stderr)
+    for path in args.paths:
+        if path == "compiled" and fastpath.UNAVAILABLE:
+            print(f"skipping the compiled path: {fastpath.UNAVAILABLE}", file=sys.stderr)
+            continue
+        for n in args.subscribers:
+            rows.append(await run_case(n, path, args, log_dir))
+            r = rows[-1]
+            print(f"{path} N={n}: {r['out_pps']:.0f} forwarded pps, {r['us_per_pkt']:.1f} us/packet", file=sys.stderr)
     _print(rows, args)
+    if plot(rows, args.plot, args):
+        print(f"plot of us/pkt against N: {args.plot}")
+    else:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--subscribers", default="1,10,50", help="comma-separated N values (default 1,10,50)")
+    parser.add_argument("--subscribers", default="1,10,50,100,200", help="comma-separated N values")
+    parser.add_argument("--paths", default="compiled,python", help="send paths to measure: compiled,python")
+    parser.add_argument("--plot", type=Path, default=ROOT / "test-artifacts" / "bench-forwarding.png")
     parser.add_argument("--duration", type=float, default=10.0, help="measurement window in seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of media before measuring")
     parser.add_argument("--fps", type=float, default=30.0)
-    parser.add_argument("--packets-per-frame", type=int, default=4)
+    parser.add_argument("--packets-per-frame", type=int, default=15)
     args = parser.parse_args(argv)
     args.subscribers = [int(v) for v in args.subscribers.split(",") if v.strip()]
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = set(args.paths) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown send path(s): {', '.join(sorted(unknown))}")
     run(main_async(args))
 
 
