@@ -70,6 +70,9 @@ class _Subscriber:
     def send(self, response: rtc_pb.SignalResponse) -> None:
         self.sent.append(response)
 
+    def may_subscribe_more(self) -> bool:
+        return True
+
     def updates(self) -> list[tuple[str, bool]]:
         return [(r.subscription_permission_update.track_sid, r.subscription_permission_update.allowed)
                 for r in self.sent if r.WhichOneof("message") == "subscription_permission_update"]

@@ -76,6 +76,10 @@ async def _scenario(publisher_url: str, viewer_url: str, room: str, key: tuple[s
         assert await wait_until(lambda: _flowing(bob, "alice", (0, 0)) and _flowing(carol, "alice", (0, 0)), 25), (
             _counts(bob, "alice"), _counts(carol, "alice"))
 
+        # Connection quality reaches the viewers for the publisher they watch too, wherever she is hosted.
+        assert await wait_until(lambda: carol.quality_of("alice") == "QUALITY_EXCELLENT"
+                                and carol.quality_of("carol") == "QUALITY_EXCELLENT", 15), carol.events
+
         alice.room.local_participant.set_track_subscription_permissions(
             allow_all_participants=False, participant_permissions=_allow(carol=True))
         assert await _stops(bob, "alice", 10), f"bob still receives alice after losing permission: {bob.events}"

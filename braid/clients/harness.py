@@ -62,6 +62,8 @@ class Observer:
         room.on("room_metadata_changed", lambda old, new: self.events.append(("room_metadata", new)))
         room.on("active_speakers_changed",
                 lambda speakers: self.events.append(("speakers", ",".join(p.identity for p in speakers))))
+        room.on("connection_quality_changed",
+                lambda p, quality: self.events.append(("connection_quality", f"{p.identity}={quality.name}")))
         room.on("disconnected", self._on_disconnected)
 
     def _on_disconnected(self, reason) -> None:
@@ -80,6 +82,13 @@ class Observer:
         started = time.monotonic()
         await self.room.connect(url, token, rtc.RoomOptions(**options))
         self.connect_seconds = time.monotonic() - started
+
+    def quality_of(self, identity: str) -> str:
+        """The last connection quality the server reported for `identity` ("" before any)."""
+        for event, detail in reversed(self.events):
+            if event == "connection_quality" and detail.startswith(identity + "="):
+                return detail.split("=", 1)[1]
+        return ""
 
     def saw(self, event: str, detail: str | None = None) -> bool:
         return any(e == event and (detail is None or d == detail) for e, d in self.events)

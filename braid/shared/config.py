@@ -41,6 +41,7 @@ class RedisConfig:
 @dataclass
 class RTCConfig:
     node_ip: str = "127.0.0.1"  # the IP put in server ICE candidates
+    bind_ip: str = ""  # the IP media sockets listen on; empty: node_ip (set it when node_ip is a 1:1 NAT's or a relay's)
     port_range_start: int = 50000
     port_range_end: int = 60000
     enable_v1: bool = True  # `/rtc/v1` single-PeerConnection path; off → 404, SDKs fall back to v0

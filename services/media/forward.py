@@ -337,6 +337,9 @@ class DownTrack:
         self.plis = 0
         self.rtt = 0.0
         self.fraction_lost = 0
+        self.rr_highest = self.rr_lost = self.rr_jitter = 0  # the subscriber's last receiver report of it
+        self.nacked = 0  # sequence numbers it asked for again (its loss before repair)
+        self.rr_at = 0.0
 
     def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
         if self.paused or not self.bound:
@@ -400,6 +403,7 @@ class DownTrack:
         """Resend what the buffer still has; ask the publisher for the rest."""
         layer = self.current
         self.nacks += 1
+        self.nacked += len(seqs)
         if layer is None or layer.buffer is None:
             return
         missing = []
@@ -431,6 +435,8 @@ class DownTrack:
 
     def on_receiver_report(self, block: rtcp.ReportBlock) -> None:
         self.fraction_lost = block.fraction_lost
+        self.rr_highest, self.rr_lost, self.rr_jitter = block.highest_seq, block.packets_lost, block.jitter
+        self.rr_at = time.monotonic()
         if self.video and len(self.up.layers) > 1 and self.current is not None:
             if self.loss.on_report(block.fraction_lost / 256, self.current.quality, time.monotonic()):
                 self.up.reassign()

@@ -22,6 +22,7 @@ from .limits import TokenBucket, fields_problem, merged_attributes
 from .link import SignalLink
 from .permissions import InvalidPermission
 from .publisher import Publisher, PublishedTrack
+from .quality import ParticipantQuality
 from .reliable import InboundSequence, ReliableLog
 from .subscriber import Subscriber, Subscription, quality_for
 from .telemetry import ReferenceGuard
@@ -116,6 +117,7 @@ class Participant:
         self.answer_version = 0
         self.session_id = int(time.time() * 1000)
         self.guard = ReferenceGuard(holder=f"session:{self.sid}")
+        self.quality = ParticipantQuality()
         self._negotiating = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
@@ -641,6 +643,15 @@ class Participant:
         sub_report = self.subscriber.tick(now)
         if sub_report and self.sub_pc is not None:
             self.sub_pc.send_rtcp(sub_report)
+
+    def score_connection(self, now: float, duration: float) -> float:
+        """Score the last `duration` seconds of its streams both ways (see quality.py)."""
+        published = [(t.up, "useinbandfec=1" in t.codec.fmtp, t.dynacast is not None and not any(t.dynacast.sent))
+                     for t in self.publisher.tracks.values()]
+        subscribed = [(s.down, f"{s.kind}/{s.codec.name}" if s.codec else s.track.up.mime,
+                       s.codec is not None and "useinbandfec=1" in s.codec.fmtp)
+                      for s in self.subscriber.subs.values() if s.down is not None and s.down.bound]
+        return self.quality.update(now, duration, published, subscribed)
 
     def media_silent_for(self, now: float, connecting: bool = False) -> float:
         """Seconds since the client's transports last sent anything: 0 while still connecting, or (`connecting`)

@@ -15,6 +15,7 @@ from braid.shared.auth import Claims, refreshed_token
 from braid.shared.serverinfo import server_info
 
 from .limits import fields_problem
+from . import quality
 from .participant import Participant
 from .publisher import PublishedTrack
 from .speakers import Speakers
@@ -48,6 +49,7 @@ class Room:
         self._persist_task = asyncio.create_task(self._persist_loop(), name=f"room-persist-{self.name}")
         self._tasks: set[asyncio.Task] = set()
         self.speakers = Speakers()
+        self._scored_at = 0.0
         self.closed = False
         self.link = node.cluster.room_link(self)  # participants on other media nodes, room-wide events
 
@@ -369,6 +371,23 @@ class Room:
                 self.schedule_remove(p, Reason.SIGNAL_CLOSE, send_leave=False)
             elif p.signal_connected and wall - p.last_token_refresh >= self.node.config.refresh_token_interval:
                 self.refresh_token(p, wall)
+        if now - self._scored_at >= quality.UPDATE_INTERVAL:
+            duration = now - self._scored_at if self._scored_at else quality.UPDATE_INTERVAL
+            self._scored_at = now
+            self.send_connection_quality(now, duration)
+
+    def send_connection_quality(self, now: float, duration: float) -> None:
+        """LiveKit's cadence: every participant hears its own quality and that of those whose tracks it receives."""
+        local = [p for p in self.participants.values() if not p.closed]
+        scores = {p.sid: p.score_connection(now, duration) for p in local}
+        remote = self.link.remote.scores()
+        for p in local:
+            updates = [quality.info(p.sid, scores[p.sid])]
+            for publisher_sid in sorted({s.publisher_sid for s in p.subscriber.subs.values()}):
+                score = scores.get(publisher_sid, remote.get(publisher_sid))
+                if score is not None:
+                    updates.append(quality.info(publisher_sid, score))
+            p.send(rtc_pb.SignalResponse(connection_quality=rtc_pb.ConnectionQualityUpdate(updates=updates)))
 
     def refresh_token(self, p: Participant, wall: float) -> None:
         p.last_token_refresh = wall

@@ -162,8 +162,9 @@ class RoomLink:
         self._enqueue(self._event(snapshot=cluster_pb2.SnapshotRequest(target_node_id=node_id)))
 
     def _roster(self) -> cluster_pb2.RoomEvent:
-        versions = {p.sid: p.version for p in self.room.participants.values() if not p.closed}
-        return self._event(roster=cluster_pb2.Roster(versions=versions))
+        live = [p for p in self.room.participants.values() if not p.closed]
+        return self._event(roster=cluster_pb2.Roster(versions={p.sid: p.version for p in live},
+                                                     scores={p.sid: p.quality.score for p in live}))
 
     async def _write(self) -> None:
         bus = self.cluster.bus
@@ -251,6 +252,7 @@ class RoomLink:
                 self.peers.pop(event.node_id, None)  # that node stopped hosting the room
             if remote.apply_roster(event.node_id, event.node_address, dict(event.roster.versions)):
                 self.request_snapshot(event.node_id)
+            remote.apply_scores(event.node_id, dict(event.roster.scores))
         elif kind == "snapshot":
             if event.snapshot.target_node_id in ("", self.cluster.node_id):
                 self.announce_all()

@@ -40,6 +40,7 @@ class RemoteParticipant:
     tracks: dict[str, RelayedTrack] = field(default_factory=dict)
     specs: dict[str, cluster_pb2.RelayTrackSpec] = field(default_factory=dict)
     access: SubscriptionPermission = field(default_factory=SubscriptionPermission)
+    score: float | None = None  # connection quality its node last reported
 
     @property
     def sid(self) -> str:
@@ -166,6 +167,14 @@ class RemoteView:
         missing = any(sid not in known or (known[sid].info.version < version and known[sid].node_id == node_id)
                       for sid, version in versions.items())
         return missing or any(not rp.specs and rp.info.tracks for rp in known.values())
+
+    def apply_scores(self, node_id: str, scores: dict[str, float]) -> None:
+        for rp in self.by_identity.values():
+            if rp.node_id == node_id and rp.sid in scores:
+                rp.score = scores[rp.sid]
+
+    def scores(self) -> dict[str, float]:
+        return {rp.sid: rp.score for rp in self.by_identity.values() if rp.score is not None}
 
     def apply_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
         known = {rp.sid for rp in self.by_identity.values()}
