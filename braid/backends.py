@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from braid.shared.agents import AgentStore, MemoryAgentStore
 from braid.shared.bus import Bus, MemoryBus
 from braid.shared.config import Config
 from braid.shared.store import MemoryRegistry, MemoryStore, NodeRegistry, RoomStore
@@ -14,6 +15,7 @@ class Backends:
     store: RoomStore
     registry: NodeRegistry
     bus: Bus
+    agents: AgentStore = field(default_factory=MemoryAgentStore)
 
     async def healthy(self) -> bool:
         ping = getattr(self.store, "ping", None)
@@ -35,4 +37,4 @@ def make_backends(config: Config) -> Backends:
         from braid.shared.redis_backend import redis_backends
 
         return redis_backends(config.redis)
-    return Backends(store=MemoryStore(), registry=MemoryRegistry(), bus=MemoryBus())
+    return Backends(store=MemoryStore(), registry=MemoryRegistry(), bus=MemoryBus(), agents=MemoryAgentStore())

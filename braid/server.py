@@ -41,6 +41,8 @@ class Server:
         self.http_port = 0
         self.media = None
         self.reaper = None
+        self.dispatcher = None
+        self.agent_hub = None
         self._started = False
         self._draining = False
         self._backend_ok = True
@@ -70,7 +72,11 @@ class Server:
             await self.media.start()
         if self.reaper is not None:
             self.reaper.start()
+        if self.dispatcher is not None:
+            await self.dispatcher.start()
         await self._start_http()
+        if self.agent_hub is not None:
+            await self.agent_hub.start()
         self._health_task = asyncio.create_task(self._watch_backends(), name="backend-health")
         self._started = True
 
@@ -81,7 +87,11 @@ class Server:
         from braid.services.router.rooms import RoomDirectory
         from braid.services.router.service import RouterService
 
+        from braid.services.router.agents import AgentDispatcher
+
         directory = RoomDirectory(self.backends.store, self.config.room, self.notifier)
+        self.dispatcher = AgentDispatcher(self.backends.agents, self.backends.store, self.backends.bus, self.node_id)
+        directory.listeners.append(self.dispatcher)
         regions = [Region(r["name"], float(r["lat"]), float(r["lon"])) for r in self.config.router.regions]
         service = RouterService(
             directory,
@@ -89,6 +99,7 @@ class Server:
             self.channels,
             NodeSelector(self.config.router.node_selector, regions),
             auto_create=self.config.room.auto_create,
+            dispatcher=self.dispatcher,
         )
         router_pb2_grpc.add_RouterServicer_to_server(service, self.grpc_server)
         self.reaper = RoomReaper(directory, registry=self.backends.registry, owner=self.node_id)
@@ -118,17 +129,20 @@ class Server:
             if self.media is not None:
                 add_drain_routes(app, self.media.drain, KeyProvider(self.config.keys))
             return app
+        from braid.services.signal.agents import AgentHub
         from braid.services.signal.app import create_app
         from braid.services.signal.context import SignalContext
 
+        keys = KeyProvider(self.config.keys)
         ctx = SignalContext(
             config=self.config,
-            keys=KeyProvider(self.config.keys),
+            keys=keys,
             channels=self.channels,
             node_id=self.node_id,
             ready=self.ready,
         )
-        return create_app(ctx)
+        self.agent_hub = AgentHub(self.backends.agents, self.backends.bus, keys, self.node_id, self.config.region)
+        return create_app(ctx, self.agent_hub)
 
     def metrics(self) -> dict[str, float]:
         gauges = {"braid_up": 1.0, "braid_ready": float(self.ready())}
@@ -159,10 +173,14 @@ class Server:
         if self._health_task:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        if self.agent_hub is not None:
+            await self.agent_hub.stop()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         if self.reaper is not None:
             await self.reaper.stop()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
         if self.media is not None:
             await self.media.stop()
         if self.grpc_server is not None:

@@ -34,3 +34,21 @@ def event_id() -> str:
 
 def node_id() -> str:
     return guid(NODE_PREFIX)
+
+
+# livekit/protocol guid prefixes of the agent service
+AGENT_WORKER_PREFIX = "AW_"
+AGENT_JOB_PREFIX = "AJ_"
+AGENT_DISPATCH_PREFIX = "AD_"
+
+
+def agent_worker_id() -> str:
+    return guid(AGENT_WORKER_PREFIX)
+
+
+def agent_job_id() -> str:
+    return guid(AGENT_JOB_PREFIX)
+
+
+def agent_dispatch_id() -> str:
+    return guid(AGENT_DISPATCH_PREFIX)

@@ -252,9 +252,12 @@ class RedisBus(Bus):
 def redis_backends(config: RedisConfig):
     from braid.backends import Backends
 
+    from braid.shared.redis_agents import RedisAgentStore
+
     client = connect(config)
     return Backends(
         store=RedisStore(client, config.key_prefix),
+        agents=RedisAgentStore(client, config.key_prefix),
         registry=RedisRegistry(client, config.key_prefix),
         bus=RedisBus(client, config.key_prefix),
     )

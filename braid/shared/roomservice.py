@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Type
 
 from google.protobuf.message import Message
+from livekit.protocol import agent_dispatch as dispatch_pb
 from livekit.protocol import models
 from livekit.protocol import room as room_pb
 
@@ -47,6 +48,19 @@ METHODS: dict[str, Method] = {
         Method("PerformRpc", room_pb.PerformRpcRequest, room_pb.PerformRpcResponse, "admin"),
     )
 }
+
+
+# AgentDispatchService (livekit_agent_dispatch.proto): every method needs roomAdmin on the dispatch's room.
+DISPATCH_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("CreateDispatch", dispatch_pb.CreateAgentDispatchRequest, dispatch_pb.AgentDispatch, "admin"),
+        Method("DeleteDispatch", dispatch_pb.DeleteAgentDispatchRequest, dispatch_pb.AgentDispatch, "admin"),
+        Method("ListDispatch", dispatch_pb.ListAgentDispatchRequest, dispatch_pb.ListAgentDispatchResponse, "admin"),
+    )
+}
+SERVICES: dict[str, dict[str, Method]] = {"RoomService": METHODS, "AgentDispatchService": DISPATCH_METHODS}
+ALL_METHODS: dict[str, Method] = {**METHODS, **DISPATCH_METHODS}
 
 
 def permission_error(method: Method, claims: Claims, request: Message) -> str | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from livekit.protocol import models, webhook
+from livekit.protocol import room as room_pb
 
 from braid.shared import ids
 from braid.shared.config import RoomConfig
@@ -18,11 +20,20 @@ ENABLED_CODECS = ("audio/opus", "video/VP8", "video/H264")
 MAX_ROOM_NAME = 256
 
 
+class RoomListener(Protocol):
+    """Told when a room starts or finishes (the agent dispatcher)."""
+
+    async def room_started(self, room: models.Room, config: room_pb.RoomConfiguration | None) -> None: ...
+
+    async def room_finished(self, room: str) -> None: ...
+
+
 class RoomDirectory:
     def __init__(self, store: RoomStore, defaults: RoomConfig, notifier):
         self.store = store
         self.defaults = defaults
         self.notifier = notifier
+        self.listeners: list[RoomListener] = []
 
     def new_room(
         self,
@@ -46,12 +57,19 @@ class RoomDirectory:
             enabled_codecs=[models.Codec(mime=mime) for mime in ENABLED_CODECS],
         )
 
-    async def ensure(self, room: models.Room) -> tuple[models.Room, bool]:
-        """Create `room` unless it exists; a new room announces `room_started`."""
+    async def ensure(self, room: models.Room,
+                     config: room_pb.RoomConfiguration | None = None) -> tuple[models.Room, bool]:
+        """Create `room` unless it exists; a new room announces `room_started`. `config` is the room
+        configuration of the token whose join creates it."""
         stored, created = await self.store.create_room(room)
         if created:
             log.info("room started: %s (%s)", stored.name, stored.sid)
             self.notifier.notify(webhook.WebhookEvent(event="room_started", room=stored))
+            for listener in self.listeners:
+                try:
+                    await listener.room_started(stored, config)
+                except Exception:
+                    log.exception("room_started listener failed for %s", stored.name)
         return stored, created
 
     async def finish(self, name: str, reason: str) -> models.Room | None:
@@ -61,6 +79,11 @@ class RoomDirectory:
             return None
         log.info("room finished: %s (%s): %s", room.name, room.sid, reason)
         self.notifier.notify(webhook.WebhookEvent(event="room_finished", room=room))
+        for listener in self.listeners:
+            try:
+                await listener.room_finished(room.name)
+            except Exception:
+                log.exception("room_finished listener failed for %s", room.name)
         return room
 
 

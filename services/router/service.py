@@ -7,15 +7,17 @@ import logging
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from livekit.protocol import agent_dispatch as dispatch_pb
 from livekit.protocol import models
 from livekit.protocol import room as room_pb
 
 from braid.rpc import common_pb2, router_pb2, router_pb2_grpc
-from braid.shared.roomservice import METHODS, call_deadline
+from braid.shared.roomservice import ALL_METHODS, call_deadline
 from braid.shared.rpc import DEFAULT_DEADLINE, Channels, call_idempotent, rpc_error
 from braid.shared.store import NodeRegistry, RoomStore
 from braid.shared.tracing import incoming_context, metadata_of, tracer
 
+from .agents import AgentDispatcher, DispatchError
 from .placement import NodeSelector
 from .rooms import RoomDirectory, validate_room_name
 
@@ -41,6 +43,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         channels: Channels,
         selector: NodeSelector,
         auto_create: bool = True,
+        dispatcher: AgentDispatcher | None = None,
     ):
         self.selector = selector
         self.directory = directory
@@ -48,11 +51,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.registry = registry
         self.channels = channels
         self.auto_create = auto_create
+        self.dispatcher = dispatcher
 
     # --- RoomService ---------------------------------------------------------------------------
 
     async def Administer(self, call: common_pb2.RoomCall, context) -> common_pb2.RoomReply:
-        method = METHODS.get(call.method)
+        method = ALL_METHODS.get(call.method)
         if method is None or not method.implemented:
             return common_pb2.RoomReply(error=rpc_error("unimplemented", f"{call.method} is not supported"))
         try:
@@ -124,7 +128,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if reply is None:
             if identity:
                 raise CallError("not_found", f"participant {identity!r} is not in room {room!r}")
-            return _reply(METHODS[call.method].response())
+            return _reply(ALL_METHODS[call.method].response())
         return reply
 
     async def _PerformRpc(self, call, request: room_pb.PerformRpcRequest) -> common_pb2.RoomReply:
@@ -139,6 +143,38 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise CallError("not_found", f"participant {request.destination_identity!r} is not in room "
                                          f"{request.room!r}")
         return reply
+
+    # --- AgentDispatchService -----------------------------------------------------------------------
+
+    def _agents(self) -> AgentDispatcher:
+        if self.dispatcher is None:
+            raise CallError("unimplemented", "agent dispatch is not enabled on this router")
+        return self.dispatcher
+
+    async def _CreateDispatch(self, call, request: dispatch_pb.CreateAgentDispatchRequest) -> common_pb2.RoomReply:
+        problem = validate_room_name(request.room)
+        if problem:
+            raise CallError("invalid_argument", problem)
+        dispatcher = self._agents()
+        room = await self.store.get_room(request.room)
+        if room is None:
+            if not self.auto_create:
+                raise CallError("not_found", f"room {request.room!r} does not exist")
+            room, _ = await self.directory.ensure(self.directory.new_room(request.room))
+        try:
+            return _reply(await dispatcher.create(room, request))
+        except DispatchError as exc:
+            raise CallError(exc.code, exc.msg) from None
+
+    async def _DeleteDispatch(self, call, request: dispatch_pb.DeleteAgentDispatchRequest) -> common_pb2.RoomReply:
+        try:
+            return _reply(await self._agents().delete(request.room, request.dispatch_id))
+        except DispatchError as exc:
+            raise CallError(exc.code, exc.msg) from None
+
+    async def _ListDispatch(self, call, request: dispatch_pb.ListAgentDispatchRequest) -> common_pb2.RoomReply:
+        dispatches = await self._agents().list(request.room, request.dispatch_id)
+        return _reply(dispatch_pb.ListAgentDispatchResponse(agent_dispatches=dispatches))
 
     async def _host_of(self, room: str, identity: str, sid: str) -> str:
         """The media node hosting participant `sid`, so a resume through any signal node reaches its session."""
@@ -218,7 +254,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if room is None:
             if not (self.auto_create or request.create_if_missing):
                 return router_pb2.Placement(error=rpc_error("not_found", "requested room does not exist"))
-            room, _ = await self.directory.ensure(self.directory.new_room(request.room))
+            room, _ = await self.directory.ensure(self.directory.new_room(request.room), _room_config(request))
         if room.max_participants:
             present = await self.store.get_participant(room.name, request.identity)
             if present is None and room.num_participants >= room.max_participants:
@@ -242,6 +278,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
             room=room.SerializeToString(),
             reason=choice.reason,
         )
+
+
+def _room_config(request: router_pb2.PlaceRequest) -> room_pb.RoomConfiguration | None:
+    if not request.room_config:
+        return None
+    try:
+        return room_pb.RoomConfiguration.FromString(request.room_config)
+    except DecodeError:
+        return None
 
 
 async def administer(router: router_pb2_grpc.RouterStub, call: common_pb2.RoomCall) -> common_pb2.RoomReply:

@@ -146,6 +146,19 @@ def join_request_from_query(query) -> rtc_pb.JoinRequest:
     return join
 
 
+def room_config_of(claims: Claims) -> bytes:
+    """The token's `roomConfig` (camelCase JSON, as livekit-api writes it) as a serialized RoomConfiguration."""
+    from livekit.protocol import room as room_pb
+
+    value = claims.raw.get("roomConfig")
+    if not isinstance(value, dict):
+        return b""
+    try:
+        return json_format.ParseDict(value, room_pb.RoomConfiguration(), ignore_unknown_fields=True).SerializeToString()
+    except (json_format.ParseError, ValueError, TypeError):
+        raise Reject(400, "invalid roomConfig in token") from None
+
+
 class RtcEdge:
     def __init__(self, ctx: SignalContext):
         self.ctx = ctx
@@ -260,7 +273,8 @@ class RtcEdge:
             placement = await self.ctx.router.Place(
                 router_pb2.PlaceRequest(room=room, identity=claims.identity, region=self.ctx.config.region,
                                         avoid_node_ids=self.failed_nodes.avoid(),
-                                        participant_sid=join.participant_sid if join.reconnect else ""),
+                                        participant_sid=join.participant_sid if join.reconnect else "",
+                                room_config=room_config_of(claims)),
                 timeout=PLACE_TIMEOUT,
                 metadata=outgoing_metadata(),
             )

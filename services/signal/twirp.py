@@ -15,12 +15,12 @@ from google.protobuf.message import DecodeError, Message
 
 from braid.rpc import common_pb2
 from braid.shared.auth import AuthError, bearer_token, verify_token
-from braid.shared.roomservice import METHODS, permission_error
+from braid.shared.roomservice import SERVICES, permission_error
 from braid.services.router.service import administer
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/twirp/livekit.RoomService/"
+PREFIX = "/twirp/livekit."
 MAX_BODY = 1024 * 1024
 
 # Twirp error code → HTTP status (twitchtv/twirp errors.go).
@@ -64,7 +64,7 @@ def _encode(kind: str, message: Message) -> web.Response:
 def add_twirp_routes(app: web.Application, ctx) -> None:
     async def handle(request: web.Request) -> web.StreamResponse:
         name = request.match_info["method"]
-        method = METHODS.get(name)
+        method = SERVICES.get(request.match_info["service"], {}).get(name)
         if method is None:
             return twirp_error("bad_route", f"no handler for path {request.path!r}", twirp_invalid_route=f"POST {request.path}")
         kind = _content_type(request)
@@ -104,4 +104,4 @@ def add_twirp_routes(app: web.Application, ctx) -> None:
             return twirp_error(reply.error.code, reply.error.msg)
         return _encode(kind, method.response.FromString(reply.response))
 
-    app.router.add_post(PREFIX + "{method}", handle)
+    app.router.add_post(PREFIX + "{service}/{method}", handle)
