@@ -207,3 +207,51 @@ async def test_peer_transport_sends_through_the_chosen_path_across_a_rollover(co
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["recvmmsg", "recvfrom"])
+async def test_burst_endpoint_drains_every_ready_datagram_per_wake_up(compiled):
+    """The media node's sockets: a burst is read in one go (then the socket rests 1 ms), datagrams keep their
+    order and source address, sendto works, close reports connection_lost once."""
+    from braid.services.media.fastpath.endpoint import create_endpoint
+
+    class Recorder(asyncio.DatagramProtocol):
+        def __init__(self):
+            self.got, self.lost, self.wakeups = [], 0, 0
+            self.transport = None
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.got.append((data, addr))
+
+        def connection_lost(self, exc):
+            self.lost += 1
+
+    transport, proto = await create_endpoint(Recorder, ("127.0.0.1", 0), compiled=compiled)
+    assert proto.transport is transport
+    port = transport.get_extra_info("sockname")[1]
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.setblocking(False)
+    reads = []
+    original = transport._deliver
+    transport._deliver = lambda: reads.append(original()) or reads[-1]  # count deliveries per wake-up
+    for i in range(200):
+        peer.sendto(i.to_bytes(2, "big") * 50, ("127.0.0.1", port))
+    for _ in range(100):
+        if len(proto.got) == 200:
+            break
+        await asyncio.sleep(0.005)
+    assert [int.from_bytes(d[:2], "big") for d, _ in proto.got] == list(range(200))
+    assert {a for _, a in proto.got} == {peer.getsockname()}
+    assert len([r for r in reads if r]) <= 3  # one burst, at most a few wake-ups
+    transport.sendto(b"pong", peer.getsockname())
+    await asyncio.sleep(0.01)
+    assert peer.recv(100) == b"pong"
+    transport.close()
+    transport.close()
+    await asyncio.sleep(0.01)
+    assert proto.lost == 1 and transport.is_closing()
+    peer.close()

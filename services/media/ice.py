@@ -32,11 +32,14 @@ SOCKET_BUFFER = 1 << 20
 class PortRange:
     """Hands out UDP ports of [start, end] round-robin; a port in use is skipped."""
 
-    def __init__(self, start: int, end: int, host: str):
+    def __init__(self, start: int, end: int, host: str, open_endpoint: Callable | None = None):
+        """`open_endpoint(factory, local_addr=...)` opens a socket, by default `loop.create_datagram_endpoint`
+        (the media node passes fastpath's burst-reading one)."""
         if not 0 < start <= end < 65536:
             raise ValueError(f"invalid port range {start}-{end}")
         self.start, self.end = start, end
         self.host = host
+        self._open_endpoint = open_endpoint
         self._next = random.randint(start, end)
         self._bind_host: str | None = None
 
@@ -45,15 +48,13 @@ class PortRange:
 
     async def bind(self, factory: Callable[[], asyncio.DatagramProtocol]):
         """(transport, protocol, port) on the first free port; OSError if the range is exhausted."""
-        loop = asyncio.get_running_loop()
+        open_endpoint = self._open_endpoint or asyncio.get_running_loop().create_datagram_endpoint
         last_error: OSError | None = None
         for _ in range(len(self)):
             port = self._next
             self._next = self.start if port >= self.end else port + 1
             try:
-                transport, protocol = await loop.create_datagram_endpoint(
-                    factory, local_addr=(self._bind_address(), port)
-                )
+                transport, protocol = await open_endpoint(factory, local_addr=(self._bind_address(), port))
             except OSError as exc:
                 if exc.errno == errno.EADDRNOTAVAIL and self._bind_host is None:
                     # The node IP is not on this host (1:1 NAT): listen everywhere, announce the node IP.

@@ -83,9 +83,11 @@ class MediaNode:
         self.node_id = node_id
         self.grpc_address = grpc_address
         self.keys = KeyProvider(config.keys)
-        self.ports = PortRange(config.rtc.port_range_start, config.rtc.port_range_end, host=config.rtc.bind_ip or config.rtc.node_ip)
-        self.certificate = RTCCertificate.generateCertificate()
         self.send_path = fastpath.choose(config.rtc.fast_path)  # the forwarding send path, chosen once
+        self.ports = PortRange(config.rtc.port_range_start, config.rtc.port_range_end,
+                               host=config.rtc.bind_ip or config.rtc.node_ip,
+                               open_endpoint=fastpath.endpoint_factory(self.send_path))
+        self.certificate = RTCCertificate.generateCertificate()
         self.telemetry = TelemetryService.from_config(config.telemetry, notifier)
         self.hooks: Hooks = TelemetryHooks(self.telemetry)
         self.rooms: dict[str, Room] = {}

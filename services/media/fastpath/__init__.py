@@ -35,6 +35,16 @@ _PROFILES = {
 }
 
 
+def endpoint_factory(path: CompiledSendPath | None):
+    """How the media node opens its UDP sockets: burst-reading endpoints (endpoint.py), draining with recvmmsg
+    on the compiled path and a recvfrom loop on the pure-Python one."""
+    from functools import partial
+
+    from .endpoint import create_endpoint
+
+    return partial(create_endpoint, compiled=path is not None)
+
+
 class CompiledSendPath:
     """Makes one `_fastpath.Output` per PeerConnection; all of them share the batch of the running loop."""
 

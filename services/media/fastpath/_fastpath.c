@@ -668,11 +668,107 @@ static PyTypeObject OutputType = {
     .tp_methods = Output_methods,
 };
 
+/* --- receive ------------------------------------------------------------------------------------------- */
+
+#define RECV_SLOTS 64
+#define RECV_SIZE 4096
+
+static uint8_t recv_arena[RECV_SLOTS][RECV_SIZE];
+
+static PyObject *address_of(const struct sockaddr_storage *ss) {
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+        return Py_BuildValue("(sHkk)", host, ntohs(a->sin6_port), (unsigned long)ntohl(a->sin6_flowinfo),
+                             (unsigned long)a->sin6_scope_id);
+    }
+    const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+    return Py_BuildValue("(sH)", host, ntohs(a->sin_port));
+}
+
+/* recv_batch(fd, limit) -> [(data, addr), ...]: every datagram ready on the non-blocking socket `fd`, up to
+ * `limit`, with one recvmmsg per 64. Empty when nothing is ready; OSError for any other failure. */
+static PyObject *recv_batch(PyObject *module, PyObject *args) {
+    int fd, limit = 1024;
+    if (!PyArg_ParseTuple(args, "i|i", &fd, &limit))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    struct mmsghdr msgs[RECV_SLOTS];
+    struct iovec iovs[RECV_SLOTS];
+    struct sockaddr_storage addrs[RECV_SLOTS];
+    struct sockaddr_storage last_addr;
+    socklen_t last_len = 0;
+    PyObject *last = NULL;
+    while (PyList_GET_SIZE(out) < limit) {
+        int want = limit - (int)PyList_GET_SIZE(out);
+        if (want > RECV_SLOTS)
+            want = RECV_SLOTS;
+        for (int i = 0; i < want; i++) {
+            iovs[i].iov_base = recv_arena[i];
+            iovs[i].iov_len = RECV_SIZE;
+            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
+            msgs[i].msg_hdr.msg_name = &addrs[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(addrs[i]);
+            msgs[i].msg_hdr.msg_iov = &iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int n = recvmmsg(fd, msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (PyList_GET_SIZE(out) > 0)
+                break;  /* report the error on the next call, after what was already read */
+            Py_XDECREF(last);
+            Py_DECREF(out);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < n; i++) {
+            socklen_t alen = msgs[i].msg_hdr.msg_namelen;
+            if (last == NULL || alen != last_len || memcmp(&addrs[i], &last_addr, alen) != 0) {
+                Py_XDECREF(last);
+                last = address_of(&addrs[i]);
+                if (last == NULL) {
+                    Py_DECREF(out);
+                    return NULL;
+                }
+                memcpy(&last_addr, &addrs[i], alen);
+                last_len = alen;
+            }
+            PyObject *data = PyBytes_FromStringAndSize((const char *)recv_arena[i], msgs[i].msg_len);
+            PyObject *item = data ? PyTuple_Pack(2, data, last) : NULL;
+            Py_XDECREF(data);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_XDECREF(last);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        if (n < want)
+            break;
+    }
+    Py_XDECREF(last);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"recv_batch", recv_batch, METH_VARARGS, "recv_batch(fd, limit=1024) -> [(data, addr), ...] via recvmmsg"},
+    {NULL},
+};
+
 /* --- module ---------------------------------------------------------------------------------------------- */
 
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT, "braid.services.media.fastpath._fastpath",
-    "Compiled SRTP protect, header rewrite and sendmmsg batching for the forwarding path.", -1, NULL,
+    "Compiled SRTP protect, header rewrite, sendmmsg batching and recvmmsg draining for the forwarding path.", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
