@@ -7,6 +7,7 @@ clients; webhooks verified with `WebhookReceiver`.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import signal
 import time
 import urllib.error
@@ -136,6 +137,10 @@ async def test_admin_drain_requires_a_key_and_ends_the_node(server_factory, redi
     assert (await asyncio.to_thread(call, "POST", join_token))[0] == 403, "a join token cannot drain a node"
     assert (await asyncio.to_thread(call, "POST", one_room_admin))[0] == 403
     assert (await asyncio.to_thread(call, "GET", join_token))[0] == 403
+    expired = api.AccessToken(KEY, SECRET).with_identity("operator").with_grants(
+        api.VideoGrants(room_admin=True)).with_ttl(datetime.timedelta(seconds=-3600)).to_jwt()
+    assert (await asyncio.to_thread(call, "POST", expired))[0] == 401
+    assert media.log().count("/admin/drain refused") >= 5
     status, body = await asyncio.to_thread(call, "GET", token)
     assert status == 200 and body["state"] == "SERVING" and body["participants"] == 0
     status, body = await asyncio.to_thread(call, "POST", token)

@@ -169,7 +169,6 @@ class RtcEdge:
         try:
             return verify_join_token(token, self.ctx.keys), token
         except AuthError as exc:
-            log.info("rtc join refused (%s): %s", exc.status, exc)
             raise Reject(exc.status, str(exc)) from None
 
     def _join_request(self, request: web.Request, v1: bool) -> tuple[rtc_pb.JoinRequest, bool]:
@@ -198,6 +197,7 @@ class RtcEdge:
             if not self.ctx.config.room.auto_create:
                 await self._require_room(claims.video.room)
         except Reject as exc:
+            log.info("rtc validate refused (%s): %s", exc.status, exc.msg)
             return web.Response(status=exc.status, text=exc.msg, headers=CORS)
         return web.Response(text="success", headers=CORS)
 

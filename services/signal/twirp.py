@@ -83,6 +83,7 @@ def add_twirp_routes(app: web.Application, ctx) -> None:
                 bearer_token(request.headers.get("Authorization"), None), ctx.keys
             )
         except AuthError as exc:
+            log.info("twirp %s refused from %s: %s", name, request.remote, exc)
             return twirp_error("unauthenticated", str(exc))
         try:
             message = _decode(kind, body, method.request)
@@ -91,6 +92,7 @@ def add_twirp_routes(app: web.Application, ctx) -> None:
             return twirp_error("malformed", f"the request could not be decoded as {what}: {exc}".strip())
         denied = permission_error(method, claims, message)
         if denied:
+            log.info("twirp %s refused for %s (key %s): %s", name, claims.identity or "-", claims.api_key, denied)
             return twirp_error("permission_denied", denied)
         if not method.implemented:
             return twirp_error("unimplemented", f"{name} is not supported by this server yet")
