@@ -77,18 +77,43 @@ class PortRange:
 
 
 class MediaProtocol(StunProtocol):
-    """aioice's STUN protocol with a lane for media: `fast(data)` gets every RTP/RTCP datagram once set."""
+    """aioice's STUN protocol with a lane for media: `fast(data)` gets every RTP/RTCP datagram once set.
+
+    Anyone may send STUN (that is how ICE checks arrive), but DTLS and SRTP (RFC 7983: first byte above 3) are
+    taken only from a peer address ICE paired with: a stranger's datagrams never reach DTLS or the media path,
+    and never count as the participant's activity. Malformed STUN is dropped, never raised into the loop.
+    """
 
     fast: Callable[[bytes], None] | None = None
     last_rx: float = 0.0
+    _peer_pair = None
+    _peer_addr: tuple | None = None
 
     def datagram_received(self, data: bytes | str, addr) -> None:  # type: ignore[override]
-        self.last_rx = time.monotonic()
+        if not data:
+            return  # an empty datagram would end aiortc's DTLS transport
+        if self._is_peer(addr):
+            self.last_rx = time.monotonic()
+        elif data[0] > 3:
+            return
         fast = self.fast
-        if fast is not None and data and 127 < data[0] < 192:
+        if fast is not None and 127 < data[0] < 192:
             fast(data)  # type: ignore[arg-type]
             return
-        super().datagram_received(data, addr)
+        try:
+            super().datagram_received(data, addr)
+        except Exception as exc:  # aioice's STUN parser raises more than ValueError on hostile input
+            log.debug("dropped a malformed datagram from %s: %r", addr, exc)
+
+    def _is_peer(self, addr) -> bool:
+        pair = self.receiver._nominated.get(1)
+        if pair is not self._peer_pair:
+            self._peer_pair, self._peer_addr = pair, (pair.remote_addr if pair is not None else None)
+        if addr == self._peer_addr:
+            return True
+        # Before (or between) nominations: any pair ICE is checking. Its remote addresses came from signalling
+        # (bounded by the candidate limit) or from authenticated checks (peer-reflexive).
+        return any(p.protocol is self and p.remote_addr == addr for p in self.receiver._check_list)
 
 
 class NodeIceConnection(Connection):

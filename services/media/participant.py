@@ -334,7 +334,10 @@ class Participant:
                 return
             self.candidates[trickle.target] = seen + 1
         if candidate or trickle.final:
-            await pc.add_candidate(candidate or None)
+            try:
+                await pc.add_candidate(candidate or None)
+            except ValueError as exc:  # e.g. a candidate after end-of-candidates: ignored, as a browser does
+                log.debug("%s: trickle ignored: %s", self, exc)
 
     async def _on_add_track(self, req: rtc_pb.AddTrackRequest) -> None:
         if not self._may_publish(req.source):
