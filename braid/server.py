@@ -19,7 +19,7 @@ from braid.shared.auth import KeyProvider
 from braid.shared.config import Config, ConfigError, load_config
 from braid.shared.health import add_drain_routes, add_metrics_route, health_app
 from braid.shared.tracing import setup_tracing, shutdown_tracing
-from braid.shared.rpc import Channels, server_options
+from braid.shared.rpc import Channels, InternalTLS, add_server_port, server_options
 from braid.shared.webhooks import notifier_from_config
 
 log = logging.getLogger("braid")
@@ -33,7 +33,8 @@ class Server:
         self.node_id = config.node_id or ids.node_id()
         self.roles = {"signal", "router", "media"} if config.role == "all" else {config.role}
         self.backends: Backends = make_backends(config)
-        self.channels = Channels()
+        self.tls = InternalTLS.from_config(config.internal_tls)
+        self.channels = Channels(self.tls)
         self.notifier = notifier_from_config(config)
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
@@ -59,7 +60,7 @@ class Server:
         )
         await self.notifier.start()
         self.grpc_server = grpc.aio.server(options=server_options())
-        port = self.grpc_server.add_insecure_port(f"{self.config.grpc_bind}:{self.config.grpc_port}")
+        port = add_server_port(self.grpc_server, f"{self.config.grpc_bind}:{self.config.grpc_port}", self.tls)
         self.grpc_address = f"{self.config.grpc_bind}:{port}"
         if self.config.role == "all":
             self.config.router_address = self.grpc_address

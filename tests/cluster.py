@@ -90,6 +90,48 @@ class Cluster:
         return "\n".join(parts)
 
 
+def throwaway_ca(tmp: Path, name: str = "cluster", server_name: str = "braid.internal") -> dict[str, str]:
+    """A CA and one certificate it signed (DNS SAN `server_name`, client and server use), as PEM files in `tmp`;
+    returns the environment that runs a node over mutual TLS with them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    window = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def build(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(window[0]).not_valid_after(window[1])
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = (builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
+                       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                             ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build(f"{name} CA", ca_key, f"{name} CA", ca_key, ca=True)
+    node_cert = build(f"{name} node", node_key, f"{name} CA", ca_key, ca=False)
+    files = {
+        "CA_FILE": (tmp / f"{name}-ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM)),
+        "CERT_FILE": (tmp / f"{name}-node.pem", node_cert.public_bytes(serialization.Encoding.PEM)),
+        "KEY_FILE": (tmp / f"{name}-node.key", node_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())),
+    }
+    env = {}
+    for field_name, (path, data) in files.items():
+        path.write_bytes(data)
+        env[f"BRAID_INTERNAL_TLS__{field_name}"] = str(path)
+    return env
+
+
 def _regions_yaml(tmp: Path) -> Path:
     path = tmp / "regions.yaml"
     path.write_text("router:\n  node_selector: region_aware\n  regions:\n" + "".join(

@@ -80,6 +80,22 @@ class WebhookConfig:
 
 
 @dataclass
+class InternalTLSConfig:
+    """Mutual TLS on the gRPC between the roles, with a cluster CA: all three files set turns it on (every role
+    then serves and dials only TLS and requires the peer's certificate from that CA); none set is plaintext, as
+    the dev server runs. Every role's certificate names `server_name` (a DNS SAN): pods' IPs need not be in it."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = "braid.internal"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file or self.cert_file or self.key_file)
+
+
+@dataclass
 class RouterConfig:
     node_selector: str = "least_load"  # any | least_load | region_aware | power_of_two
     # Coordinates for region-aware placement: [{name: eu-west, lat: 53.3, lon: -6.3}, ...]
@@ -146,6 +162,7 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    internal_tls: InternalTLSConfig = field(default_factory=InternalTLSConfig)
 
     @property
     def webhook_key(self) -> tuple[str, str] | None:
@@ -188,6 +205,16 @@ class Config:
                 raise ConfigError(f"rtc.{name}: must be positive")
         if self.rtc.websocket_heartbeat < 0:
             raise ConfigError("rtc.websocket_heartbeat: must not be negative")
+        tls = self.internal_tls
+        if tls.enabled:
+            for name in ("ca_file", "cert_file", "key_file"):
+                path = getattr(tls, name)
+                if not path:
+                    raise ConfigError(f"internal_tls.{name}: required with the other internal_tls files")
+                if not os.path.isfile(path):
+                    raise ConfigError(f"internal_tls.{name}: {path} is not a readable file")
+            if not tls.server_name:
+                raise ConfigError("internal_tls.server_name: must not be empty")
         if self.drain_deadline < 0:
             raise ConfigError("drain_deadline: must not be negative")
         for url in self.turn.urls:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from braid.rpc import common_pb2, media_pb2_grpc, router_pb2_grpc
+
+if TYPE_CHECKING:
+    from braid.shared.config import InternalTLSConfig
 
 T = TypeVar("T")
 
@@ -32,16 +36,57 @@ def server_options() -> list[tuple[str, int]]:
     ]
 
 
-class Channels:
-    """One channel per peer address, reused by every call; closed together."""
+@dataclass(frozen=True)
+class InternalTLS:
+    """The cluster CA and this node's certificate: mutual TLS for every internal gRPC server and channel."""
 
-    def __init__(self) -> None:
+    ca: bytes
+    cert: bytes
+    key: bytes
+    server_name: str
+
+    @classmethod
+    def from_config(cls, config: InternalTLSConfig) -> InternalTLS | None:
+        if not config.enabled:
+            return None
+
+        def read(path: str) -> bytes:
+            with open(path, "rb") as fh:
+                return fh.read()
+
+        return cls(read(config.ca_file), read(config.cert_file), read(config.key_file), config.server_name)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+
+def add_server_port(server: grpc.aio.Server, address: str, tls: InternalTLS | None) -> int:
+    """Listen on `address`: mutual TLS when the cluster has a CA, plaintext otherwise (dev)."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.server_credentials())
+
+
+class Channels:
+    """One channel per peer address, reused by every call; closed together. Mutual TLS when `tls` is given."""
+
+    def __init__(self, tls: InternalTLS | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            if self._tls is None:
+                channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            else:
+                options = [*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self._tls.server_name)]
+                channel = grpc.aio.secure_channel(address, self._tls.channel_credentials(), options=options)
             self._channels[address] = channel
         return channel
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from livekit.protocol import models
 
-from braid.shared.rpc import Channels
+from braid.shared.rpc import Channels, InternalTLS
 
 from ..publisher import PublishedTrack
 from ..telemetry.events import make_webhook
@@ -46,7 +46,7 @@ class Cluster:
         self.bus = node.bus
         self.endpoint = RelayEndpoint()
         self.sealing_key = cluster_key(node.config.keys)
-        self.channels = Channels()
+        self.channels = Channels(InternalTLS.from_config(node.config.internal_tls))
         self.origins: dict[str, OriginConnection] = {}
         self.outbound: set[OutboundLink] = set()
         self.servicer = RelayServicer(self)
