@@ -153,6 +153,7 @@ class Server:
             gauges["braid_media_tracks"] = info.tracks
             gauges["braid_media_rooms"] = len(self.media.rooms)
             gauges.update(self.media.refusals.metrics())
+            gauges.update(self.media.cluster.metrics())
         return gauges
 
     async def _start_http(self) -> None:

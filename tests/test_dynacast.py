@@ -1,15 +1,22 @@
 """Dynacast: which simulcast layers a publisher is told to keep, and when."""
 
-from types import SimpleNamespace
-
 from livekit.protocol import models
 
 from braid.services.media.dynacast import DOWNGRADE_DELAY, Dynacast
+from braid.services.media.forward import DownTrack, LayerRelay, UpTrack
 
 
-def up_track(*caps, paused=()):
-    downs = [SimpleNamespace(max_quality=c, paused=i in paused) for i, c in enumerate(caps)]
-    return SimpleNamespace(expected_rids=["q", "h", "f"], downs=downs)
+def up_track(*caps, paused=(), remote=()):
+    """A simulcast up-track with local subscribers capped at `caps` and relays wanting `remote`."""
+    up = UpTrack("TR_a", "video", "video/VP8", 90000, 96, None, lambda ssrc: None, lambda ssrc, seqs: None)
+    up.expected_rids = ["q", "h", "f"]
+    for i, cap in enumerate(caps):
+        down = DownTrack(up, lambda packet: None, 96)
+        down.requested_quality, down.paused = cap, i in paused
+        up.downs.append(down)
+    for wants in remote:
+        up.relays.append(LayerRelay(up, wants))
+    return up
 
 
 def enabled(update):
@@ -57,3 +64,20 @@ def test_single_layer_tracks_are_left_alone():
     up = up_track(0)
     up.expected_rids = []
     assert dyn.update(up, 100.0) is None
+
+
+def test_subscribers_on_other_nodes_count_like_local_ones():
+    """The origin's dynacast merges what its own subscribers want with what each relay's node wants."""
+    dyn = Dynacast("TR_a", "vp8")
+    only_remote = up_track(remote=[(2,)])
+    dyn.update(only_remote, 0.0)
+    assert dyn.update(only_remote, DOWNGRADE_DELAY + 1) is None, "a remote viewer of the top layer keeps all on"
+    mixed = up_track(0, remote=[(1,), ()])
+    dyn.update(mixed, 10.0)
+    update = dyn.update(mixed, 10.0 + DOWNGRADE_DELAY + 1)
+    assert enabled(update) == {models.VideoQuality.LOW: True, models.VideoQuality.MEDIUM: True,
+                               models.VideoQuality.HIGH: False}
+    nobody = up_track(1, paused=(0,), remote=[()])
+    dyn.update(nobody, 20.0)
+    update = dyn.update(nobody, 20.0 + DOWNGRADE_DELAY + 1)
+    assert not any(enabled(update).values()), "a node whose subscribers all disabled the track wants nothing"

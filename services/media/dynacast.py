@@ -1,6 +1,7 @@
 """Dynacast: tell a simulcast publisher which layers anyone watches, so it can pause the rest.
 
-A layer is wanted when some subscriber's quality cap reaches it; every layer below the highest wanted one
+A layer is wanted when some subscriber's quality cap reaches it — a local subscriber's, or one on another media
+node, whose wishes arrive over the relay (`UpTrack.demand`); every layer below the highest wanted one
 stays on too (fallback for subscribers on poor links and for layer switches). Turning layers on is sent
 at once; turning them off waits until the wish has been stable for `DOWNGRADE_DELAY`, so a subscriber
 that briefly re-subscribes does not make the publisher stop and restart its encoders.
@@ -18,12 +19,9 @@ QUALITIES = (models.VideoQuality.LOW, models.VideoQuality.MEDIUM, models.VideoQu
 
 
 def wanted_qualities(up: UpTrack) -> tuple[bool, bool, bool]:
-    """Which of LOW/MEDIUM/HIGH the track's active subscribers need."""
+    """Which of LOW/MEDIUM/HIGH the track's active subscribers, here and on other nodes, need."""
     top = max((QUALITY_OF_RID.get(r, i) for i, r in enumerate(up.expected_rids)), default=2)
-    highest = -1
-    for down in up.downs:
-        if not down.paused:
-            highest = max(highest, min(down.max_quality, top))
+    highest = min(max(up.demand(), default=-1), top)
     return tuple(q <= highest for q in range(3))  # type: ignore[return-value]
 
 

@@ -24,7 +24,9 @@ UPSTREAM_NACK_INTERVAL = 0.1
 LAYER_IDLE_AFTER = 1.5
 MAX_NACK_BURST = 32
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
+RELAY_SWITCH_TIMEOUT = 2.0  # a relay switching layers stops the old one after this long even without a keyframe
 QUALITY_OF_RID = {"q": 0, "h": 1, "f": 2}
+HIGHEST = 2
 
 
 class PacketBuffer:
@@ -54,7 +56,7 @@ class Layer:
     __slots__ = (
         "rid", "quality", "ssrc", "rtx_ssrc", "buffer", "subs", "packets", "bytes", "last_at", "base_seq",
         "max_seq", "cycles", "expected_prior", "received_prior", "jitter", "transit", "sr_ntp", "sr_rtp", "sr_at",
-        "keyframe_requested_at", "nacked", "first_at",
+        "keyframe_requested_at", "nacked", "first_at", "relays",
     )
 
     def __init__(self, rid: str, quality: int, ssrc: int, video: bool):
@@ -64,6 +66,7 @@ class Layer:
         self.rtx_ssrc = 0
         self.buffer = PacketBuffer() if video else None
         self.subs: list[DownTrack] = []
+        self.relays: list[LayerRelay] = []  # the relays carrying this layer to other media nodes
         self.packets = self.bytes = 0
         self.first_at = self.last_at = 0.0
         self.base_seq = self.max_seq = -1
@@ -134,7 +137,7 @@ class UpTrack:
         self.levels = None  # speakers.AudioLevel for audio tracks with the level extension
         self.plis_sent = 0
         self.nacks_sent = 0
-        self.relays: list = []  # cluster.relay.RelaySink: every layer, to another media node (see cluster/)
+        self.relays: list[LayerRelay] = []  # copies for other media nodes (cluster.relay.RelaySink)
 
     # --- layers --------------------------------------------------------------------------------------------
 
@@ -173,7 +176,8 @@ class UpTrack:
         return below[-1] if below else active[0]
 
     def reassign(self, now: float | None = None) -> None:
-        """Recompute which layer every subscriber should get, and which layers' fan-out lists hold it."""
+        """Recompute which layer every subscriber (and relay) should get, and which layers' fan-out lists hold
+        it."""
         now = time.monotonic() if now is None else now
         for layer in self.layers:
             layer.subs = []
@@ -186,6 +190,47 @@ class UpTrack:
                 target.subs.append(down)
                 if down.current is not target and self.video:
                     self.request_keyframe(target)
+        self.route_relays(now)
+
+    def demand(self) -> list[int]:
+        """The quality caps this track's receivers want: each active local subscriber's, and every relay's
+        (what the subscribers on its node want). Empty: nobody receives it now."""
+        caps = [down.max_quality for down in self.downs if not down.paused]
+        for relay in self.relays:
+            caps.extend(relay.wants)
+        return caps
+
+    def demand_changed(self) -> None:
+        """A subscriber paused, resumed or changed its cap (hook: a relayed track tells its origin)."""
+
+    # --- relays to other media nodes ------------------------------------------------------------------------
+
+    def add_relay(self, relay: LayerRelay) -> None:
+        if relay not in self.relays:
+            self.relays.append(relay)
+        self.route_relays()
+
+    def remove_relay(self, relay: LayerRelay) -> None:
+        if relay in self.relays:
+            self.relays.remove(relay)
+            self.route_relays()
+
+    def _relay_targets(self, relay: LayerRelay, now: float) -> frozenset[Layer]:
+        """For each cap the relay's node wants, the layer a local subscriber with that cap would get."""
+        return frozenset(layer for layer in (self.pick_layer(cap, now) for cap in relay.wants) if layer is not None)
+
+    def route_relays(self, now: float | None = None) -> None:
+        """Recompute which layers each relay carries; the per-layer lists are replaced, never mutated, so a
+        packet being fanned out meanwhile is unaffected."""
+        now = time.monotonic() if now is None else now
+        carried: dict[Layer, list[LayerRelay]] = {}
+        for relay in self.relays:
+            for layer in relay.retarget(self._relay_targets(relay, now), now):
+                self.request_keyframe(layer)  # the other node's subscribers start on this layer
+            for layer in relay.carried():
+                carried.setdefault(layer, []).append(relay)
+        for layer in self.layers:
+            layer.relays = carried.get(layer, [])
 
     def request_keyframe(self, layer: Layer | None = None, force: bool = False) -> None:
         if not self.video:
@@ -218,16 +263,18 @@ class UpTrack:
             self._track_sequence(layer, seq, ts, now)
             if self.levels is not None:
                 self.levels.observe(data)
+        woke = now - layer.last_at >= LAYER_IDLE_AFTER  # a layer (re)starting: receivers may want it now
         layer.packets += 1
         layer.bytes += len(data)
         layer.last_at = now
         if layer.buffer is not None:
             layer.buffer.put(seq, data)
+        if woke and (self.downs or self.relays):
+            self.reassign(now)
         if self.muted or end <= off:
             return
-        if self.relays:
-            for relay in self.relays:
-                relay.write(layer, data, header)
+        for relay in layer.relays:
+            relay.write(layer, data, header)
         if not layer.subs:
             return
         keyframe = self.video and rtp.is_keyframe(self.mime, data[off:off + 24])
@@ -288,6 +335,9 @@ class UpTrack:
         changed = any(down.target is not self.pick_layer(down.max_quality, now) for down in self.downs)
         if changed:
             self.reassign(now)
+        elif any(relay.forwarding != self._relay_targets(relay, now) or relay.switch_expired(now)
+                 for relay in self.relays):
+            self.route_relays(now)
         for down in self.downs:
             if self.video and down.target is not None:
                 if down.waiting_keyframe:
@@ -303,6 +353,66 @@ class UpTrack:
         self.downs.clear()
         for layer in self.layers:
             layer.subs = []
+            layer.relays = []
+        self.relays = []
+
+
+class LayerRelay:
+    """Which layers of an up-track one relay (a copy for another media node) carries: for each quality cap its
+    node's subscribers want, the layer a local subscriber with that cap would get. On a switch the layers it
+    leaves keep flowing until each new layer has passed a keyframe (or `RELAY_SWITCH_TIMEOUT`), so the
+    subscribers there switch without a gap, as a local subscriber does. Subclasses send the packets."""
+
+    __slots__ = ("up", "wants", "forwarding", "retiring", "awaiting", "switched_at")
+
+    def __init__(self, up: UpTrack, wants: tuple[int, ...] = (HIGHEST,)):
+        self.up = up
+        self.wants = wants
+        self.forwarding: frozenset[Layer] = frozenset()
+        self.retiring: frozenset[Layer] = frozenset()
+        self.awaiting: set[Layer] = set()
+        self.switched_at = 0.0
+
+    def set_wants(self, wants: tuple[int, ...]) -> None:
+        if wants != self.wants:
+            self.wants = wants
+            self.up.route_relays()
+
+    def carried(self) -> frozenset[Layer]:
+        return self.forwarding | self.retiring
+
+    def retarget(self, targets: frozenset[Layer], now: float) -> frozenset[Layer]:
+        """Carry `targets` from now on; returns the layers newly started."""
+        added = targets - self.forwarding
+        dropped = self.forwarding - targets
+        self.forwarding = targets
+        if added and dropped and self.up.video:
+            self.retiring |= dropped
+            self.awaiting |= added
+            self.switched_at = now
+        self.retiring -= targets
+        self.awaiting &= targets
+        if not self.awaiting or not targets:
+            self.retiring, self.awaiting = frozenset(), set()
+        return added
+
+    def switch_expired(self, now: float) -> bool:
+        if self.retiring and now - self.switched_at > RELAY_SWITCH_TIMEOUT:
+            self.retiring, self.awaiting = frozenset(), set()
+            return True
+        return False
+
+    def passed(self, layer: Layer, payload: bytes) -> None:
+        """While switching: a packet of `layer` went out (`payload`: its first bytes); a keyframe there ends the
+        wait for it."""
+        if layer in self.awaiting and rtp.is_keyframe(self.up.mime, payload):
+            self.awaiting.discard(layer)
+            if not self.awaiting:
+                self.retiring = frozenset()
+                self.up.route_relays()
+
+    def write(self, layer: Layer, data: bytes, header) -> None:
+        raise NotImplementedError
 
 
 class DownTrack:
@@ -381,7 +491,9 @@ class DownTrack:
             self.up.reassign(now)
 
     def pause(self) -> None:
-        self.paused = True
+        if not self.paused:
+            self.paused = True
+            self.up.demand_changed()
 
     def bind(self) -> None:
         """The subscriber now knows this stream: start at the next keyframe (earlier packets would be dropped
@@ -398,6 +510,7 @@ class DownTrack:
             if self.video:
                 self.waiting_keyframe = True
                 self.up.request_keyframe(self.target)
+            self.up.demand_changed()
 
     def on_nack(self, seqs: list[int]) -> None:
         """Resend what the buffer still has; ask the publisher for the rest."""

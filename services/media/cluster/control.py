@@ -1,10 +1,11 @@
 """Node-to-node media relay, the control plane: the `Relay.Link` gRPC stream.
 
 * `OriginConnection` (subscribing node): one per origin node. Opens the stream with fresh SRTP keys and its relay
-  socket, subscribes the tracks local subscribers want, applies the layer SSRCs and sender reports the origin
+  socket, subscribes the tracks local subscribers want and keeps the origin told which quality caps they want
+  (coalesced: one update per changed track, whatever the rate of changes), applies the layer SSRCs and sender reports the origin
   announces, and re-establishes the link (new keys) after it broke, for as long as some track is still wanted.
-* `RelayServicer` (origin node): accepts links, attaches and detaches `RelaySink`s on the published tracks, and
-  announces layers, sender reports and tracks that went away. The link ends with its stream.
+* `RelayServicer` (origin node): accepts links, attaches and detaches `RelaySink`s on the published tracks, sets
+  the layers each carries from its node's demand, and announces layers, sender reports and tracks that went away. The link ends with its stream.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import grpc
 
 from braid.rpc import cluster_pb2, cluster_pb2_grpc, common_pb2
 
-from .relay import InboundLink, OutboundLink, RelaySink, new_key
+from ..forward import HIGHEST
+from .relay import InboundLink, OutboundLink, RelaySink, new_key, parse_demand
 from .sealing import SealError, seal, unseal
 
 if TYPE_CHECKING:
@@ -48,7 +50,8 @@ class OriginConnection:
         self.address = address
         self.tracks: dict[str, RelayedTrack] = {}
         self.link: InboundLink | None = None
-        self._writes: asyncio.Queue[cluster_pb2.RelayUp] = asyncio.Queue()
+        self._writes: asyncio.Queue[cluster_pb2.RelayUp | None] = asyncio.Queue()  # None: send changed demands
+        self._demand_changed: set[str] = set()
         self._task: asyncio.Task | None = None
         self.idle_since = time.monotonic()
         self.connected = False
@@ -64,8 +67,7 @@ class OriginConnection:
         self.tracks[track.sid] = track
         self.idle_since = 0.0
         if self.connected:
-            self._writes.put_nowait(cluster_pb2.RelayUp(subscribe=cluster_pb2.RelaySubscribe(
-                room=track.room, track_sid=track.sid)))
+            self._writes.put_nowait(_subscribe(track))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"relay-origin-{self.node_id}")
 
@@ -79,6 +81,14 @@ class OriginConnection:
                 room=track.room, track_sid=track.sid)))
         if not self.tracks:
             self.idle_since = time.monotonic()
+
+    def demand(self, track: RelayedTrack) -> None:
+        """The caps `track`'s subscribers here want changed: tell the origin (the latest value, once)."""
+        if not self.connected or self.tracks.get(track.sid) is not track:
+            return  # the (re)subscription carries it
+        if not self._demand_changed:
+            self._writes.put_nowait(None)
+        self._demand_changed.add(track.sid)
 
     def idle(self, now: float) -> bool:
         return not self.tracks and self.idle_since and now - self.idle_since > LINGER
@@ -134,12 +144,12 @@ class OriginConnection:
             endpoint.add_inbound(link)
             self.link = link
             self._writes = asyncio.Queue()
+            self._demand_changed.clear()
             self.connected = True
             log.info("%s: relay link up (%s:%d)", self, *link.addr)
             for track in list(self.tracks.values()):
                 track.unmap(None)
-                await call.write(cluster_pb2.RelayUp(subscribe=cluster_pb2.RelaySubscribe(
-                    room=track.room, track_sid=track.sid)))
+                await call.write(_subscribe(track))
             writer = asyncio.create_task(self._write(call), name=f"relay-write-{self.node_id}")
             try:
                 while True:
@@ -156,7 +166,15 @@ class OriginConnection:
     async def _write(self, call) -> None:
         while True:
             message = await self._writes.get()
-            await call.write(message)
+            if message is not None:
+                await call.write(message)
+                continue
+            changed, self._demand_changed = self._demand_changed, set()
+            for sid in changed:
+                track = self.tracks.get(sid)
+                if track is not None:
+                    await call.write(cluster_pb2.RelayUp(demand=cluster_pb2.RelayDemandUpdate(
+                        room=track.room, track_sid=sid, demand=cluster_pb2.RelayDemand(max_qualities=track.wanted))))
 
     def _on_down(self, link: InboundLink, down: cluster_pb2.RelayDown) -> None:
         kind = down.WhichOneof("message")
@@ -192,6 +210,11 @@ class OriginConnection:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._teardown()
+
+
+def _subscribe(track: RelayedTrack) -> cluster_pb2.RelayUp:
+    return cluster_pb2.RelayUp(subscribe=cluster_pb2.RelaySubscribe(
+        room=track.room, track_sid=track.sid, demand=cluster_pb2.RelayDemand(max_qualities=track.wanted)))
 
 
 # --- origin side -----------------------------------------------------------------------------------------------
@@ -258,10 +281,14 @@ class RelayServicer(cluster_pb2_grpc.RelayServicer):
                         out.put_nowait(cluster_pb2.RelayDown(gone=cluster_pb2.RelayTrackGone(
                             track_sid=up.subscribe.track_sid, reason="not published here")))
                         continue
-                    sink = link.attach(found.up, up.subscribe.track_sid)
+                    wants = parse_demand(up.subscribe.demand.max_qualities) if up.subscribe.HasField(
+                        "demand") else (HIGHEST,)
+                    sink = link.attach(found.up, up.subscribe.track_sid, wants)
                     out.put_nowait(layers_message(sink))
                 elif kind == "unsubscribe":
                     link.detach(up.unsubscribe.track_sid)
+                elif kind == "demand":
+                    link.set_demand(up.demand.track_sid, parse_demand(up.demand.demand.max_qualities))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the subscribing node went away

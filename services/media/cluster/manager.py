@@ -75,6 +75,18 @@ class Cluster:
         self.endpoint.close()
         await self.channels.close()
 
+    def metrics(self) -> dict[str, float]:
+        """Relay traffic of this node (both directions, every link), for `/metrics`."""
+        endpoint = self.endpoint
+        return {
+            "braid_relay_bytes_sent_total": endpoint.bytes_out,
+            "braid_relay_bytes_received_total": endpoint.bytes_in,
+            "braid_relay_packets_sent_total": endpoint.packets_out,
+            "braid_relay_packets_received_total": endpoint.packets_in,
+            "braid_relay_links_out": len(self.outbound),
+            "braid_relay_links_in": sum(1 for conn in self.origins.values() if conn.connected),
+        }
+
     def spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)

@@ -8,8 +8,12 @@ carries every track the subscribing node wants from that origin, however many su
 Both directions are SRTP (AES_CM_128_HMAC_SHA1_80: encrypted and authenticated) with per-link, per-direction master
 keys the subscribing node generates and hands over on the control stream (`control.py`).
 
+Only the layers the subscribing node's subscribers watch cross: the node says, per track, which quality caps they
+want (`RelayDemand`), and the sink carries the layer the origin would give a local subscriber with each cap
+(`forward.LayerRelay`).
+
 The per-packet path never touches aiortc: `UpTrack.on_packet` calls `RelaySink.write` (rewrite the 12-byte header,
-protect, `sendto`); on the subscribing node `RelayEndpoint.datagram_received` unprotects and feeds the relayed
+protect, `sendto`) for each relay carrying that layer; on the subscribing node `RelayEndpoint.datagram_received` unprotects and feeds the relayed
 `UpTrack`, which fans out to local `DownTrack`s exactly as for a local publisher.
 """
 
@@ -26,7 +30,7 @@ import pylibsrtp
 from pylibsrtp import Policy, Session
 
 from .. import rtcp, rtp
-from ..forward import Layer, UpTrack
+from ..forward import HIGHEST, Layer, LayerRelay, UpTrack
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +146,22 @@ class RelayEndpoint(asyncio.DatagramProtocol):
         self.errors += 1
 
 
-class RelaySink:
-    """One relayed track on an outbound link: every layer's packets, re-headed with the link's SSRCs."""
+def parse_demand(max_qualities) -> tuple[int, ...]:
+    """A subscribing node's demand as the sink keeps it: distinct caps, clamped to the known qualities."""
+    return tuple(sorted({min(int(q), HIGHEST) for q in max_qualities}))
 
-    __slots__ = ("link", "up", "track_sid", "ssrcs", "packets", "announced")
 
-    def __init__(self, link: OutboundLink, up: UpTrack, track_sid: str):
+class RelaySink(LayerRelay):
+    """One relayed track on an outbound link: the layers its node wants, re-headed with the link's SSRCs."""
+
+    __slots__ = ("link", "track_sid", "ssrcs", "packets", "bytes")
+
+    def __init__(self, link: OutboundLink, up: UpTrack, track_sid: str, wants: tuple[int, ...] = (HIGHEST,)):
+        super().__init__(up, wants)
         self.link = link
-        self.up = up
         self.track_sid = track_sid
         self.ssrcs: dict[Layer, int] = {}
-        self.packets = 0
-        self.announced = False
+        self.packets = self.bytes = 0
 
     def write(self, layer: Layer, data: bytes, header) -> None:
         ssrc = self.ssrcs.get(layer)
@@ -162,6 +170,9 @@ class RelaySink:
         _, pt, seq, ts, marker, off, _ = header
         self.link.send_rtp(_pack(0x80 | (data[0] & 0x20), (marker << 7) | pt, seq, ts, ssrc) + data[off:])
         self.packets += 1
+        self.bytes += len(data)
+        if self.awaiting:
+            self.passed(layer, data[off:off + 24])
 
     def layers(self) -> list[tuple[str, int, int]]:
         """(rid, quality, ssrc) of every layer the up-track has; assigns SSRCs to layers not yet seen."""
@@ -199,23 +210,28 @@ class OutboundLink:
             self.on_layers(sink)
         return ssrc
 
-    def attach(self, up: UpTrack, track_sid: str) -> RelaySink:
+    def attach(self, up: UpTrack, track_sid: str, wants: tuple[int, ...] = (HIGHEST,)) -> RelaySink:
         sink = self.sinks.get(track_sid)
         if sink is None or sink.up is not up:
             if sink is not None:
                 self.detach(track_sid)
-            sink = RelaySink(self, up, track_sid)
+            sink = RelaySink(self, up, track_sid, wants)
             self.sinks[track_sid] = sink
-            up.relays.append(sink)
-        up.request_keyframe(force=True)  # the subscribing node's first subscribers start on it
+            up.add_relay(sink)  # asks for a keyframe on each layer it starts to carry
+        else:
+            sink.set_wants(wants)
         return sink
+
+    def set_demand(self, track_sid: str, wants: tuple[int, ...]) -> None:
+        sink = self.sinks.get(track_sid)
+        if sink is not None:
+            sink.set_wants(wants)
 
     def detach(self, track_sid: str) -> None:
         sink = self.sinks.pop(track_sid, None)
         if sink is None:
             return
-        if sink in sink.up.relays:
-            sink.up.relays.remove(sink)
+        sink.up.remove_relay(sink)
         for ssrc in sink.ssrcs.values():
             self.by_ssrc.pop(ssrc, None)
 

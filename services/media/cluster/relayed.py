@@ -2,7 +2,9 @@
 
 `RelayedTrack.published` is an ordinary `PublishedTrack` whose up-track is fed by the relay instead of a publisher's
 PeerConnection, so local subscribers attach to it exactly as to a local publisher's track. Its keyframe requests
-and NACKs go back over the relay to the origin node.
+and NACKs go back over the relay to the origin node, and so does its demand: the quality caps its subscribers
+want (track_setting, adaptive-stream size, link loss), which decide the layers the origin relays and what the
+origin's dynacast asks the publisher for.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from braid.rpc import cluster_pb2
 from .. import sdp
 from ..forward import UpTrack
 from ..publisher import PublishedTrack
+from .relay import parse_demand
 
 if TYPE_CHECKING:
     from .control import OriginConnection
@@ -44,15 +47,28 @@ def track_spec(track: PublishedTrack) -> cluster_pb2.RelayTrackSpec:
 
 
 class RelayedUpTrack(UpTrack):
-    """An up-track fed by the relay; the first local subscriber that binds to it starts the relay."""
+    """An up-track fed by the relay; the first local subscriber that binds to it starts the relay, and every
+    change of what its subscribers want is passed on."""
 
-    def __init__(self, *args, on_demand, **kwargs):
+    def __init__(self, *args, on_demand, on_demand_change, **kwargs):
         super().__init__(*args, **kwargs)
         self._on_demand = on_demand
+        self._on_demand_change = on_demand_change
+        self.wanted: tuple[int, ...] = ()
 
     def add_down(self, down) -> None:
         super().add_down(down)
         self._on_demand()
+
+    def reassign(self, now: float | None = None) -> None:
+        super().reassign(now)
+        self.demand_changed()
+
+    def demand_changed(self) -> None:
+        wanted = parse_demand(self.demand())
+        if wanted != self.wanted:
+            self.wanted = wanted
+            self._on_demand_change()
 
 
 class RelayedTrack:
@@ -68,6 +84,7 @@ class RelayedTrack:
         up = RelayedUpTrack(
             spec.track_sid, spec.kind, spec.mime, codec.clock, codec.pt, rtx.pt if rtx else None,
             request_keyframe=self._keyframe, request_nack=self._nack, on_demand=self._bound,
+            on_demand_change=self._demand_changed,
         )
         up.expected_rids = list(spec.expected_rids)
         up.muted = info.muted
@@ -79,8 +96,12 @@ class RelayedTrack:
         self.idle_since = 0.0
 
     @property
-    def up(self) -> UpTrack:
-        return self.published.up
+    def up(self) -> RelayedUpTrack:
+        return self.published.up  # type: ignore[return-value]
+
+    @property
+    def wanted(self) -> tuple[int, ...]:
+        return self.up.wanted
 
     def __repr__(self) -> str:
         return f"relayed {self.published.kind} {self.sid} from {self.origin.node_id}"
@@ -100,6 +121,10 @@ class RelayedTrack:
             self.linked = True
             self.idle_since = 0.0
             self.origin.want(self)
+
+    def _demand_changed(self) -> None:
+        if self.linked:
+            self.origin.demand(self)
 
     def unwant(self) -> None:
         if self.linked:
