@@ -149,3 +149,61 @@ def test_relay_keys_are_sealed_for_the_cluster_and_bound_to_the_node():
         unseal(cluster_key({"k1": "another-secret"}), sealed, "ND_sub")  # a node of another cluster
     with pytest.raises(SealError):
         unseal(ours, b"short", "ND_sub")
+
+
+VP8_DELTA = bytes([0x10, 0x00, 0x9D, 0x01, 0x2B]) + b"\x00" * 100  # P bit set: an inter frame
+
+
+def _simulcast(feedback: Feedback) -> tuple[UpTrack, list]:
+    up = _up("TR_s", feedback)
+    up.expected_rids = ["q", "h", "f"]
+    return up, [up.add_layer(ssrc, rid) for ssrc, rid in ((11, "q"), (12, "h"), (13, "f"))]
+
+
+def _send_all(up: UpTrack, layers, seq: int, keyframe_on=()) -> None:
+    for layer in layers:
+        payload = VP8_KEYFRAME if layer.rid in keyframe_on else VP8_DELTA
+        data = _packet(seq, seq * 3000, ssrc=layer.ssrc, payload=payload)
+        up.on_packet(layer, data, rtp.parse(data))
+
+
+async def test_only_the_layers_the_subscribing_node_wants_cross(relay):
+    """The relay carries, per cap the subscribing node's subscribers want, the layer a local subscriber with that
+    cap would get; a switch keeps the old layer until the new one passed a keyframe; no demand, nothing crosses."""
+    origin_ep, sub_ep, out, inbound, _ = relay
+    feedback = Feedback()
+    up, (q, h, f) = _simulcast(feedback)
+    sink = out.attach(up, "TR_s", wants=(0,))
+    assert feedback.plis == [11], "only the layer that starts crossing is asked for a keyframe"
+    relayed = _up("TR_s", Feedback())
+    got: dict[str, Received] = {}
+    for rid, quality, ssrc in sink.layers():
+        inbound.by_ssrc[ssrc] = (relayed, relayed.add_layer(ssrc, rid))
+    for layer in relayed.layers:
+        got[layer.rid] = Received()
+        layer.subs = [got[layer.rid]]
+
+    async def crossing(seq: int, keyframe_on=()) -> set[str]:
+        """The layers whose packet of `seq` reached the subscribing node."""
+        for received in got.values():
+            received.packets.clear()
+        sent, arrived = origin_ep.packets_out, sub_ep.packets_in
+        _send_all(up, (q, h, f), seq, keyframe_on)
+        assert await _settle(lambda: sub_ep.packets_in - arrived == origin_ep.packets_out - sent)
+        return {rid for rid, received in got.items() if received.packets}
+
+    assert await crossing(1) == {"q"}
+    sink.set_wants((2,))
+    assert await crossing(2) == {"q", "f"}, "the low layer keeps flowing until the top one has a keyframe"
+    assert await crossing(3, keyframe_on={"f"}) == {"f"}
+    assert await crossing(4) == {"f"}
+    sink.set_wants((0, 2))
+    assert await crossing(5) == {"q", "f"}, "two subscribers there with different caps: both their layers"
+    assert sorted(up.demand()) == [0, 2]
+    sink.set_wants(())
+    assert await crossing(6) == set(), "every subscriber there disabled the track"
+    assert up.demand() == []
+    sink.set_wants((1,))
+    assert await crossing(7) == {"h"}
+    out.detach("TR_s")
+    assert await crossing(8) == set() and up.relays == [] and not any(layer.relays for layer in up.layers)
