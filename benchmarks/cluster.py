@@ -4,7 +4,10 @@
    cross the SRTP relay once and feed the relayed up-track on the subscribing node. Reports CPU microseconds per
    relayed packet for both ends together (RTP rewrite + protect + sendto, recvfrom + unprotect + parse + fan-out
    to one local subscriber stub), at a moderate rate (packets paced like real media) and flat out.
-2. **Cluster** (real processes: redis-server, a router, 2 signal and 2 media nodes in 2 regions): a publisher on
+2. **Relay bytes by quality** (same in-process path): a 720p simulcast publisher at livekit-client's default layer
+   bitrates (q 180p 160 kb/s, h 360p 450 kb/s, f 720p 1.7 Mb/s) and a subscribing node whose viewer wants LOW,
+   then HIGH: the bytes per second the origin's relay socket sends, since only the watched layer crosses.
+3. **Cluster** (real processes: redis-server, a router, 2 signal and 2 media nodes in 2 regions): a publisher on
    one media node (audio + video, synthetic RTP), N subscribers on the other, so every packet crosses the relay
    once. Reports join latency through the cluster (WebSocket open → JoinResponse, through signal → router →
    media, and → first media packet), delivered packet rate, and each media node's CPU per packet.
@@ -31,11 +34,56 @@ KEY, SECRET = "benchkey", "a-benchmark-secret-that-is-long-enough"
 # --- 1. the relay path in one process --------------------------------------------------------------------------
 
 
+class RelayPair:
+    """Two relay endpoints on loopback joined by one link (origin → subscribing node), as two nodes have."""
+
+    async def open(self):
+        from braid.services.media.cluster.relay import InboundLink, OutboundLink, RelayEndpoint, new_key
+        from braid.services.media.ice import PortRange
+
+        ports = PortRange(46000, 46099, host="127.0.0.1")
+        self.origin_ep, self.sub_ep = RelayEndpoint(), RelayEndpoint()
+        await self.origin_ep.open(ports, "127.0.0.1")
+        await self.sub_ep.open(ports, "127.0.0.1")
+        key_down, key_up = new_key(), new_key()
+        self.out = OutboundLink(self.origin_ep, "b", ("127.0.0.1", self.sub_ep.port), key_down, key_up,
+                                on_layers=lambda s: None)
+        self.origin_ep.add_outbound(self.out)
+        self.inbound = InboundLink(self.sub_ep, "a", key_down, key_up)
+        self.inbound.addr = ("127.0.0.1", self.origin_ep.port)
+        self.sub_ep.add_inbound(self.inbound)
+        return self
+
+    def relayed_copy(self, sink, subscriber):
+        """The subscribing node's up-track for `sink`'s track, each layer fanned out to `subscriber`."""
+        from braid.services.media.forward import UpTrack
+
+        noop = lambda *a: None  # noqa: E731
+        relayed = UpTrack("TR_a", "video", "video/VP8", 90000, 96, None, request_keyframe=noop, request_nack=noop)
+        for rid, _, ssrc in sink.layers():
+            self.inbound.by_ssrc[ssrc] = (relayed, relayed.add_layer(ssrc, rid))
+        for layer in relayed.layers:
+            layer.subs = [subscriber]
+        return relayed
+
+    def close(self) -> None:
+        self.out.close()
+        self.inbound.close()
+        self.origin_ep.close()
+        self.sub_ep.close()
+
+
+def _origin_track(rids: list[str]):
+    from braid.services.media.forward import UpTrack
+
+    noop = lambda *a: None  # noqa: E731
+    up = UpTrack("TR_a", "video", "video/VP8", 90000, 96, None, request_keyframe=noop, request_nack=noop)
+    up.expected_rids = rids
+    return up, [up.add_layer(1111 + i, rid) for i, rid in enumerate(rids)]
+
+
 async def relay_path(packets: int, rate: float | None) -> dict:
     from braid.services.media import rtp
-    from braid.services.media.cluster.relay import InboundLink, OutboundLink, RelayEndpoint, new_key
-    from braid.services.media.forward import UpTrack
-    from braid.services.media.ice import PortRange
 
     class Sub:  # a local subscriber's DownTrack, reduced to counting
         count = 0
@@ -43,25 +91,9 @@ async def relay_path(packets: int, rate: float | None) -> dict:
         def write(self, *args) -> None:
             Sub.count += 1
 
-    ports = PortRange(46000, 46099, host="127.0.0.1")
-    origin_ep, sub_ep = RelayEndpoint(), RelayEndpoint()
-    await origin_ep.open(ports, "127.0.0.1")
-    await sub_ep.open(ports, "127.0.0.1")
-    key_down, key_up = new_key(), new_key()
-    out = OutboundLink(origin_ep, "b", ("127.0.0.1", sub_ep.port), key_down, key_up, on_layers=lambda s: None)
-    origin_ep.add_outbound(out)
-    inbound = InboundLink(sub_ep, "a", key_down, key_up)
-    inbound.addr = ("127.0.0.1", origin_ep.port)
-    sub_ep.add_inbound(inbound)
-    noop = lambda *a: None  # noqa: E731
-    origin = UpTrack("TR_a", "video", "video/VP8", 90000, 96, None, request_keyframe=noop, request_nack=noop)
-    layer = origin.add_layer(1111)
-    sink = out.attach(origin, "TR_a")
-    (rid, _, ssrc), = sink.layers()
-    relayed = UpTrack("TR_a", "video", "video/VP8", 90000, 96, None, request_keyframe=noop, request_nack=noop)
-    relayed_layer = relayed.add_layer(ssrc, rid)
-    relayed_layer.subs = [Sub()]
-    inbound.by_ssrc[ssrc] = (relayed, relayed_layer)
+    pair = await RelayPair().open()
+    origin, (layer,) = _origin_track([""])
+    pair.relayed_copy(pair.out.attach(origin, "TR_a"), Sub())
     payload = bytes(1100)
     batch = 10 if rate else 64
     try:
@@ -81,15 +113,60 @@ async def relay_path(packets: int, rate: float | None) -> dict:
             await asyncio.sleep(0.001)
         cpu, elapsed = time.process_time() - cpu0, time.monotonic() - t0
     finally:
-        out.close()
-        inbound.close()
-        origin_ep.close()
-        sub_ep.close()
+        pair.close()
     return {"packets": packets, "delivered": Sub.count, "pps": Sub.count / elapsed,
             "us_per_packet": 1e6 * cpu / max(1, Sub.count), "cpu_pct": 100 * cpu / elapsed}
 
 
-# --- 2. a real cluster -----------------------------------------------------------------------------------------
+LAYER_BITRATES = (("q", 160_000), ("h", 450_000), ("f", 1_700_000))  # livekit-client's 720p simulcast defaults
+
+
+async def relay_by_quality(seconds: float) -> dict[str, float]:
+    """Relay bytes/s from the origin for a subscribing node whose viewer wants LOW, then HIGH."""
+    from braid.services.media import rtp
+
+    class Viewer:
+        def write(self, *args) -> None:
+            pass
+
+    pair = await RelayPair().open()
+    up, layers = _origin_track([rid for rid, _ in LAYER_BITRATES])
+    sink = pair.out.attach(up, "TR_a", wants=(0,))
+    pair.relayed_copy(sink, Viewer())
+    fps = 30
+    shapes = []  # (packets, payload bytes) per frame of each layer, for its bitrate in packets of <= 1100 bytes
+    for _, bitrate in LAYER_BITRATES:
+        frame_bytes = bitrate // 8 // fps
+        packets = -(-frame_bytes // 1100)
+        shapes.append((packets, frame_bytes // packets))
+    seq = [0] * len(layers)
+    out: dict[str, float] = {}
+    try:
+        for label, wants in (("LOW", (0,)), ("HIGH", (2,))):
+            sink.set_wants(wants)
+            frame, sent0, ingest = 0, pair.origin_ep.bytes_out, 0
+            t0 = next_at = time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                for i, (layer, (packets, size)) in enumerate(zip(layers, shapes)):
+                    for k in range(packets):
+                        descriptor = bytes([0x10, 0x00 if frame % (2 * fps) == 0 else 0x01]) if k == 0 else b"\x00"
+                        data = rtp.HEADER.pack(0x80, 96, seq[i] & 0xFFFF, frame * 3000, layer.ssrc) + descriptor + bytes(
+                            size)
+                        seq[i] += 1
+                        ingest += len(data)
+                        up.on_packet(layer, data, rtp.parse(data))
+                frame += 1
+                next_at += 1 / fps
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            elapsed = time.monotonic() - t0
+            out[label] = (pair.origin_ep.bytes_out - sent0) / elapsed
+            out["ingest"] = ingest / elapsed
+    finally:
+        pair.close()
+    return out
+
+
+# --- 3. a real cluster -----------------------------------------------------------------------------------------
 
 
 def start_cluster(log_dir: Path) -> tuple[list[Proc], dict[str, Proc]]:
@@ -179,6 +256,13 @@ async def main_async(args: argparse.Namespace) -> None:
         r = await relay_path(args.relay_packets if rate is None else int(2000 * 3), rate)
         print(f"  {label:>15}: {r['us_per_packet']:6.1f} us CPU per relayed packet "
               f"({r['delivered']}/{r['packets']} delivered, {r['pps']:.0f} pps, CPU {r['cpu_pct']:.0f}%)")
+    rates = await relay_by_quality(args.quality_seconds)
+    print()
+    print("Relay bytes per second for one relayed 720p simulcast track (q/h/f at 160/450/1700 kb/s, publisher "
+          f"sends {rates['ingest'] / 1000:.0f} kB/s):")
+    for label in ("LOW", "HIGH"):
+        print(f"  viewer on {label:<4}: {rates[label] / 1000:7.1f} kB/s over the relay "
+              f"({8 * rates[label] / 1e6:.2f} Mb/s)")
     if args.skip_cluster:
         return
     log_dir = ROOT / "test-artifacts"
@@ -214,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--packets-per-frame", type=int, default=4)
     parser.add_argument("--relay-packets", type=int, default=100_000)
+    parser.add_argument("--quality-seconds", type=float, default=4.0, help="window per quality (relay bytes)")
     parser.add_argument("--skip-cluster", action="store_true", help="only the in-process relay path")
     args = parser.parse_args(argv)
     args.subscribers = [int(v) for v in args.subscribers.split(",") if v.strip()]

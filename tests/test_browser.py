@@ -20,6 +20,7 @@ import struct
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import wave
 from dataclasses import dataclass, field
@@ -143,9 +144,19 @@ class Browser:
         await page.wait_for_function("() => !!window.braidMeet", timeout=10_000)
         return meet
 
-    async def join(self, server: ServerProcess, label: str, room: str, query: str = "") -> MeetPage:
-        """Open the page, fill in the form as a user would, and wait until the Room is connected."""
+    async def join(self, server: ServerProcess, label: str, room: str, query: str = "",
+                   tokens: Callable[[dict[str, str]], dict] | None = None) -> MeetPage:
+        """Open the page, fill in the form as a user would, and wait until the Room is connected.
+
+        `tokens` answers the page's `/dev/token` request (its query → {"token", "url"}) for servers that hand out
+        none, as an application's own token endpoint would."""
         meet = await self.open(server, label, query)
+        if tokens is not None:
+            async def answer(route) -> None:
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(route.request.url).query))
+                await route.fulfill(status=200, content_type="application/json", body=json.dumps(tokens(query)))
+
+            await meet.page.route("**/dev/token?*", answer)
         await meet.page.fill("#name", label)
         await meet.page.fill("#room", room)
         await meet.page.click("#join")

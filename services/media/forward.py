@@ -168,10 +168,14 @@ class UpTrack:
                 return layer
         return None
 
+    def active_layers(self, now: float) -> list[Layer]:
+        """The layers a subscriber may be given now: those receiving packets (all, while none does)."""
+        return [l for l in self.layers if l.active(now)] or self.layers
+
     def pick_layer(self, max_quality: int, now: float) -> Layer | None:
         if not self.layers:
             return None
-        active = [l for l in self.layers if l.active(now)] or self.layers
+        active = self.active_layers(now)
         below = [l for l in active if l.quality <= max_quality]
         return below[-1] if below else active[0]
 
@@ -383,6 +387,8 @@ class LayerRelay:
 
     def retarget(self, targets: frozenset[Layer], now: float) -> frozenset[Layer]:
         """Carry `targets` from now on; returns the layers newly started."""
+        if targets == self.forwarding:
+            return frozenset()
         added = targets - self.forwarding
         dropped = self.forwarding - targets
         self.forwarding = targets
@@ -394,7 +400,11 @@ class LayerRelay:
         self.awaiting &= targets
         if not self.awaiting or not targets:
             self.retiring, self.awaiting = frozenset(), set()
+        self.forwarding_changed()
         return added
+
+    def forwarding_changed(self) -> None:
+        """Hook: the layers it forwards changed (the relay tells the node it feeds)."""
 
     def switch_expired(self, now: float) -> bool:
         if self.retiring and now - self.switched_at > RELAY_SWITCH_TIMEOUT:

@@ -37,7 +37,7 @@ LINGER = 10.0  # an origin connection with nothing wanted is closed after this l
 def layers_message(sink: RelaySink) -> cluster_pb2.RelayDown:
     return cluster_pb2.RelayDown(layers=cluster_pb2.RelayLayers(track_sid=sink.track_sid, layers=[
         cluster_pb2.RelayLayer(rid=rid, quality=quality, ssrc=ssrc) for rid, quality, ssrc in sink.layers()
-    ]))
+    ], forwarding_ssrcs=sink.forwarding_ssrcs()))
 
 
 # --- subscribing side ------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class OriginConnection:
         if kind == "layers":
             track = self.tracks.get(down.layers.track_sid)
             if track is not None:
-                track.apply_layers(link, down.layers.layers)
+                track.apply_layers(link, down.layers.layers, down.layers.forwarding_ssrcs)
         elif kind == "reports":
             for report in down.reports.reports:
                 entry = link.by_ssrc.get(report.ssrc)

@@ -174,6 +174,13 @@ class RelaySink(LayerRelay):
         if self.awaiting:
             self.passed(layer, data[off:off + 24])
 
+    def forwarding_changed(self) -> None:
+        self.link.on_layers(self)
+
+    def forwarding_ssrcs(self) -> list[int]:
+        return [self.ssrcs[layer] if layer in self.ssrcs else self.link.assign(self, layer, announce=False)
+                for layer in self.forwarding]
+
     def layers(self) -> list[tuple[str, int, int]]:
         """(rid, quality, ssrc) of every layer the up-track has; assigns SSRCs to layers not yet seen."""
         for layer in self.up.layers:

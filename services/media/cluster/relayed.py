@@ -55,6 +55,12 @@ class RelayedUpTrack(UpTrack):
         self._on_demand = on_demand
         self._on_demand_change = on_demand_change
         self.wanted: tuple[int, ...] = ()
+        self.forwarded: list | None = None  # the layers the origin relays now (None: not told yet)
+
+    def active_layers(self, now: float):
+        if self.forwarded:
+            return self.forwarded
+        return super().active_layers(now)
 
     def add_down(self, down) -> None:
         super().add_down(down)
@@ -137,8 +143,9 @@ class RelayedTrack:
 
     # --- from the origin --------------------------------------------------------------------------------------
 
-    def apply_layers(self, link: InboundLink, layers) -> None:
-        """The origin's SSRCs for this track's layers on `link` (re-announced after a link is re-established)."""
+    def apply_layers(self, link: InboundLink, layers, forwarding_ssrcs=()) -> None:
+        """The origin's SSRCs for this track's layers on `link` (re-announced after a link is re-established),
+        and which of them it relays now."""
         up = self.up
         if up.closed:
             return
@@ -162,6 +169,8 @@ class RelayedTrack:
                 reorder = True
             link.by_ssrc[announced.ssrc] = (up, layer)
             self.ssrcs.add(announced.ssrc)
+        forwarding = set(forwarding_ssrcs)
+        up.forwarded = [layer for layer in up.layers if layer.ssrc in forwarding]
         if reorder:
             up.layers.sort(key=lambda l: l.quality)
             up.reassign()
@@ -173,6 +182,7 @@ class RelayedTrack:
             for ssrc in self.ssrcs:
                 link.by_ssrc.pop(ssrc, None)
         self.ssrcs.clear()
+        self.up.forwarded = None
 
     # --- to the origin ----------------------------------------------------------------------------------------
 
