@@ -185,7 +185,8 @@ async def test_browsers_on_two_nodes_keep_video_and_a_small_tile_takes_the_low_l
                                                                                      room_name):
     """Two pages with livekit-client's defaults (720p simulcast, dynacast, adaptive stream), one per media node,
     decode each other's camera for 30 s with no freeze over 1 s; shrinking Bob's tile of Alice moves the relay to
-    her low layer (the origin sends fewer bytes, Bob decodes <= 320 px wide) and video keeps coming."""
+    her low layer (the origin sends fewer bytes, Bob decodes <= 320 px wide) and video keeps coming; Bob disabling
+    her video stops it crossing, enabling it brings it back."""
     cluster = simulcast_cluster
     eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
     alice = await browser.join(eu.server, "Alice", room_name, tokens=token_for(eu))
@@ -218,10 +219,27 @@ async def test_browsers_on_two_nodes_keep_video_and_a_small_tile_takes_the_low_l
         assert more["frameWidth"] <= 320, more
         seen = await bob.js(FREEZE_READ, False)
         assert seen["longest"] < 1.0, f"Bob froze {seen['longest']:.2f} s through the switch: {seen}"
-        print(f"relay from Alice's node: {before:.0f} B/s with a full tile, {after:.0f} B/s with a small one")
+
+        # Bob turns Alice's video off (track_setting disabled): no layer of it crosses; on again, it comes back.
+        await bob.js(_SET_ENABLED, [alice_id, False])
+        await asyncio.sleep(2)
+        disabled = await relay_rate(origin, 3)
+        assert disabled < after * 0.5, f"relay {disabled:.0f} B/s with Alice's video disabled at Bob ({after:.0f})"
+        frames = (await _decoded(bob, alice_id, 0))["framesDecoded"]
+        await bob.js(_SET_ENABLED, [alice_id, True])
+        await page_wait(lambda: _decoded(bob, alice_id, frames + 30), timeout=15,
+                        what="Alice's video to come back at Bob", pages=pages)
+        print(f"relay from Alice's node: {before:.0f} B/s with a full tile, {after:.0f} B/s with a small one, "
+              f"{disabled:.0f} B/s with her video disabled")
     except BaseException:
         print(cluster.logs())
         raise
+
+
+_SET_ENABLED = """([identity, on]) => {
+  const participant = window.braidRoom.remoteParticipants.get(identity);
+  participant.getTrackPublication('camera').setEnabled(on);
+}"""
 
 
 async def _decoded_if(viewer: MeetPage, identity: str, cond) -> dict | None:
