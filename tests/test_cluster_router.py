@@ -3,6 +3,8 @@ away from nodes an edge could not reach."""
 
 from __future__ import annotations
 
+import time
+
 from livekit.protocol import models
 
 from braid.services.router.dead_nodes import DeadNodes
@@ -64,7 +66,7 @@ async def test_one_reaper_at_a_time_and_room_finished_once(redis_server):
         await reapers[0].sweep()
         await reapers[1].sweep()
         assert reapers[0]._leader and not reapers[1]._leader
-        await store.delete_participant("x", "a")
+        await store.delete_participant("x", "a", "PA_1")
         for clock in clocks:
             clock.now += 6
         await reapers[1].sweep()  # not the holder: does nothing
@@ -103,9 +105,9 @@ async def test_claims_and_participants_of_a_dead_media_node_are_released():
     await registry.heartbeat(_media("live"), ttl=1000)
     for name in ("alone", "shared"):
         await store.create_room(models.Room(sid=f"RM_{name}", name=name))
-        await store.claim_room_node(name, "gone")
+        await store.claim_room_node(name, "gone", "CL_gone")
         await store.put_participant(name, models.ParticipantInfo(sid=f"PA_{name}", identity=f"p-{name}"))
-    await store.claim_room_node("shared", "live")
+    await store.claim_room_node("shared", "live", "CL_live")
     rooms = await store.list_rooms()
     await dead.sweep(rooms)
     clock.now += 5
@@ -125,7 +127,7 @@ async def test_a_node_back_within_the_grace_period_keeps_its_claims():
     store, registry, notifier, clock = MemoryStore(), MemoryRegistry(), Notifier(), Clock()
     dead = DeadNodes(store, registry, notifier, grace=10, clock=clock)
     await store.create_room(models.Room(sid="RM_r", name="r"))
-    await store.claim_room_node("r", placed_on)
+    await store.claim_room_node("r", placed_on, "CL_blip")
     await dead.sweep(await store.list_rooms())
     clock.now += 8
     await registry.heartbeat(_media(placed_on), ttl=1000)  # e.g. Redis restarted and the node re-registered
@@ -133,3 +135,34 @@ async def test_a_node_back_within_the_grace_period_keeps_its_claims():
     clock.now += 8
     await dead.sweep(await store.list_rooms())
     assert set(await store.room_nodes("r")) == {placed_on}
+
+
+async def test_room_claims_are_compare_and_delete_across_routers(redis_server):
+    """Two routers and a media node on one Redis: a release by an owner whose claim was replaced removes nothing,
+    and a router ages out only the placement claims no join followed, never a node's own claim."""
+    from braid.shared.store import placement_claim_token
+
+    config = RedisConfig(address=redis_server.address, key_prefix="claims")
+    routers = [redis_backends(config) for _ in range(2)]
+    node = redis_backends(config)
+    try:
+        store_a, store_b = routers[0].store, routers[1].store
+        await store_a.create_room(models.Room(sid="RM_c", name="c"))
+        await routers[0].registry.heartbeat(_media("ND_back"), ttl=1000)
+        await routers[0].registry.heartbeat(_media("ND_idle"), ttl=1000)
+        # Router A saw ND_back gone and read its claim; meanwhile ND_back came back and hosts the room anew.
+        await node.store.claim_room_node("c", "ND_back", "CL_before")
+        seen = await store_a.room_nodes("c")
+        await node.store.claim_room_node("c", "ND_back", "CL_after")
+        assert not await store_a.release_room_node("c", "ND_back", seen["ND_back"])
+        # Router B placed a participant on ND_idle long ago and no join followed; another claim is fresh.
+        await store_b.claim_room_node("c", "ND_idle", placement_claim_token(time.time() - 60), if_absent=True)
+        await routers[0].registry.heartbeat(_media("ND_new"), ttl=1000)
+        fresh = placement_claim_token(time.time())
+        await store_a.claim_room_node("c", "ND_new", fresh, if_absent=True)
+        dead = DeadNodes(store_b, routers[1].registry, Notifier())
+        await dead.sweep(await store_b.list_rooms())
+        assert await store_a.room_nodes("c") == {"ND_back": "CL_after", "ND_new": fresh}
+    finally:
+        for b in [*routers, node]:
+            await b.close()

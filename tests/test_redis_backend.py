@@ -43,7 +43,8 @@ async def test_rooms_and_participants(backends):
     assert (got.num_participants, got.num_publishers) == (1, 1), "hidden participants are not counted"
     assert {p.identity for p in await store.list_participants("r")} == {"a", "h"}
 
-    assert not await store.delete_participant("r", "a", sid="PA_other"), "a rejoined participant is kept"
+    assert not await store.delete_participant("r", "a", sid="PA_other"), "only the session's own record goes"
+    assert not await store.delete_participant("r", "a", sid="PA_"), "sids match exactly, not as substrings"
     assert await store.delete_participant("r", "a", sid="PA_a")
     assert await store.get_participant("r", "a") is None
 
@@ -52,15 +53,51 @@ async def test_rooms_and_participants(backends):
     assert (await store.get_room("r")).metadata == "m"
     assert not await store.update_room(models.Room(name="ghost")), "update never recreates"
 
-    await store.claim_room_node("r", "ND_1")
-    assert await store.room_nodes("r") == {"ND_1": "ND_1"}
-    await store.release_room_node("r", "ND_1")
+    assert await store.claim_room_node("r", "ND_1", "CL_1")
+    assert await store.room_nodes("r") == {"ND_1": "CL_1"}
+    assert await store.release_room_node("r", "ND_1", "CL_1")
     assert await store.room_nodes("r") == {}
 
     assert [r.name for r in await store.list_rooms()] == ["r"]
     assert await store.delete_room("r")
     assert await store.get_room("r") is None and not await store.delete_room("r")
     assert await store.list_participants("r") == []
+
+
+async def test_a_rejoin_never_overwrites_the_session_it_replaces(backends):
+    store = backends.store
+    await store.create_room(models.Room(sid="RM_1", name="r"))
+    old = models.ParticipantInfo(sid="PA_old", identity="a", joined_at_ms=1000, metadata="old")
+    new = models.ParticipantInfo(sid="PA_new", identity="a", joined_at_ms=2000, metadata="new")
+    await store.put_participant("r", old)
+    await store.put_participant("r", new)
+    old.metadata = "old, updated late"
+    await store.put_participant("r", old)  # the old session's last write lands after the rejoin's
+    assert [(p.sid, p.metadata) for p in await store.list_participants("r")] == [("PA_new", "new")], \
+        "one participant per identity: its newest session"
+    assert (await store.get_participant("r", "a")).sid == "PA_new"
+    assert (await store.get_room("r")).num_participants == 1
+    assert [p.sid for p in await store.list_sessions("r")] == ["PA_old", "PA_new"], "the old record is findable"
+    # Whoever ends the old session removes exactly its record; the new session is untouched.
+    assert await store.delete_participant("r", "a", "PA_old")
+    assert not await store.delete_participant("r", "a", "PA_old"), "removed once"
+    assert [p.sid for p in await store.list_sessions("r")] == ["PA_new"]
+    assert (await store.get_participant("r", "a")).metadata == "new"
+    with pytest.raises(ValueError):
+        await store.delete_participant("r", "a", "")
+
+
+async def test_room_claims_are_released_only_by_their_owner(backends):
+    store = backends.store
+    assert await store.claim_room_node("r", "ND_1", "placed:1", if_absent=True)
+    assert not await store.claim_room_node("r", "ND_1", "placed:2", if_absent=True), "the first placement wins"
+    assert await store.claim_room_node("r", "ND_1", "CL_a"), "the node's own claim replaces a placement claim"
+    assert not await store.release_room_node("r", "ND_1", "placed:1"), "a stale owner cannot release it"
+    assert await store.claim_room_node("r", "ND_1", "CL_b")  # the node hosts the room again (a new hosting)
+    assert not await store.release_room_node("r", "ND_1", "CL_a"), "the earlier hosting's late release is refused"
+    assert await store.room_nodes("r") == {"ND_1": "CL_b"}
+    assert await store.release_room_node("r", "ND_1", "CL_b")
+    assert await store.room_nodes("r") == {}
 
 
 async def test_moved_participants_are_taken_once(backends):

@@ -19,7 +19,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from braid.shared.bus import Bus, Subscription
 from braid.shared.config import RedisConfig
-from braid.shared.store import NodeInfo, NodeRegistry, RoomStore
+from braid.shared.store import NodeInfo, NodeRegistry, RoomStore, newest_per_identity, session_order
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class RedisStore(RoomStore):
         if raw is None:
             return None
         room = models.Room.FromString(raw)
-        infos = [models.ParticipantInfo.FromString(p) for p in people]
+        infos = newest_per_identity([models.ParticipantInfo.FromString(p) for p in people])
         room.num_participants = sum(1 for p in infos if not p.permission.hidden)
         room.num_publishers = sum(1 for p in infos if p.is_publisher)
         return room
@@ -117,38 +117,37 @@ class RedisStore(RoomStore):
         return bool(removed)
 
     async def put_participant(self, room: str, info: models.ParticipantInfo) -> None:
-        await self.r.hset(self._room_key(room, "participants"), info.identity, info.SerializeToString())
+        await self.r.hset(self._room_key(room, "participants"), info.sid, info.SerializeToString())
 
-    # Delete only if the stored participant still has the expected sid (a rejoin may have replaced it).
-    # The sid is a unique random string stored verbatim in the serialized ParticipantInfo.
-    _DELETE_IF_SID = """
-    local raw = redis.call('HGET', KEYS[1], ARGV[1])
-    if not raw then return 0 end
-    if ARGV[2] ~= '' and not string.find(raw, ARGV[2], 1, true) then return 0 end
-    return redis.call('HDEL', KEYS[1], ARGV[1])
-    """
+    async def delete_participant(self, room: str, identity: str, sid: str) -> bool:
+        if not sid:
+            raise ValueError("delete_participant needs the sid of the session to remove")
+        return bool(await self.r.hdel(self._room_key(room, "participants"), sid))
 
-    async def delete_participant(self, room: str, identity: str, sid: str = "") -> bool:
-        result = await self.r.eval(self._DELETE_IF_SID, 1, self._room_key(room, "participants"), identity, sid)
-        return bool(result)
-
-    async def get_participant(self, room: str, identity: str) -> models.ParticipantInfo | None:
-        raw = await self.r.hget(self._room_key(room, "participants"), identity)
-        return None if raw is None else models.ParticipantInfo.FromString(raw)
-
-    async def list_participants(self, room: str) -> list[models.ParticipantInfo]:
+    async def list_sessions(self, room: str) -> list[models.ParticipantInfo]:
         people = [models.ParticipantInfo.FromString(p) for p in await self.r.hvals(self._room_key(room, "participants"))]
-        return sorted(people, key=lambda p: p.joined_at_ms or p.joined_at)
+        return sorted(people, key=session_order)
 
     async def room_nodes(self, room: str) -> dict[str, str]:
         raw = await self.r.hgetall(self._room_key(room, "nodes"))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    async def claim_room_node(self, room: str, node_id: str) -> None:
-        await self.r.hsetnx(self._room_key(room, "nodes"), node_id, node_id)
+    async def claim_room_node(self, room: str, node_id: str, token: str, if_absent: bool = False) -> bool:
+        key = self._room_key(room, "nodes")
+        if if_absent:
+            await self.r.hsetnx(key, node_id, token)
+            return (await self.r.hget(key, node_id)) == token.encode()
+        await self.r.hset(key, node_id, token)
+        return True
 
-    async def release_room_node(self, room: str, node_id: str) -> None:
-        await self.r.hdel(self._room_key(room, "nodes"), node_id)
+    # Compare-and-delete: remove the claim only while it still holds the releaser's token.
+    _RELEASE_IF_OWNER = """
+    if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+    return 0
+    """
+
+    async def release_room_node(self, room: str, node_id: str, token: str) -> bool:
+        return bool(await self.r.eval(self._RELEASE_IF_OWNER, 1, self._room_key(room, "nodes"), node_id, token))
 
     async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
         await self.r.set(self._room_key(room, f"moved:{identity}"), sid, px=max(1, int(ttl * 1000)))

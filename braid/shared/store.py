@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from livekit.protocol import models
 
+from braid.shared import ids
+
 
 @dataclass
 class NodeInfo:
@@ -55,28 +57,43 @@ class RoomStore(abc.ABC):
     async def delete_room(self, name: str) -> bool:
         """Remove the room, its participants and its node assignments; False if it was absent."""
 
-    @abc.abstractmethod
-    async def put_participant(self, room: str, info: models.ParticipantInfo) -> None: ...
+    # Participant records are kept per session (sid): a rejoin adds its own record and never overwrites the one
+    # of the session it replaces, so whoever ends the old session still finds and removes exactly that record
+    # (and sends its webhook). Reads by identity see the newest session, as LiveKit shows one per identity.
 
     @abc.abstractmethod
-    async def delete_participant(self, room: str, identity: str, sid: str = "") -> bool:
-        """Remove a participant; with `sid`, only if the stored one still has that sid."""
+    async def put_participant(self, room: str, info: models.ParticipantInfo) -> None:
+        """Store (or update) the record of session `info.sid`; other sessions' records are untouched."""
 
     @abc.abstractmethod
-    async def get_participant(self, room: str, identity: str) -> models.ParticipantInfo | None: ...
+    async def delete_participant(self, room: str, identity: str, sid: str) -> bool:
+        """Remove the record of session `sid` (exact match); False if it was absent."""
 
     @abc.abstractmethod
-    async def list_participants(self, room: str) -> list[models.ParticipantInfo]: ...
+    async def list_sessions(self, room: str) -> list[models.ParticipantInfo]:
+        """Every stored session record, superseded ones included, oldest join first."""
+
+    async def get_participant(self, room: str, identity: str) -> models.ParticipantInfo | None:
+        """The newest session of `identity`."""
+        sessions = [p for p in await self.list_sessions(room) if p.identity == identity]
+        return sessions[-1] if sessions else None
+
+    async def list_participants(self, room: str) -> list[models.ParticipantInfo]:
+        """One record per identity (its newest session), oldest join first."""
+        return newest_per_identity(await self.list_sessions(room))
 
     @abc.abstractmethod
     async def room_nodes(self, room: str) -> dict[str, str]:
-        """Media nodes hosting the room: node id → owner token."""
+        """Media nodes hosting the room: node id → owner token of its claim."""
 
     @abc.abstractmethod
-    async def claim_room_node(self, room: str, node_id: str) -> None: ...
+    async def claim_room_node(self, room: str, node_id: str, token: str, if_absent: bool = False) -> bool:
+        """Record that `node_id` hosts `room`, owned by `token` (replacing the entry, or only if there is none);
+        True if the entry is now `token`."""
 
     @abc.abstractmethod
-    async def release_room_node(self, room: str, node_id: str) -> None: ...
+    async def release_room_node(self, room: str, node_id: str, token: str) -> bool:
+        """Atomically remove the claim only if it is still owned by `token`: a newer claim is kept."""
 
     @abc.abstractmethod
     async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
@@ -118,6 +135,43 @@ class NodeRegistry(abc.ABC):
         return None
 
 
+PLACEMENT_CLAIM = "placed:"
+
+
+def node_claim_token() -> str:
+    """The owner token of a media node's claim on a room it hosts (one per hosting, so a late release of an
+    earlier hosting cannot remove a newer claim)."""
+    return ids.guid("CL_")
+
+
+def placement_claim_token(now: float) -> str:
+    """A router's claim for the node it just placed a participant on, before that node hosts the room; it carries
+    its time so a claim never followed by a join can be aged out (the node's own claim replaces it)."""
+    return f"{PLACEMENT_CLAIM}{int(now * 1000)}:{ids.guid('', 6)}"
+
+
+def placement_claim_age(token: str, now: float) -> float | None:
+    """Seconds since a placement claim was made, or None for a node's own claim."""
+    if not token.startswith(PLACEMENT_CLAIM):
+        return None
+    try:
+        return now - int(token[len(PLACEMENT_CLAIM):].split(":", 1)[0]) / 1000
+    except ValueError:
+        return None
+
+
+def session_order(info: models.ParticipantInfo) -> tuple[int, str]:
+    return (info.joined_at_ms or info.joined_at * 1000, info.sid)
+
+
+def newest_per_identity(sessions: list[models.ParticipantInfo]) -> list[models.ParticipantInfo]:
+    """The newest session of each identity, ordered by join time."""
+    newest: dict[str, models.ParticipantInfo] = {}
+    for info in sorted(sessions, key=session_order):
+        newest[info.identity] = info
+    return sorted(newest.values(), key=session_order)
+
+
 def _copy(msg):
     clone = type(msg)()
     clone.CopyFrom(msg)
@@ -129,7 +183,7 @@ class MemoryStore(RoomStore):
 
     def __init__(self) -> None:
         self._rooms: dict[str, models.Room] = {}
-        self._participants: dict[str, dict[str, models.ParticipantInfo]] = {}
+        self._participants: dict[str, dict[str, models.ParticipantInfo]] = {}  # room → sid → record
         self._nodes: dict[str, dict[str, str]] = {}
         self._moved: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = asyncio.Lock()
@@ -156,7 +210,7 @@ class MemoryStore(RoomStore):
 
     def _with_counts(self, room: models.Room) -> models.Room:
         clone = _copy(room)
-        people = self._participants.get(room.name, {}).values()
+        people = newest_per_identity(list(self._participants.get(room.name, {}).values()))
         clone.num_participants = sum(1 for p in people if not p.permission.hidden)
         clone.num_publishers = sum(1 for p in people if p.is_publisher)
         return clone
@@ -175,32 +229,34 @@ class MemoryStore(RoomStore):
             return self._rooms.pop(name, None) is not None
 
     async def put_participant(self, room: str, info: models.ParticipantInfo) -> None:
-        self._participants.setdefault(room, {})[info.identity] = _copy(info)
+        self._participants.setdefault(room, {})[info.sid] = _copy(info)
 
-    async def delete_participant(self, room: str, identity: str, sid: str = "") -> bool:
-        people = self._participants.get(room, {})
-        current = people.get(identity)
-        if current is None or (sid and current.sid != sid):
-            return False
-        del people[identity]
-        return True
+    async def delete_participant(self, room: str, identity: str, sid: str) -> bool:
+        if not sid:
+            raise ValueError("delete_participant needs the sid of the session to remove")
+        return self._participants.get(room, {}).pop(sid, None) is not None
 
-    async def get_participant(self, room: str, identity: str) -> models.ParticipantInfo | None:
-        info = self._participants.get(room, {}).get(identity)
-        return None if info is None else _copy(info)
-
-    async def list_participants(self, room: str) -> list[models.ParticipantInfo]:
+    async def list_sessions(self, room: str) -> list[models.ParticipantInfo]:
         people = self._participants.get(room, {}).values()
-        return sorted((_copy(p) for p in people), key=lambda p: p.joined_at_ms or p.joined_at)
+        return sorted((_copy(p) for p in people), key=session_order)
 
     async def room_nodes(self, room: str) -> dict[str, str]:
         return dict(self._nodes.get(room, {}))
 
-    async def claim_room_node(self, room: str, node_id: str) -> None:
-        self._nodes.setdefault(room, {})[node_id] = node_id
+    async def claim_room_node(self, room: str, node_id: str, token: str, if_absent: bool = False) -> bool:
+        claims = self._nodes.setdefault(room, {})
+        if if_absent:
+            claims.setdefault(node_id, token)
+        else:
+            claims[node_id] = token
+        return claims[node_id] == token
 
-    async def release_room_node(self, room: str, node_id: str) -> None:
-        self._nodes.get(room, {}).pop(node_id, None)
+    async def release_room_node(self, room: str, node_id: str, token: str) -> bool:
+        claims = self._nodes.get(room, {})
+        if claims.get(node_id) != token:
+            return False
+        del claims[node_id]
+        return True
 
     async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
         self._moved[(room, identity)] = (sid, time.monotonic() + ttl)

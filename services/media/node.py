@@ -209,7 +209,7 @@ class MediaNode:
         else:
             room.update_info(stored)
         self._empty_since.pop(name, None)
-        await self.store.claim_room_node(name, self.node_id)
+        await self.store.claim_room_node(name, self.node_id, room.claim_token)
         return room
 
     def room_empty(self, room: Room) -> None:
@@ -228,6 +228,6 @@ class MediaNode:
     async def _release(self, room: Room) -> None:
         await room.stop()
         try:
-            await self.store.release_room_node(room.name, self.node_id)
+            await self.store.release_room_node(room.name, self.node_id, room.claim_token)
         except Exception:
             log.warning("could not release room %s", room.name)

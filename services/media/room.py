@@ -13,6 +13,7 @@ from livekit.protocol import rtc as rtc_pb
 from braid import LIVEKIT_VERSION
 from braid.shared.auth import Claims, refreshed_token
 from braid.shared.serverinfo import server_info
+from braid.shared.store import node_claim_token
 
 from .limits import fields_problem
 from . import quality
@@ -51,6 +52,7 @@ class Room:
         self.speakers = Speakers()
         self._scored_at = 0.0
         self.closed = False
+        self.claim_token = node_claim_token()  # owns this hosting's claim in the store
         self.link = node.cluster.room_link(self)  # participants on other media nodes, room-wide events
 
     # --- info ------------------------------------------------------------------------------------------

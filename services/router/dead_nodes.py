@@ -5,7 +5,8 @@ for `grace` seconds (as seen by the reaper holding the lease: a short Redis blip
 claims on rooms are released (compare-and-delete on its own entry), and in a room no live node hosts any more, the
 participants still listed are removed, each with one `participant_left` webhook (whoever removes a participant
 sends it, so it is sent once cluster-wide). In a room that still has live nodes, those nodes remove the dead
-node's participants themselves (see media/cluster/events.py).
+node's participants themselves (see media/cluster/events.py). A router's placement claim that no join followed
+(the node refused it, the client gave up) is aged out after `PLACEMENT_CLAIM_TTL`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Callable
 from livekit.protocol import models, webhook
 
 from braid.shared import ids
-from braid.shared.store import NodeRegistry, RoomStore
+from braid.shared.store import NodeRegistry, RoomStore, placement_claim_age
 
 log = logging.getLogger(__name__)
 
 GRACE = 10.0
+PLACEMENT_CLAIM_TTL = 30.0
 
 
 class DeadNodes:
@@ -44,9 +46,12 @@ class DeadNodes:
         for room in rooms:
             claims = await self.store.room_nodes(room.name)
             dead = []
-            for node_id in claims:
+            for node_id, token in claims.items():
                 if node_id in live:
                     self._missing_since.pop(node_id, None)
+                    age = placement_claim_age(token, time.time())
+                    if age is not None and age > PLACEMENT_CLAIM_TTL:
+                        await self.store.release_room_node(room.name, node_id, token)
                     continue
                 since = self._missing_since.setdefault(node_id, now)
                 if now - since >= self.grace:
@@ -55,14 +60,14 @@ class DeadNodes:
                 continue
             for node_id in dead:
                 log.info("media node %s is gone: releasing its claim on room %s", node_id, room.name)
-                await self.store.release_room_node(room.name, node_id)
+                await self.store.release_room_node(room.name, node_id, claims[node_id])
             if not set(claims) & live:
                 await self._orphans(room)
         for node_id in [n for n in self._missing_since if n in live]:
             del self._missing_since[node_id]
 
     async def _orphans(self, room: models.Room) -> None:
-        for info in await self.store.list_participants(room.name):
+        for info in await self.store.list_sessions(room.name):  # superseded sessions too: each gets its webhook
             if not await self.store.delete_participant(room.name, info.identity, info.sid):
                 continue
             log.info("room %s: removed %s (%s), its media node is gone", room.name, info.identity, info.sid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -14,7 +15,7 @@ from livekit.protocol import room as room_pb
 from braid.rpc import common_pb2, router_pb2, router_pb2_grpc
 from braid.shared.roomservice import ALL_METHODS, call_deadline
 from braid.shared.rpc import DEFAULT_DEADLINE, Channels, call_idempotent, rpc_error
-from braid.shared.store import NodeRegistry, RoomStore
+from braid.shared.store import NodeRegistry, RoomStore, placement_claim_token
 from braid.shared.tracing import incoming_context, metadata_of, tracer
 
 from .agents import AgentDispatcher, DispatchError
@@ -270,7 +271,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if choice.node is None:
             log.warning("cannot place %s in %s: %s", request.identity, room.name, choice.reason)
             return router_pb2.Placement(error=rpc_error("unavailable", choice.reason), reason=choice.reason)
-        await self.store.claim_room_node(room.name, choice.node.node_id)
+        # Until the node's own claim replaces it, this one keeps the room's next placements together.
+        await self.store.claim_room_node(room.name, choice.node.node_id, placement_claim_token(time.time()),
+                                         if_absent=True)
         log.info("placed %s in %s on %s: %s", request.identity, room.name, choice.node.node_id, choice.reason)
         return router_pb2.Placement(
             node_id=choice.node.node_id,

@@ -195,7 +195,7 @@ class Cluster:
             if room.closed:
                 continue
             await store.create_room(room.info())
-            await store.claim_room_node(room.name, self.node_id)
+            await store.claim_room_node(room.name, self.node_id, room.claim_token)
             for p in list(room.participants.values()):
                 if not p.closed:
                     await store.put_participant(room.name, p.info())
