@@ -108,7 +108,7 @@ class LimitsConfig:
     """What a node and each client may hold. 0 disables a limit.
 
     The node's own (`max_participants`, `max_tracks`, `max_bytes_per_second`): the router places nothing on a node
-    that reached one, and the node refuses joins past `max_participants`. The rest bound what one client controls,
+    that reached one, and the node itself refuses joins past them (the edge then places the participant elsewhere). The rest bound what one client controls,
     with LiveKit's figures where it has them (metadata, attributes, name); each refusal is counted in `/metrics`
     as `braid_limit_<name>_refused_total`.
     """

@@ -35,6 +35,16 @@ class NodeInfo:
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
+    def over_limit(self) -> str | None:
+        """The first hard limit the node has reached, or None (the router and the node itself check it)."""
+        if self.max_participants and self.participants >= self.max_participants:
+            return f"participants {self.participants}/{self.max_participants}"
+        if self.max_tracks and self.tracks >= self.max_tracks:
+            return f"tracks {self.tracks}/{self.max_tracks}"
+        if self.max_bytes_per_second and self.bytes_per_second >= self.max_bytes_per_second:
+            return f"bytes/s {self.bytes_per_second:.0f}/{self.max_bytes_per_second:.0f}"
+        return None
+
 
 class RoomStore(abc.ABC):
     """Rooms and their participants. All methods are safe to call from any node."""

@@ -8,6 +8,7 @@ participant records current (the router and RoomService read them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -99,6 +100,8 @@ class MediaNode:
         self.drain = Drain(self, config.drain_deadline)
         self.started_at = time.time()
         self._empty_since: dict[str, float] = {}
+        self._joining = 0  # joins admitted and not yet finished (see `admit`)
+        self._announce: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -133,6 +136,8 @@ class MediaNode:
                 log.exception("closing room %s failed", room.name)
         self.rooms.clear()
         await self.cluster.stop()
+        if self._announce is not None:
+            self._tasks.append(self._announce)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,7 +148,7 @@ class MediaNode:
         await self.telemetry.stop()
 
     def node_info(self) -> NodeInfo:
-        participants = sum(len(r.participants) for r in self.rooms.values())
+        participants = sum(len(r.participants) for r in self.rooms.values()) + self._joining
         # Tracks in and out: published here, and every subscription of a participant hosted here.
         tracks = sum(len(p.publisher.tracks) + len(p.subscriber.subs)
                      for r in self.rooms.values() for p in r.participants.values())
@@ -155,6 +160,37 @@ class MediaNode:
             bytes_per_second=bytes_per_second, cpu_load=cpu_load, max_participants=limits.max_participants,
             max_tracks=limits.max_tracks, max_bytes_per_second=limits.max_bytes_per_second,
         )
+
+    @contextlib.contextmanager
+    def admit(self, room: str, identity: str):
+        """Hold a slot for one join from its first step to its end, or refuse it if the node is at a hard limit.
+
+        The check and the count happen before any await, so a burst of simultaneous joins is counted as it
+        arrives (the router's view, from heartbeats, lags). A refusal is retryable: the edge places the participant
+        on another node. Replacing a session of an identity already here does not add anyone.
+        """
+        hosted = self.rooms.get(room)
+        if hosted is None or hosted.by_identity(identity) is None:
+            full = self.node_info().over_limit()  # counts the joins in progress too
+            if full:
+                self._announce_load()
+                raise JoinError("node_full", f"media node {self.node_id} is at a hard limit: {full}")
+        self._joining += 1
+        try:
+            yield
+        finally:
+            self._joining -= 1
+
+    def _announce_load(self) -> None:
+        """Heartbeat now (once at a time), so the router stops choosing a node that just refused a join."""
+        if self._announce is None or self._announce.done():
+            self._announce = asyncio.create_task(self._heartbeat_quietly(), name="media-announce-load")
+
+    async def _heartbeat_quietly(self) -> None:
+        try:
+            await asyncio.wait_for(self._heartbeat(), 2.0)
+        except Exception as exc:
+            log.debug("load announcement failed: %r", exc)
 
     async def _heartbeat(self) -> None:
         await self.registry.heartbeat(self.node_info(), HEARTBEAT_TTL)
@@ -195,6 +231,8 @@ class MediaNode:
     async def room_for(self, name: str) -> Room:
         if self.state != "SERVING":
             raise JoinError("unavailable", "media node is draining")
+        if not self.cluster.store_ok:  # known already: refuse now rather than after the store call times out
+            raise JoinError("unavailable", "the room store is unreachable")
         stored = await self.store.get_room(name)
         if stored is None:
             raise JoinError("not_found", "requested room does not exist")

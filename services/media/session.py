@@ -78,8 +78,9 @@ async def run_session(node: MediaNode, requests: AsyncIterator[media_pb2.Session
         resume.after_reconnect(room, participant, backlog)
     else:
         try:
-            room = await node.room_for(start.room)
-            participant = await room.join(claims, join, start.single_pc)
+            with node.admit(start.room, claims.identity):
+                room = await node.room_for(start.room)
+                participant = await room.join(claims, join, start.single_pc)
         except JoinError as exc:
             yield _error(exc.code, exc.msg)
             return

@@ -29,17 +29,6 @@ class Choice:
     reason: str
 
 
-def over_limit(node: NodeInfo) -> str | None:
-    """The first hard limit the node has reached, or None."""
-    if node.max_participants and node.participants >= node.max_participants:
-        return f"participants {node.participants}/{node.max_participants}"
-    if node.max_tracks and node.tracks >= node.max_tracks:
-        return f"tracks {node.tracks}/{node.max_tracks}"
-    if node.max_bytes_per_second and node.bytes_per_second >= node.max_bytes_per_second:
-        return f"bytes/s {node.bytes_per_second:.0f}/{node.max_bytes_per_second:.0f}"
-    return None
-
-
 def load(node: NodeInfo) -> tuple[float, float, int]:
     """Lower is better: fraction of the tightest limit used, then CPU, then participants."""
     fractions = [
@@ -85,9 +74,9 @@ class NodeSelector:
         by_id = {n.node_id: n for n in serving}
         if prefer in by_id:
             return Choice(by_id[prefer], f"resume stays on {prefer}")
-        usable = [n for n in serving if over_limit(n) is None]
+        usable = [n for n in serving if n.over_limit() is None]
         if not usable:
-            limits = "; ".join(f"{n.node_id}: {over_limit(n)}" for n in serving)
+            limits = "; ".join(f"{n.node_id}: {n.over_limit()}" for n in serving)
             return Choice(None, f"every media node is at a hard limit ({limits})")
         if region:
             in_region = [n for n in usable if n.region == region]

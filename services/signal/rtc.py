@@ -37,11 +37,13 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 512 * 1024  # a signal frame is an SDP at most; larger frames close the socket (1009)
 MAX_JOIN_REQUEST = 1024 * 1024  # decoded (and decompressed) join_request, as LiveKit's DefaultMaxHeaderBytes
 PLACE_TIMEOUT = 5.0
+MAX_PLACEMENTS = 5  # a join refused by a full (or unreachable) node is placed again, avoiding it
+NODE_FULL = "node_full"  # the media node's retryable refusal: it reached a hard limit
 FIRST_REPLY_TIMEOUT = 10.0
 CORS = {"Access-Control-Allow-Origin": "*"}
 STATUS = {
     "invalid_argument": 400, "malformed": 400, "unauthenticated": 401, "permission_denied": 403,
-    "not_found": 404, "resource_exhausted": 429, "unavailable": 503, "deadline_exceeded": 503,
+    "not_found": 404, "resource_exhausted": 429, "unavailable": 503, "deadline_exceeded": 503, "node_full": 503,
 }
 ROOM_MISSING = "requested room does not exist"
 SDKS = {
@@ -50,6 +52,15 @@ SDKS = {
     "cpp": "CPP", "unity-web": "UNITY_WEB", "node": "NODE", "unreal": "UNREAL", "esp32": "ESP32",
     "dotnet": "DOTNET",
 }
+
+
+class _PlaceElsewhere(Exception):
+    """The chosen media node refused the join in a way another node may not: place the participant again."""
+
+    def __init__(self, node_id: str, reason: str):
+        super().__init__(reason)
+        self.node_id = node_id
+        self.reason = reason
 
 
 class Reject(Exception):
@@ -192,6 +203,8 @@ class RtcEdge:
 
     async def _validate(self, request: web.Request, v1: bool) -> web.Response:
         try:
+            if not self.ctx.ready():
+                raise Reject(503, "server is not ready")
             claims, _ = self._claims(request)
             self._join_request(request, v1)
             if not self.ctx.config.room.auto_create:
@@ -207,7 +220,7 @@ class RtcEdge:
         call = common_pb2.RoomCall(method="ListRooms", room=room,
                                    request=room_pb.ListRoomsRequest(names=[room]).SerializeToString())
         try:
-            reply = await self.ctx.router.Administer(call, timeout=PLACE_TIMEOUT)
+            reply = await self.ctx.call_router(lambda router: router.Administer(call, timeout=PLACE_TIMEOUT))
         except grpc.aio.AioRpcError:
             raise Reject(503, "router unavailable") from None
         if reply.HasField("error"):
@@ -258,26 +271,28 @@ class RtcEdge:
         with tracer.start_as_current_span("signal.join", attributes={
             "braid.room": claims.video.room, "braid.identity": claims.identity, "braid.reconnect": join.reconnect,
         }):
-            for attempt in range(2):  # a media node that refuses the session at once is avoided, placement redone
+            refused: set[str] = set()  # nodes that refused this join: full, or unreachable at once
+            for attempt in range(MAX_PLACEMENTS):
                 try:
-                    return await self._try_session(request, claims, token, join, single_pc)
-                except grpc.aio.AioRpcError:
-                    if attempt:
-                        raise Reject(503, "media node unavailable") from None
-            raise AssertionError("unreachable")
+                    return await self._try_session(request, claims, token, join, single_pc, refused)
+                except _PlaceElsewhere as exc:
+                    refused.add(exc.node_id)
+                    log.info("media node %s refused %s (%s): placing it elsewhere", exc.node_id, claims.identity,
+                             exc.reason)
+            raise Reject(503, "no media node could take the participant")
 
     async def _try_session(self, request: web.Request, claims: Claims, token: str, join: rtc_pb.JoinRequest,
-                           single_pc: bool):
+                           single_pc: bool, refused: set[str]):
         room = claims.video.room
         try:
-            placement = await self.ctx.router.Place(
+            placement = await self.ctx.call_router(lambda router: router.Place(
                 router_pb2.PlaceRequest(room=room, identity=claims.identity, region=self.ctx.config.region,
-                                        avoid_node_ids=self.failed_nodes.avoid(),
+                                        avoid_node_ids=sorted(refused | set(self.failed_nodes.avoid())),
                                         participant_sid=join.participant_sid if join.reconnect else "",
-                                room_config=room_config_of(claims)),
+                                        room_config=room_config_of(claims)),
                 timeout=PLACE_TIMEOUT,
                 metadata=outgoing_metadata(),
-            )
+            ))
         except grpc.aio.AioRpcError as exc:
             log.warning("router unreachable for %s: %s", room, exc.code())
             raise Reject(503, "router unavailable") from None
@@ -305,7 +320,7 @@ class RtcEdge:
             log.warning("media node %s unreachable: %r", placement.node_id, exc)
             self.failed_nodes.add(placement.node_id)
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise  # refused at once: try another node
+                raise _PlaceElsewhere(placement.node_id, "unreachable") from None
             raise Reject(503, "media node unavailable") from None
         if first is grpc.aio.EOF or first is None:
             call.cancel()
@@ -313,6 +328,8 @@ class RtcEdge:
         kind = first.WhichOneof("message")
         if kind == "error":
             call.cancel()
+            if first.error.code == NODE_FULL:
+                raise _PlaceElsewhere(placement.node_id, first.error.msg)
             raise Reject(STATUS.get(first.error.code, 500), first.error.msg)
         if kind != "response":
             call.cancel()
