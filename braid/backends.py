@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from braid.shared.agents import AgentStore, MemoryAgentStore
@@ -17,12 +18,12 @@ class Backends:
     bus: Bus
     agents: AgentStore = field(default_factory=MemoryAgentStore)
 
-    async def healthy(self) -> bool:
+    async def healthy(self, timeout: float | None = None) -> bool:
         ping = getattr(self.store, "ping", None)
         if ping is None:
             return True
         try:
-            return bool(await ping())
+            return bool(await asyncio.wait_for(ping(), timeout))
         except Exception:
             return False
 

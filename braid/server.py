@@ -24,6 +24,9 @@ from braid.shared.webhooks import notifier_from_config
 
 log = logging.getLogger("braid")
 
+BACKEND_CHECK_INTERVAL = 0.5
+BACKEND_PING_TIMEOUT = 1.0  # the client's own reconnect retries take seconds; a node should know sooner
+
 
 class Server:
     """Owns every long-lived part of a node and starts/stops them in order."""
@@ -44,6 +47,8 @@ class Server:
         self.reaper = None
         self.dispatcher = None
         self.agent_hub = None
+        self.router_presence = None
+        self.routers = None  # the signal edge's view of the registered routers
         self._started = False
         self._draining = False
         self._backend_ok = True
@@ -75,9 +80,13 @@ class Server:
             self.reaper.start()
         if self.dispatcher is not None:
             await self.dispatcher.start()
+        if self.router_presence is not None:
+            self.router_presence.start()
         await self._start_http()
         if self.agent_hub is not None:
             await self.agent_hub.start()
+        if self.routers is not None:
+            self.routers.start()
         self._health_task = asyncio.create_task(self._watch_backends(), name="backend-health")
         self._started = True
 
@@ -85,6 +94,7 @@ class Server:
         from braid.rpc import router_pb2_grpc
         from braid.services.router.lifecycle import RoomReaper
         from braid.services.router.placement import NodeSelector, Region
+        from braid.services.router.presence import RouterPresence
         from braid.services.router.rooms import RoomDirectory
         from braid.services.router.service import RouterService
 
@@ -101,9 +111,14 @@ class Server:
             NodeSelector(self.config.router.node_selector, regions),
             auto_create=self.config.room.auto_create,
             dispatcher=self.dispatcher,
+            store_up=lambda: self._backend_ok,
         )
         router_pb2_grpc.add_RouterServicer_to_server(service, self.grpc_server)
         self.reaper = RoomReaper(directory, registry=self.backends.registry, owner=self.node_id)
+        # One registry entry per role: a process that is also a media node registers that under its node id.
+        presence_id = self.node_id if "media" not in self.roles else f"{self.node_id}-router"
+        self.router_presence = RouterPresence(self.backends.registry, presence_id, self.grpc_address,
+                                              self.config.region)
 
     def _add_media(self) -> None:
         from braid.rpc import media_pb2_grpc
@@ -133,14 +148,17 @@ class Server:
         from braid.services.signal.agents import AgentHub
         from braid.services.signal.app import create_app
         from braid.services.signal.context import SignalContext
+        from braid.services.signal.failover import Routers
 
         keys = KeyProvider(self.config.keys)
+        self.routers = Routers(self.backends.registry, self.channels, self.config.router_address)
         ctx = SignalContext(
             config=self.config,
             keys=keys,
             channels=self.channels,
             node_id=self.node_id,
             ready=self.ready,
+            routers=self.routers,
         )
         self.agent_hub = AgentHub(self.backends.agents, self.backends.bus, keys, self.node_id, self.config.region)
         return create_app(ctx, self.agent_hub)
@@ -166,9 +184,10 @@ class Server:
         self.http_port = self.config.port
 
     async def _watch_backends(self) -> None:
+        """Whether Redis answers, kept current so joins and placements are refused at once while it does not."""
         while True:
-            self._backend_ok = await self.backends.healthy()
-            await asyncio.sleep(1.0)
+            self._backend_ok = await self.backends.healthy(timeout=BACKEND_PING_TIMEOUT)
+            await asyncio.sleep(BACKEND_CHECK_INTERVAL)
 
     async def stop(self) -> None:
         self._draining = True
@@ -177,8 +196,12 @@ class Server:
             await asyncio.gather(self._health_task, return_exceptions=True)
         if self.agent_hub is not None:
             await self.agent_hub.stop()
+        if self.router_presence is not None:
+            await self.router_presence.stop()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        if self.routers is not None:
+            await self.routers.stop()
         if self.reaper is not None:
             await self.reaper.stop()
         if self.dispatcher is not None:

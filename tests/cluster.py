@@ -78,7 +78,8 @@ class Cluster:
                 raw = r.get(key)
                 if raw:
                     node = json.loads(raw)
-                    out[node["node_id"]] = node
+                    if node["role"] == "media":
+                        out[node["node_id"]] = node
             return out
         finally:
             r.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -45,8 +46,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         selector: NodeSelector,
         auto_create: bool = True,
         dispatcher: AgentDispatcher | None = None,
+        store_up: Callable[[], bool] = lambda: True,
     ):
         self.selector = selector
+        self.store_up = store_up  # what this router last saw of the store: placements fail at once while it is down
         self.directory = directory
         self.store: RoomStore = directory.store
         self.registry = registry
@@ -251,6 +254,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         problem = validate_room_name(request.room)
         if problem:
             return router_pb2.Placement(error=rpc_error("invalid_argument", problem))
+        if not self.store_up():
+            return router_pb2.Placement(error=rpc_error("unavailable", "the room store is unreachable"))
         room = await self.store.get_room(request.room)
         if room is None:
             if not (self.auto_create or request.create_if_missing):

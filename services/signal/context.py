@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 from braid.shared.auth import KeyProvider
 from braid.shared.config import Config
 from braid.shared.rpc import Channels
+
+from .failover import Routers
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -18,10 +22,16 @@ class SignalContext:
     node_id: str
     # Whether the node can take joins now (started, not draining, backends reachable).
     ready: Callable[[], bool] = field(default=lambda: True)
+    # Registered routers (and the configured seed); without one given, the configured router alone.
+    routers: Routers | None = None
 
-    @property
-    def router(self):
-        return self.channels.router(self.config.router_address)
+    def __post_init__(self) -> None:
+        if self.routers is None:
+            self.routers = Routers(None, self.channels, self.config.router_address)
+
+    async def call_router(self, send: Callable[..., Awaitable[T]]) -> T:
+        """`send(router_stub)` to a reachable router, failing over to another registered one."""
+        return await self.routers.call(send)
 
     def media(self, address: str):
         return self.channels.media(address)

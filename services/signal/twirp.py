@@ -98,7 +98,7 @@ def add_twirp_routes(app: web.Application, ctx) -> None:
             return twirp_error("unimplemented", f"{name} is not supported by this server yet")
         call = common_pb2.RoomCall(method=name, room=method.room_of(message), request=message.SerializeToString())
         try:
-            reply = await administer(ctx.router, call)
+            reply = await ctx.call_router(lambda router: administer(router, call))
         except grpc.aio.AioRpcError as exc:
             log.warning("router unavailable for %s: %s", name, exc.code())
             return twirp_error("unavailable", "the room service is unavailable, try again")

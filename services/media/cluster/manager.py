@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 STORE_CHECK = 1.0
 STORE_TIMEOUT = 3.0
+PING_TIMEOUT = 1.0  # the client's reconnect retries take seconds; joins are refused as soon as a ping fails
 
 
 class Cluster:
@@ -169,7 +170,7 @@ class Cluster:
         while True:
             await asyncio.sleep(STORE_CHECK)
             try:
-                ok = bool(await asyncio.wait_for(ping(), STORE_TIMEOUT))
+                ok = bool(await asyncio.wait_for(ping(), PING_TIMEOUT))
             except asyncio.CancelledError:
                 raise
             except Exception:
