@@ -40,6 +40,7 @@ HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 8.0
 TICK_INTERVAL = 1.0
 EMPTY_ROOM_LINGER = 5.0
+NODE_LIMITS = {"participants": "node_participants", "tracks": "node_tracks", "bytes/s": "node_bandwidth"}
 
 
 class MediaServicer(media_pb2_grpc.MediaServicer):
@@ -173,8 +174,9 @@ class MediaNode:
         if hosted is None or hosted.by_identity(identity) is None:
             full = self.node_info().over_limit()  # counts the joins in progress too
             if full:
+                self.refusals.count(NODE_LIMITS[full.split()[0]])
                 self._announce_load()
-                raise JoinError("node_full", f"media node {self.node_id} is at a hard limit: {full}")
+                raise JoinError("node_full", f"media node is full ({full})")
         self._joining += 1
         try:
             yield

@@ -107,12 +107,9 @@ class Room:
         return participant
 
     def _check_join(self, claims: Claims, join: rtc_pb.JoinRequest) -> None:
-        """The node's participant limit, and the sizes of what the client itself sets (join metadata, attributes)."""
+        """The sizes of what the client itself sets (join metadata, attributes); the node's own limits are checked
+        on admission (`MediaNode.admit`)."""
         limits, refusals = self.node.config.limits, self.node.refusals
-        hosted = sum(len(r.participants) for r in self.node.rooms.values())
-        if limits.max_participants and hosted >= limits.max_participants:
-            refusals.count("node_participants")
-            raise JoinError("resource_exhausted", "media node is full")
         attributes = {**claims.attributes, **dict(join.participant_attributes)}
         problem = fields_problem(limits, claims.name, join.metadata or claims.metadata, attributes)
         if problem is not None:
