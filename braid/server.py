@@ -25,7 +25,7 @@ from braid.shared.webhooks import notifier_from_config
 log = logging.getLogger("braid")
 
 BACKEND_CHECK_INTERVAL = 0.5
-BACKEND_PING_TIMEOUT = 1.0  # the client's own reconnect retries take seconds; a node should know sooner
+BACKEND_PING_TIMEOUT = 2.0  # a stalled Redis (a refused connection fails at once)
 
 
 class Server:

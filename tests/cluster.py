@@ -140,7 +140,7 @@ def _regions_yaml(tmp: Path) -> Path:
     return path
 
 
-def _wait_ready(nodes: list[Node], timeout: float = 40.0) -> None:
+def _wait_ready(nodes: list[Node], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     pending = list(nodes)
     while pending and time.monotonic() < deadline:

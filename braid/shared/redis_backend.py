@@ -15,7 +15,9 @@ from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from livekit.protocol import models
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff
 
 from braid.shared.bus import Bus, Subscription
 from braid.shared.config import RedisConfig
@@ -32,6 +34,9 @@ def connect(config: RedisConfig) -> aioredis.Redis:
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
         health_check_interval=10,
+        # A few quick reconnects, not redis-py's default 10 (about 3 s against a stopped server): a call fails
+        # fast while Redis is down, and every caller already handles a failed store call.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=3),
     )
     if config.sentinel_addresses:
         sentinels = []

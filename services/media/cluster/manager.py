@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 STORE_CHECK = 1.0
 STORE_TIMEOUT = 3.0
-PING_TIMEOUT = 1.0  # the client's reconnect retries take seconds; joins are refused as soon as a ping fails
+PING_TIMEOUT = 2.0  # a stalled Redis (a refused connection fails at once); joins are refused once a ping failed
 
 
 class Cluster:
