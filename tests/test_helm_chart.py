@@ -454,6 +454,12 @@ def test_rendered_config_and_env_load_in_the_server(chart, variant, tmp_path):
         for name, field in PENDING_FIELDS.items():
             if name in env and not _field_exists(field):
                 del env[name]
+        tls_files = out.secret_data(f"{RELEASE}-braid-internal-tls")
+        for name in [n for n in env if n.startswith("BRAID_INTERNAL_TLS__") and n.endswith("_FILE")]:
+            mounted = Path(env[name])
+            assert mounted.parent == Path("/etc/braid-tls"), name
+            env[name] = str(tmp_path / mounted.name)
+            (tmp_path / mounted.name).write_text(tls_files[mounted.name])
         args = out.container(role)["args"]
         config = load_config(str(path), env=env, overrides={
             "role": args[args.index("--role") + 1],
@@ -471,6 +477,7 @@ def test_rendered_config_and_env_load_in_the_server(chart, variant, tmp_path):
             assert (config.rtc.port_range_start, config.rtc.port_range_end) in ((50000, 60000), (40000, 40007))
         if _field_exists("drain_deadline"):
             assert float(config.drain_deadline) == 300
+        assert config.internal_tls.enabled and config.internal_tls.server_name == "braid.internal"
 
 
 BAD_VALUES = {
@@ -497,3 +504,67 @@ def test_schema_rejects_bad_values_file(chart, variant, case, tmp_path):
     report = helm.lint(CHART, values, namespace=NAMESPACE)
     assert any(where in error for error in report["errors"]), report
     chart.validate_schema(merge(variant, WITH_SECRETS))  # and the good ones pass
+
+
+def test_internal_mutual_tls_sources(chart, variant):
+    """The chart's own CA and certificate (genCA/genSignedCert), a Secret the operator manages, or cert-manager."""
+    from cryptography import x509
+
+    out = render(chart, variant)
+    data = out.secret_data(f"{RELEASE}-braid-internal-tls")
+    assert out.get("Secret", f"{RELEASE}-braid-internal-tls")["type"] == "kubernetes.io/tls"
+    ca, cert = x509.load_pem_x509_certificate(data["ca.crt"].encode()), \
+        x509.load_pem_x509_certificate(data["tls.crt"].encode())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    assert names == ["braid.internal"] and "PRIVATE KEY" in data["tls.key"]
+    for role in ROLES:
+        env = out.env(role)
+        assert env["BRAID_INTERNAL_TLS__CA_FILE"]["value"] == "/etc/braid-tls/ca.crt"
+        assert env["BRAID_INTERNAL_TLS__SERVER_NAME"]["value"] == "braid.internal"
+        pod = out.workload(role)["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "internal-tls")
+        assert volume["secret"]["secretName"] == f"{RELEASE}-braid-internal-tls"
+        assert {"name": "internal-tls", "mountPath": "/etc/braid-tls", "readOnly": True} in \
+            out.container(role)["volumeMounts"]
+
+    own = render(chart, variant, {"internalTLS": {"source": "existingSecret", "existingSecret": "my-tls"}})
+    assert not own.has("Secret", f"{RELEASE}-braid-internal-tls")
+    pod = own.workload("media")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "internal-tls")["secret"]["secretName"] == "my-tls"
+    with pytest.raises(Exception, match="internalTLS.existingSecret"):
+        render(chart, variant, {"internalTLS": {"source": "existingSecret"}})
+
+    managed = render(chart, variant, {"internalTLS": {"source": "certManager", "certManager": {
+        "issuerRef": {"name": "braid-ca", "kind": "ClusterIssuer"}}}})
+    certificate = managed.get("Certificate", f"{RELEASE}-braid-internal-tls")
+    assert certificate["spec"]["secretName"] == f"{RELEASE}-braid-internal-tls"
+    assert certificate["spec"]["dnsNames"] == ["braid.internal"]
+    assert set(certificate["spec"]["usages"]) == {"server auth", "client auth"}
+    assert certificate["spec"]["issuerRef"]["name"] == "braid-ca"
+    with pytest.raises(Exception, match="issuerRef.name"):
+        render(chart, variant, {"internalTLS": {"source": "certManager"}})
+
+    off = render(chart, variant, {"internalTLS": {"enabled": False}})
+    assert not off.has("Secret", f"{RELEASE}-braid-internal-tls")
+    assert "BRAID_INTERNAL_TLS__CA_FILE" not in off.env("signal")
+
+
+def test_network_policies_keep_grpc_to_braid(chart, variant):
+    out = render(chart, variant)
+    policies = {p["metadata"]["name"]: p for p in out.of_kind("NetworkPolicy")}
+    assert set(policies) == {f"{RELEASE}-braid-{role}" for role in ROLES}
+    for role in ROLES:
+        spec = policies[f"{RELEASE}-braid-{role}"]["spec"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == role
+        grpc_rule, open_rule = spec["ingress"]
+        assert grpc_rule["ports"] == [{"port": 7881, "protocol": "TCP"}]
+        (peer,) = grpc_rule["from"]
+        assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+        assert "from" not in open_rule, "HTTP and UDP stay open"
+        assert open_rule["ports"][0] == {"port": 7880, "protocol": "TCP"}
+        if role == "media":
+            udp = open_rule["ports"][1]
+            assert udp["protocol"] == "UDP" and udp["endPort"] > udp["port"]
+    assert not render(chart, variant, {"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy")

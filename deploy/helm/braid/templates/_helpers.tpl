@@ -69,6 +69,10 @@ app.kubernetes.io/component: {{ .role }}
 {{- if .Values.apiKeys.existingSecret }}{{ .Values.apiKeys.existingSecretKey }}{{ else }}keys{{ end }}
 {{- end }}
 
+{{- define "braid.internalTLSSecretName" -}}
+{{- if eq .Values.internalTLS.source "existingSecret" }}{{ .Values.internalTLS.existingSecret }}{{ else }}{{ include "braid.fullname" . }}-internal-tls{{ end }}
+{{- end }}
+
 {{- define "braid.redisSecretName" -}}
 {{- .Values.redis.existingSecret | default (printf "%s-redis" (include "braid.fullname" .)) }}
 {{- end }}
@@ -189,6 +193,16 @@ spec:
               name: {{ include "braid.redisSecretName" $root }}
               key: {{ . }}
         {{- end }}
+        {{- if $root.Values.internalTLS.enabled }}
+        - name: BRAID_INTERNAL_TLS__CA_FILE
+          value: /etc/braid-tls/ca.crt
+        - name: BRAID_INTERNAL_TLS__CERT_FILE
+          value: /etc/braid-tls/tls.crt
+        - name: BRAID_INTERNAL_TLS__KEY_FILE
+          value: /etc/braid-tls/tls.key
+        - name: BRAID_INTERNAL_TLS__SERVER_NAME
+          value: {{ $root.Values.internalTLS.serverName | quote }}
+        {{- end }}
         {{- with .extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -244,6 +258,11 @@ spec:
           readOnly: true
         - name: tmp
           mountPath: /tmp
+        {{- if $root.Values.internalTLS.enabled }}
+        - name: internal-tls
+          mountPath: /etc/braid-tls
+          readOnly: true
+        {{- end }}
         {{- with concat $root.Values.extraVolumeMounts $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -253,6 +272,12 @@ spec:
         name: {{ include "braid.fullname" $root }}
     - name: tmp
       emptyDir: {}
+    {{- if $root.Values.internalTLS.enabled }}
+    - name: internal-tls
+      secret:
+        secretName: {{ include "braid.internalTLSSecretName" $root }}
+        defaultMode: 0440
+    {{- end }}
     {{- with concat $root.Values.extraVolumes $v.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
