@@ -111,7 +111,7 @@ def test_forward_writes_the_downtrack_header_and_batches_one_sendmmsg_per_socket
     scheduled = []
     batch = _fast.Batch(64, lambda: scheduled.append(1))
     sender = _fast.SrtpSender(key, 1)
-    outputs = [_fast.Output(sender, batch, tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    outputs = [_fast.Output(batch, sender, tx.fileno(), "127.0.0.1", rx.getsockname()[1])
                for tx, rx in ((tx1, rx1), (tx2, rx2))]
     sent: list[list[bytes]] = [[], []]
     up = UpTrack("TR_x", "video", "video/VP8", 90000, 96, None, lambda ssrc: None, lambda ssrc, seqs: None)
@@ -147,8 +147,8 @@ def test_full_batch_flushes_itself_and_a_closed_socket_only_loses_its_own_datagr
     dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     batch = _fast.Batch(8)
     sender = _fast.SrtpSender(key, 1)
-    good = _fast.Output(sender, batch, tx.fileno(), "127.0.0.1", rx.getsockname()[1])
-    gone = _fast.Output(sender, batch, dead.fileno(), "127.0.0.1", rx.getsockname()[1])
+    good = _fast.Output(batch, sender, tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    gone = _fast.Output(batch, sender, dead.fileno(), "127.0.0.1", rx.getsockname()[1])
     dead.close()
     base = struct.pack("!BBHII", 0x80, 96, 0, 0, 9)
     for seq in range(12):
@@ -160,7 +160,15 @@ def test_full_batch_flushes_itself_and_a_closed_socket_only_loses_its_own_datagr
     got = [rtp.parse(inbound.unprotect(d))[2] for d in _drain(rx, 12)]
     assert got == list(range(12))
     with pytest.raises(ValueError):
-        _fast.Output(sender, batch, tx.fileno(), "::1", 5000)
+        _fast.Output(batch, sender, tx.fileno(), "::1", 5000)
+    unbound = _fast.Output(batch)
+    assert not unbound.bound
+    with pytest.raises(_fast.Error):
+        unbound.send(base + b"z")
+    unbound.bind(sender, tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    assert unbound.bound
+    unbound.unbind()
+    assert not unbound.bound
     rx.close()
     tx.close()
 
@@ -203,7 +211,7 @@ async def test_peer_transport_sends_through_the_chosen_path_across_a_rollover(co
                 break
             await asyncio.sleep(0.01)
         assert received == sent
-        assert a.packets_out == 300 and (a._out is not None) == compiled
+        assert a.packets_out == 300 and (a.output is not None and a.output.bound) == compiled
     finally:
         await a.close()
         await b.close()
@@ -255,3 +263,102 @@ async def test_burst_endpoint_drains_every_ready_datagram_per_wake_up(compiled):
     await asyncio.sleep(0.01)
     assert proto.lost == 1 and transport.is_closing()
     peer.close()
+
+
+def _simulcast_stream(rng: random.Random):
+    """Packets of a 3-layer VP8 track: (layer index, packet), keyframes every 40 packets per layer, a wrap."""
+    seqs = [65000, 100, 30000]
+    for i in range(400):
+        for index in range(3):
+            seq = (seqs[index] + i) & 0xFFFF
+            keyframe = i % 40 == 0
+            descriptor = bytes([0x10, 0x00 if keyframe else 0x01]) if True else b""
+            body = descriptor + rng.randbytes(rng.randint(20, 1100))
+            marker = 1 if i % 4 == 3 else 0
+            yield index, rtp.HEADER.pack(0x80, (marker << 7) | 96, seq, (i // 4) * 3000 + index, 0x100 + index) + body
+
+
+def _scenario(up: UpTrack, downs: list[DownTrack], step: int) -> None:
+    """What the control plane does to subscribers while media flows: quality changes, pause/resume, rebinding."""
+    if step == 300:
+        downs[0].set_max_quality(0)
+    elif step == 450:
+        downs[1].pause()
+    elif step == 600:
+        downs[1].resume()
+        downs[0].set_max_quality(2)
+    elif step == 700:
+        downs[2].bound = False
+    elif step == 760:
+        downs[2].bind()
+    elif step == 900:
+        up.reassign()
+
+
+def test_compiled_fanout_sends_what_downtrack_write_sends():
+    """The same publisher stream and the same control events through two identical up-tracks, one whose
+    subscribers send through bound Outputs (fanout in C) and one through DownTrack.write and pylibsrtp: the same
+    SRTP bytes leave for every subscriber, layer switches, pauses and a sequence wrap included."""
+    import braid.services.media.forward as forward
+
+    rng = random.Random(11)
+    keys = [rng.randbytes(30) for _ in range(3)]
+    rxs = [_udp_pair() for _ in keys]
+    batch = _fast.Batch(4096)
+    outputs = []
+    for key, (rx, tx) in zip(keys, rxs):
+        out = _fast.Output(batch)
+        out.bind(_fast.SrtpSender(key, 1), tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+        outputs.append(out)
+    refs = [reference(key, 1) for key in keys]
+    reference_out: list[list[bytes]] = [[] for _ in keys]
+    python_writes: list[int] = []
+
+    def build(compiled: bool):
+        up = UpTrack("TR_x", "video", "video/VP8", 90000, 96, None, lambda ssrc: None, lambda ssrc, seqs: None)
+        for index, rid in enumerate("qhf"):
+            up.add_layer(0x100 + index, rid)
+        downs = []
+        for i in range(3):
+            if compiled:  # as PeerTransport.send_rtp does: through the same Output
+                send = outputs[i].send
+            else:
+                send = (lambda packet, i=i: reference_out[i].append(refs[i].protect(packet)))
+            down = DownTrack(up, send, 100 + i, ssrc=0xA00 + i, output=outputs[i] if compiled else None)
+            down.last_seq, down.last_ts = 1000 * i, 5000 * i
+            if compiled:  # count what fanout leaves to Python
+                down.write = (lambda *a, _w=down.write: python_writes.append(1) or _w(*a))
+            up.add_down(down)
+            downs.append(down)
+        return up, downs
+
+    clock = [1000.0]
+    real_monotonic = forward.time.monotonic
+    forward.time.monotonic = lambda: clock[0]
+    try:
+        fast_up, fast_downs = build(True)
+        ref_up, ref_downs = build(False)
+        for step, (index, pkt) in enumerate(_simulcast_stream(rng)):
+            clock[0] += 0.001
+            for up, downs in ((fast_up, fast_downs), (ref_up, ref_downs)):
+                _scenario(up, downs, step)
+                layer = up.by_ssrc[0x100 + index]
+                up.on_packet(layer, pkt, rtp.parse(pkt))
+    finally:
+        forward.time.monotonic = real_monotonic
+    batch.flush()
+    for i, (rx, tx) in enumerate(rxs):
+        got = _drain(rx, len(reference_out[i]))
+        diff = [(k, a[:12].hex(), b[:12].hex()) for k, (a, b) in enumerate(zip(got, reference_out[i])) if a != b]
+        assert got == reference_out[i], (i, diff[:6])
+        rx.settimeout(0.05)
+        with pytest.raises(OSError):
+            rx.recv(4096)  # nothing more than the reference sent
+        f, r = fast_downs[i], ref_downs[i]
+        assert (f.packets, f.octets, f.last_seq, f.last_ts) == (r.packets, r.octets, r.last_seq, r.last_ts)
+        fsr, rsr = f.sender_report(clock[0]), r.sender_report(clock[0])
+        assert fsr[:8] + fsr[16:] == rsr[:8] + rsr[16:]  # all but the NTP time (wall clock, read twice)
+        rx.close()
+        tx.close()
+    assert all(len(o) > 100 for o in reference_out)
+    assert len(python_writes) < 0.05 * sum(map(len, reference_out))  # the steady state ran in C

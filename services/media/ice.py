@@ -158,6 +158,7 @@ class NodeIceConnection(Connection):
     # * We restart (our offer on the v0 subscriber PC): `restart_local` draws new credentials for the offer.
     # Until the peer prunes its previous generation, checks using the previous credentials are still answered.
 
+    on_pair_change: Callable[[], None] | None = None  # the nominated pair was replaced (the send path rebinds)
     _pending_remote: tuple[str, str] | None = None
     _previous_remote_username: str | None = None
     _previous_local: tuple[tuple[str, str], ...] = ()  # newest first; an unanswered restart keeps the older ones
@@ -200,6 +201,8 @@ class NodeIceConnection(Connection):
         after = self._nominated.get(pair.component)
         if before is not None and after is not before:
             log.info("ICE restart completed: media moves to %s -> %s", after.local_addr, after.remote_addr)
+            if self.on_pair_change is not None:
+                self.on_pair_change()
 
     def _valid_username(self, username: str) -> bool:
         if super()._valid_username(username):

@@ -155,8 +155,8 @@ class Subscriber:
             sub.down.resume()
 
     def _bind(self, sub: Subscription, mid: str, codec: sdp.Codec, bound: bool = True) -> None:
-        send = self.p.sub_pc.send_rtp
-        sub.down = DownTrack(sub.track.up, send, codec.pt)
+        pc = self.p.sub_pc
+        sub.down = DownTrack(sub.track.up, pc.send_rtp, codec.pt, output=pc.output)
         sub.down.bound = bound
         sub.offer_id = self.offer_id + 1
         while sub.down.ssrc in self.down_by_ssrc:

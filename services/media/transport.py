@@ -90,8 +90,11 @@ class PeerTransport:
         self._tx: pylibsrtp.Session | None = None
         self._send_path = send_path
         self._srtp_sender = None
-        self._out = None  # the compiled path's Output for `_out_pair`, when it handles this connection
+        # The compiled path's Output (fastpath): down-tracks hold it from the start; it is bound to keys and a
+        # destination on the first packet sent, `_out_pair`, and None when this connection stays on pylibsrtp.
+        self.output = send_path.output() if send_path is not None else None
         self._out_pair = None
+        self.ice_conn.on_pair_change = self._pair_changed
         self._closed = False
         self._tasks: set[asyncio.Future] = set()
         self.ice.on("statechange", self._ice_state)
@@ -297,17 +300,16 @@ class PeerTransport:
 
     def send_rtp(self, packet: bytes) -> None:
         pair = self.ice_conn._nominated.get(1)
-        if self._out_pair is pair and pair is not None:
+        if pair is None:
+            return
+        if pair is self._out_pair or self._bind_output(pair):
             try:
-                self._out.send(packet)  # type: ignore[union-attr]
+                self.output.send(packet)  # type: ignore[union-attr]
             except SendError:
                 self.errors += 1
             return
         tx = self._tx
-        if tx is None or pair is None:
-            return
-        if self._send_path is not None and self._bind_output(pair):
-            self.send_rtp(packet)
+        if tx is None:
             return
         try:
             data = tx.protect(packet)
@@ -319,31 +321,37 @@ class PeerTransport:
         self._bytes_out += len(data)
 
     def _bind_output(self, pair) -> bool:
-        """Move RTP of this connection to the compiled path (again, after an ICE restart changed the pair).
-        Once it protected a packet, RTP never goes back to the pylibsrtp session: their rollover counters
-        would part."""
-        if self._out is None and self._packets_out:
-            return False  # already sending through pylibsrtp: stay there
-        path = self._send_path
-        if self._srtp_sender is None:
-            self._srtp_sender = path.srtp_sender(self.dtls)  # type: ignore[union-attr]
-        out = path.output(self._srtp_sender, pair.protocol.transport, pair.remote_addr) if self._srtp_sender else None
-        if out is None:
-            self._send_path = None
+        """Point the compiled path's Output at `pair` (first packet, or the pair changed after an ICE restart);
+        False when RTP stays on the pylibsrtp session. Once one of them protected a packet, RTP never moves to
+        the other: their rollover counters would part."""
+        out = self.output
+        if out is None or self._tx is None:
             return False
-        if self._out is not None:
-            self._packets_out += self._out.packets
-            self._bytes_out += self._out.bytes
-        self._out, self._out_pair = out, pair
+        if self._srtp_sender is None:
+            if self._packets_out:
+                return False  # already sending through pylibsrtp: stay there
+            self._srtp_sender = self._send_path.srtp_sender(self.dtls)  # type: ignore[union-attr]
+        if self._srtp_sender is None or not self._send_path.bind(  # type: ignore[union-attr]
+                out, self._srtp_sender, pair.protocol.transport, pair.remote_addr):
+            out.unbind()
+            self.output = self._out_pair = None  # this profile or socket stays on the pure-Python path
+            return False
+        self._out_pair = pair
         return True
+
+    def _pair_changed(self) -> None:
+        """ICE moved media to another pair: the compiled fan-out stops until the next send binds the new one."""
+        if self.output is not None:
+            self.output.unbind()
+        self._out_pair = None
 
     @property
     def packets_out(self) -> int:
-        return self._packets_out + (self._out.packets if self._out is not None else 0)
+        return self._packets_out + (self.output.packets if self.output is not None else 0)
 
     @property
     def bytes_out(self) -> int:
-        return self._bytes_out + (self._out.bytes if self._out is not None else 0)
+        return self._bytes_out + (self.output.bytes if self.output is not None else 0)
 
     def send_rtcp(self, packet: bytes) -> None:
         tx = self._tx
@@ -367,8 +375,9 @@ class PeerTransport:
         if self.ice_conn.protocol is not None:
             self.ice_conn.protocol.fast = None
         self._tx = None
-        self._packets_out, self._bytes_out = self.packets_out, self.bytes_out
-        self._out = self._out_pair = None
+        if self.output is not None:
+            self.output.unbind()
+        self._out_pair = None
         pending = [t for t in (self._connect_task, *self._tasks) if t is not None and not t.done()]
         for task in pending:
             task.cancel()

@@ -27,6 +27,27 @@ else:
 
 SendError: tuple[type[Exception], ...] = (_fastpath.Error,) if _fastpath is not None else ()
 
+
+def _fan_out_python(subs: list, layer, data: bytes, off: int, marker: int, seq: int, ts: int, keyframe: bool,
+                    now: float) -> None:
+    payload = data[off:]
+    b0 = data[0]
+    for down in subs:
+        down.write(layer, b0, marker, seq, ts, payload, keyframe)
+
+
+class _PlainDownState:
+    """Without the extension, a down-track's per-packet fields are ordinary attributes."""
+
+    output = None
+
+
+# forward.UpTrack calls `fan_out` once per received packet; forward.DownTrack derives from `DownTrackBase`, whose
+# compiled form keeps the fields fan_out reads in C. With the extension, subscribers whose transport has a bound
+# Output are served in C, the others through DownTrack.write (the reference); without it, all through write.
+fan_out = _fastpath.fanout if _fastpath is not None else _fan_out_python
+DownTrackBase = _fastpath.DownState if _fastpath is not None else _PlainDownState
+
 # aiortc's OpenSSL profile names -> the extension's profile numbers (pylibsrtp's, too)
 _PROFILES = {
     b"SRTP_AES128_CM_SHA1_80": 1,
@@ -64,14 +85,20 @@ class CompiledSendPath:
             self._batches[loop] = batch
         return batch
 
-    def output(self, sender, transport, remote_addr):
-        """An Output protecting with `sender` (see `srtp_sender`; one per connection, its rollover counters
-        must survive a change of path) and sending on `transport` to `remote_addr`, or None when the socket is
-        not one the extension handles."""
+    def output(self):
+        """An unbound Output on this loop's batch: `bind` gives it keys and a destination."""
+        return _fastpath.Output(self.batch())
+
+    @staticmethod
+    def bind(output, sender, transport, remote_addr) -> bool:
+        """Point `output` at `remote_addr` through `transport`'s socket with `sender`'s keys (one sender per
+        connection: its rollover counters must survive a change of pair); False when the socket is not one the
+        extension handles."""
         sock = transport.get_extra_info("socket")
         if sock is None or ":" in remote_addr[0]:
-            return None
-        return _fastpath.Output(sender, self.batch(), sock.fileno(), remote_addr[0], remote_addr[1])
+            return False
+        output.bind(sender, sock.fileno(), remote_addr[0], remote_addr[1])
+        return True
 
     @staticmethod
     def srtp_sender(dtls):

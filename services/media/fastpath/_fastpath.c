@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include <openssl/evp.h>
 #include <openssl/sha.h>
@@ -536,15 +537,7 @@ typedef struct {
     unsigned long long packets, bytes, errors;
 } Output;
 
-static int Output_init(Output *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"sender", "batch", "fd", "host", "port", NULL};
-    SrtpSender *sender;
-    Batch *batch;
-    int fd, port;
-    const char *host;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!isi", kwlist, &SrtpSenderType, &sender, &BatchType, &batch,
-                                     &fd, &host, &port))
-        return -1;
+static int parse_destination(Output *self, int fd, const char *host, int port) {
     memset(&self->addr, 0, sizeof(self->addr));
     self->addr.sin_family = AF_INET;
     self->addr.sin_port = htons((uint16_t)port);
@@ -552,12 +545,61 @@ static int Output_init(Output *self, PyObject *args, PyObject *kwds) {
         PyErr_Format(PyExc_ValueError, "not an IPv4 address and port: %s:%d", host, port);
         return -1;
     }
-    Py_INCREF(sender);
-    Py_XSETREF(self->sender, sender);
-    Py_INCREF(batch);
-    Py_XSETREF(self->batch, batch);
     self->fd = fd;
     return 0;
+}
+
+/* Output(batch, sender=None, fd=-1, host=None, port=0): unbound (fanout leaves it to the Python path) until
+ * `bind` gives it keys and a destination. */
+static int Output_init(Output *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"batch", "sender", "fd", "host", "port", NULL};
+    Batch *batch;
+    PyObject *sender = Py_None;
+    int fd = -1, port = 0;
+    const char *host = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!|Oizi", kwlist, &BatchType, &batch, &sender, &fd, &host, &port))
+        return -1;
+    Py_INCREF(batch);
+    Py_XSETREF(self->batch, batch);
+    self->fd = -1;
+    if (sender != Py_None) {
+        if (!PyObject_TypeCheck(sender, &SrtpSenderType)) {
+            PyErr_SetString(PyExc_TypeError, "sender must be an SrtpSender");
+            return -1;
+        }
+        if (host == NULL || parse_destination(self, fd, host, port) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a bound Output needs fd, host and port");
+            return -1;
+        }
+        Py_INCREF(sender);
+        Py_XSETREF(self->sender, (SrtpSender *)sender);
+    }
+    return 0;
+}
+
+static PyObject *Output_bind(Output *self, PyObject *args) {
+    SrtpSender *sender;
+    int fd, port;
+    const char *host;
+    if (!PyArg_ParseTuple(args, "O!isi", &SrtpSenderType, &sender, &fd, &host, &port))
+        return NULL;
+    if (parse_destination(self, fd, host, port) < 0) {
+        self->fd = -1;
+        return NULL;
+    }
+    Py_INCREF(sender);
+    Py_XSETREF(self->sender, sender);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Output_unbind(Output *self, PyObject *unused) {
+    self->fd = -1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Output_bound(Output *self, void *closure) {
+    return PyBool_FromLong(self->sender != NULL && self->fd >= 0);
 }
 
 static void Output_dealloc(Output *self) {
@@ -567,6 +609,10 @@ static void Output_dealloc(Output *self) {
 }
 
 static inline PyObject *queue(Output *self, Entry *e, uint8_t *buf, Py_ssize_t len) {
+    if (self->sender == NULL || self->fd < 0) {
+        PyErr_SetString(FastpathError, "Output is not bound");
+        return NULL;
+    }
     Py_ssize_t n = protect_into(self->sender, buf, len);
     if (n < 0) {
         self->errors++;
@@ -649,7 +695,14 @@ static PyMemberDef Output_members[] = {
     {NULL},
 };
 
+static PyGetSetDef Output_getset[] = {
+    {"bound", (getter)Output_bound, NULL, "whether it has keys and a destination", NULL},
+    {NULL},
+};
+
 static PyMethodDef Output_methods[] = {
+    {"bind", (PyCFunction)Output_bind, METH_VARARGS, "bind(sender, fd, host, port): keys and destination"},
+    {"unbind", (PyCFunction)Output_unbind, METH_NOARGS, "forget the destination (its path changed)"},
     {"send", (PyCFunction)Output_send, METH_O, "send(rtp): protect and queue"},
     {"forward", (PyCFunction)(void (*)(void))Output_forward, METH_FASTCALL,
      "forward(packet, off, seq, ts, marker, pt, ssrc): rewrite the header, protect and queue"},
@@ -666,7 +719,190 @@ static PyTypeObject OutputType = {
     .tp_dealloc = (destructor)Output_dealloc,
     .tp_members = Output_members,
     .tp_methods = Output_methods,
+    .tp_getset = Output_getset,
 };
+
+/* --- DownState and fanout -------------------------------------------------------------------------------
+ *
+ * DownState is the base class of forward.DownTrack: the fields its steady state reads and writes per packet live
+ * in this C struct (Python code uses them as ordinary attributes), so `fanout` can run DownTrack.write's common
+ * branch (the packet belongs to the layer it forwards, no switch pending) without entering Python: rewrite the
+ * header, protect, queue, count. Everything else (a layer switch, waiting for a keyframe, an unbound Output)
+ * calls the Python `write`, which stays the reference for all of it. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *output, *current, *target;
+    char paused, bound, waiting_keyframe, video;
+    int pt;
+    unsigned int ssrc, seq_off, ts_off, switch_seq, last_seq, last_ts;
+    double last_ts_at;
+    unsigned long long packets, octets;
+} DownState;
+
+static int DownState_traverse(DownState *self, visitproc visit, void *arg) {
+    Py_VISIT(self->output);
+    Py_VISIT(self->current);
+    Py_VISIT(self->target);
+    return 0;
+}
+
+static int DownState_clear(DownState *self) {
+    Py_CLEAR(self->output);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->target);
+    return 0;
+}
+
+static void DownState_dealloc(DownState *self) {
+    PyObject_GC_UnTrack(self);
+    DownState_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *DownState_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    DownState *self = (DownState *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->bound = 1;
+    return (PyObject *)self;
+}
+
+static PyMemberDef DownState_members[] = {
+    {"output", T_OBJECT, offsetof(DownState, output), 0, "the subscriber transport's Output, or None"},
+    {"current", T_OBJECT, offsetof(DownState, current), 0, "the layer being forwarded"},
+    {"target", T_OBJECT, offsetof(DownState, target), 0, "the layer wanted"},
+    {"paused", T_BOOL, offsetof(DownState, paused), 0, NULL},
+    {"bound", T_BOOL, offsetof(DownState, bound), 0, NULL},
+    {"waiting_keyframe", T_BOOL, offsetof(DownState, waiting_keyframe), 0, NULL},
+    {"video", T_BOOL, offsetof(DownState, video), 0, NULL},
+    {"pt", T_INT, offsetof(DownState, pt), 0, NULL},
+    {"ssrc", T_UINT, offsetof(DownState, ssrc), 0, NULL},
+    {"seq_off", T_UINT, offsetof(DownState, seq_off), 0, NULL},
+    {"ts_off", T_UINT, offsetof(DownState, ts_off), 0, NULL},
+    {"switch_seq", T_UINT, offsetof(DownState, switch_seq), 0, NULL},
+    {"last_seq", T_UINT, offsetof(DownState, last_seq), 0, NULL},
+    {"last_ts", T_UINT, offsetof(DownState, last_ts), 0, NULL},
+    {"last_ts_at", T_DOUBLE, offsetof(DownState, last_ts_at), 0, NULL},
+    {"packets", T_ULONGLONG, offsetof(DownState, packets), 0, NULL},
+    {"octets", T_ULONGLONG, offsetof(DownState, octets), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject DownStateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "braid.services.media.fastpath._fastpath.DownState",
+    .tp_basicsize = sizeof(DownState),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The per-packet state of a down-track, shared by Python and fanout",
+    .tp_new = DownState_new,
+    .tp_traverse = (traverseproc)DownState_traverse,
+    .tp_clear = (inquiry)DownState_clear,
+    .tp_dealloc = (destructor)DownState_dealloc,
+    .tp_members = DownState_members,
+};
+
+/* fanout(subs, layer, data, off, marker, seq, ts, keyframe, now): forward.UpTrack's loop over a layer's
+ * subscribers, `down.write(layer, data[0], marker, seq, ts, data[off:], keyframe)` for each; `now` is the
+ * time.monotonic() of the packet's arrival. */
+static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9 || !PyList_Check(args[0]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fanout(subs: list, layer, data: bytes, off, marker, seq, ts, keyframe, now)");
+        return NULL;
+    }
+    PyObject *subs = args[0], *layer = args[1], *data = args[2];
+    Py_ssize_t off = PyLong_AsSsize_t(args[3]);
+    long marker = PyLong_AsLong(args[4]);
+    unsigned long seq = PyLong_AsUnsignedLongMask(args[5]) & 0xFFFF;
+    unsigned long ts = PyLong_AsUnsignedLongMask(args[6]) & 0xFFFFFFFF;
+    int keyframe = PyObject_IsTrue(args[7]);
+    double now = PyFloat_AsDouble(args[8]);
+    if (PyErr_Occurred() || keyframe < 0)
+        return NULL;
+    const uint8_t *src = (const uint8_t *)PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (off < 12 || off > size || size - off + 12 > MAX_RTP) {
+        PyErr_SetString(FastpathError, "bad payload offset or size");
+        return NULL;
+    }
+    PyObject *payload = NULL, *write_args = NULL, *result = NULL;
+    Py_INCREF(subs);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(subs); i++) {
+        PyObject *item = PyList_GET_ITEM(subs, i);
+        int slow = 1;
+        if (PyObject_TypeCheck(item, &DownStateType)) {
+            DownState *d = (DownState *)item;
+            if (d->paused || !d->bound)
+                continue;
+            if (d->current == layer && !d->waiting_keyframe) {
+                if ((seq - d->switch_seq) & 0x8000)
+                    continue;  /* older than the point this layer was joined at */
+                Output *out = (Output *)d->output;
+                slow = out == NULL || (PyObject *)out == Py_None || !PyObject_TypeCheck(out, &OutputType) ||
+                       out->sender == NULL || out->fd < 0;
+                if (!slow) {
+                    unsigned int out_seq = (unsigned int)((seq + d->seq_off) & 0xFFFF);
+                    unsigned int out_ts = (unsigned int)((ts + d->ts_off) & 0xFFFFFFFF);
+                    uint8_t *buf;
+                    Entry *e = batch_slot(out->batch, &buf);
+                    if (e == NULL)
+                        goto done;
+                    buf[0] = 0x80 | (src[0] & 0x20);
+                    buf[1] = (uint8_t)((marker ? 0x80 : 0) | (d->pt & 0x7F));
+                    buf[2] = (uint8_t)(out_seq >> 8), buf[3] = (uint8_t)out_seq;
+                    buf[4] = (uint8_t)(out_ts >> 24), buf[5] = (uint8_t)(out_ts >> 16);
+                    buf[6] = (uint8_t)(out_ts >> 8), buf[7] = (uint8_t)out_ts;
+                    buf[8] = (uint8_t)(d->ssrc >> 24), buf[9] = (uint8_t)(d->ssrc >> 16);
+                    buf[10] = (uint8_t)(d->ssrc >> 8), buf[11] = (uint8_t)d->ssrc;
+                    memcpy(buf + 12, src + off, size - off);
+                    PyObject *ok = queue(out, e, buf, 12 + size - off);
+                    if (ok == NULL) {
+                        PyErr_Clear();  /* counted in out->errors, as send_rtp counts SRTP failures */
+                        continue;
+                    }
+                    Py_DECREF(ok);
+                    d->packets++;
+                    d->octets += size - off;
+                    if (((out_seq - d->last_seq) & 0xFFFF) < 0x8000) {
+                        d->last_seq = out_seq;
+                        if (out_ts != d->last_ts) {
+                            d->last_ts = out_ts;
+                            d->last_ts_at = now;
+                        }
+                    }
+                    continue;
+                }
+            } else if (!(d->target == layer && (keyframe || !d->video))) {
+                continue;  /* another layer's packet, or still waiting for a keyframe */
+            }
+        }
+        if (slow) {
+            if (write_args == NULL) {
+                payload = PyBytes_FromStringAndSize((const char *)src + off, size - off);
+                if (payload == NULL)
+                    goto done;
+                write_args = Py_BuildValue("(OilkkOO)", layer, (int)src[0], marker, seq, ts, payload,
+                                           keyframe ? Py_True : Py_False);
+                if (write_args == NULL)
+                    goto done;
+            }
+            Py_INCREF(item);
+            PyObject *write = PyObject_GetAttrString(item, "write");
+            PyObject *r = write ? PyObject_Call(write, write_args, NULL) : NULL;
+            Py_XDECREF(write);
+            Py_DECREF(item);
+            if (r == NULL)
+                goto done;
+            Py_DECREF(r);
+        }
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_DECREF(subs);
+    Py_XDECREF(payload);
+    Py_XDECREF(write_args);
+    return result;
+}
 
 /* --- receive ------------------------------------------------------------------------------------------- */
 
@@ -759,6 +995,8 @@ static PyObject *recv_batch(PyObject *module, PyObject *args) {
 }
 
 static PyMethodDef module_methods[] = {
+    {"fanout", (PyCFunction)(void (*)(void))fanout, METH_FASTCALL,
+     "fanout(subs, layer, data, off, marker, seq, ts, keyframe, now): DownTrack.write for each subscriber"},
     {"recv_batch", recv_batch, METH_VARARGS, "recv_batch(fd, limit=1024) -> [(data, addr), ...] via recvmmsg"},
     {NULL},
 };
@@ -772,7 +1010,8 @@ static struct PyModuleDef fastpath_module = {
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
-    if (PyType_Ready(&SrtpSenderType) < 0 || PyType_Ready(&BatchType) < 0 || PyType_Ready(&OutputType) < 0)
+    if (PyType_Ready(&SrtpSenderType) < 0 || PyType_Ready(&BatchType) < 0 || PyType_Ready(&OutputType) < 0 ||
+        PyType_Ready(&DownStateType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
@@ -786,6 +1025,8 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyModule_AddObject(m, "Batch", (PyObject *)&BatchType);
     Py_INCREF(&OutputType);
     PyModule_AddObject(m, "Output", (PyObject *)&OutputType);
+    Py_INCREF(&DownStateType);
+    PyModule_AddObject(m, "DownState", (PyObject *)&DownStateType);
     PyModule_AddIntConstant(m, "PROFILE_AES128_CM_SHA1_80", PROFILE_AES128_CM_SHA1_80);
     PyModule_AddIntConstant(m, "PROFILE_AEAD_AES_128_GCM", PROFILE_AEAD_AES_128_GCM);
     PyModule_AddIntConstant(m, "PROFILE_AEAD_AES_256_GCM", PROFILE_AEAD_AES_256_GCM);
