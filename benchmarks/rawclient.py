@@ -269,16 +269,29 @@ async def start_publisher(url: str, token: str, ports, cert, fps: float, packets
     return sender
 
 
+JOIN_ATTEMPTS = 3
+
+
 async def join_subscribers(url: str, room: str, n: int, token, ports, cert,
                            clients: list[RawParticipant], wait: float = 15.0,
                            count_only: bool = False) -> list[RawParticipant]:
     """Join `n` subscribers (appended to `clients`) and wait until each has received media, or `wait` passed."""
     subscribers = []
     for i in range(n):
-        sub = RawParticipant(url, token(room, f"sub-{i}"), ports, cert, f"sub-{i}", count_only=count_only)
-        clients.append(sub)
+        for attempt in range(JOIN_ATTEMPTS):
+            sub = RawParticipant(url, token(room, f"sub-{i}"), ports, cert, f"sub-{i}", count_only=count_only)
+            clients.append(sub)
+            try:
+                await sub.connect()
+                break
+            except aiohttp.WSServerHandshakeError as exc:
+                # 503: the server refused the join for now (a timeout inside it, on a loaded machine): retry
+                clients.remove(sub)
+                await sub.close()
+                if exc.status != 503 or attempt == JOIN_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(1.0 + attempt)
         subscribers.append(sub)
-        await sub.connect()
     for sub in subscribers:
         await sub.wait_connected()
     deadline = time.monotonic() + wait
