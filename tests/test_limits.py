@@ -16,6 +16,7 @@ from livekit.protocol import rtc as rtc_pb
 from braid.rpc import media_pb2
 from braid.services.media.limits import TokenBucket
 from braid.services.media.node import MediaNode
+from braid.services.media.room import StoreWrites
 from braid.shared.bus import MemoryBus
 from braid.shared.config import load_config
 from braid.shared.store import MemoryRegistry, MemoryStore
@@ -190,3 +191,37 @@ def test_token_bucket():
     bucket = TokenBucket(100, burst=200)
     assert bucket.take(150) and not bucket.take(100)
     assert TokenBucket(0).take(10 ** 9), "0: no limit"
+
+
+async def test_store_writes_hold_one_entry_per_participant():
+    writes = StoreWrites()
+    for version in range(10_000):  # a store outage: nothing is taken while the participant keeps changing
+        writes.put("put", models.ParticipantInfo(sid="PA_a", version=version))
+    writes.put("put", models.ParticipantInfo(sid="PA_b"))
+    writes.put("delete", models.ParticipantInfo(sid="PA_a", version=10_000))
+    writes.close()
+    taken = []
+    while (item := await writes.get()) is not None:
+        taken.append((item[0], item[1].sid, item[1].version))
+    assert taken == [("put", "PA_b", 0), ("delete", "PA_a", 10_000)]
+
+
+async def test_half_open_websocket_is_closed_by_heartbeat(server_factory, room_name):
+    """A client that stops answering pings (a dead network path) is closed by the edge, then removed."""
+    import aiohttp
+
+    server = server_factory(env={"BRAID_RTC__WEBSOCKET_HEARTBEAT": "1"})
+    token = _token("silent", room_name)
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"{server.ws_url}/rtc?sdk=python&protocol=16", autoping=False,
+                                      headers={"Authorization": f"Bearer {token}"})
+        started = asyncio.get_running_loop().time()
+        kinds = []
+        while True:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            kinds.append(msg.type)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                break
+        assert aiohttp.WSMsgType.PING in kinds, "the edge pinged"
+        assert asyncio.get_running_loop().time() - started < 5, "and closed the socket without a pong"
+        await ws.close()

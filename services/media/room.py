@@ -39,6 +39,34 @@ class JoinError(Exception):
         self.msg = msg
 
 
+class StoreWrites:
+    """A room's pending store writes, the latest per participant: a store outage holds one entry per participant,
+    never one per change, and what is written when the store is back is each participant's current state."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[str, models.ParticipantInfo]] = {}
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    def put(self, op: str, info: models.ParticipantInfo) -> None:
+        self._pending.pop(info.sid, None)
+        self._pending[info.sid] = (op, info)
+        self._wake.set()
+
+    def close(self) -> None:
+        """`get` returns None once everything pending was taken."""
+        self._closed = True
+        self._wake.set()
+
+    async def get(self) -> tuple[str, models.ParticipantInfo] | None:
+        while not self._pending:
+            if self._closed:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        return self._pending.pop(next(iter(self._pending)))
+
+
 class Room:
     def __init__(self, node: MediaNode, info: models.Room):
         self.node = node
@@ -46,7 +74,7 @@ class Room:
         self.sid = info.sid
         self._info = info
         self.participants: dict[str, Participant] = {}
-        self._persist: asyncio.Queue = asyncio.Queue()
+        self._persist = StoreWrites()
         self._persist_task = asyncio.create_task(self._persist_loop(), name=f"room-persist-{self.name}")
         self._tasks: set[asyncio.Task] = set()
         self.speakers = Speakers()
@@ -99,7 +127,7 @@ class Room:
             raise JoinError("resource_exhausted", f"no media port available: {exc}") from None
         participant.state = State.JOINED
         self.participants[participant.sid] = participant
-        self._persist.put_nowait(("put", participant.info()))
+        self._persist.put("put", participant.info())
         self.link.local_joined(participant)
         self.broadcast_update(participant, include_self=False)
         self.node.hooks.participant_joined(self, participant)
@@ -175,7 +203,7 @@ class Room:
         if p.sid not in self.participants:
             return
         self.broadcast_update(p)
-        self._persist.put_nowait(("put", p.info()))
+        self._persist.put("put", p.info())
         self.link.local_changed(p)
 
     def broadcast(self, response: rtc_pb.SignalResponse) -> None:
@@ -223,7 +251,7 @@ class Room:
         """`p` changed who may subscribe to its tracks: enforce it here, and on the room's other nodes."""
         self.recheck_permission(p.sid, list(p.publisher.tracks.values()))
         p.version += 1
-        self._persist.put_nowait(("put", p.info()))
+        self._persist.put("put", p.info())
         self.link.local_changed(p)
 
     def recheck_permission(self, publisher_sid: str, tracks: list[PublishedTrack]) -> None:
@@ -291,7 +319,7 @@ class Room:
             for other in self.participants.values():
                 other.send(message)
         if not p.moving:  # a moved participant's record already belongs to its new node (see drain.py)
-            self._persist.put_nowait(("delete", info))
+            self._persist.put("delete", info)
         self.link.local_left(info)
         await p.close()
         self.node.hooks.participant_left(self, p, reason)
@@ -310,7 +338,7 @@ class Room:
         await self.link.stop()
         for task in list(self._tasks):
             task.cancel()
-        self._persist.put_nowait(None)
+        self._persist.close()
         try:
             await asyncio.wait_for(self._persist_task, 5.0)
         except (asyncio.TimeoutError, asyncio.CancelledError):
