@@ -25,7 +25,7 @@ from aiortc.rtcicetransport import RTCIceGatherer, RTCIceParameters, RTCIceTrans
 from aiortc.rtcsctptransport import RTCSctpCapabilities, RTCSctpTransport
 
 from . import sdp
-from .fastpath import CompiledSendPath, SendError
+from .fastpath import CompiledSendPath, SrtpError
 from .ice import NodeIceConnection, PortRange
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class PeerTransport:
         self._tx: pylibsrtp.Session | None = None
         self._send_path = send_path
         self._srtp_sender = None
+        self._unprotect_rtp: Callable[[bytes], bytes] | None = None  # the one decrypt per received packet
         # The compiled path's Output (fastpath): down-tracks hold it from the start; it is bound to keys and a
         # destination on the first packet sent, `_out_pair`, and None when this connection stays on pylibsrtp.
         self.output = send_path.output() if send_path is not None else None
@@ -232,6 +233,8 @@ class PeerTransport:
             self._set_state("failed")
             return
         self._rx, self._tx = self.dtls._rx_srtp, self.dtls._tx_srtp
+        receiver = self._send_path.srtp_receiver(self.dtls) if self._send_path is not None else None
+        self._unprotect_rtp = receiver.unprotect if receiver is not None else self._rx.unprotect
         if self.ice_conn.protocol is not None:
             self.ice_conn.protocol.fast = self._on_srtp
         self.connected_at = time.monotonic()
@@ -275,11 +278,11 @@ class PeerTransport:
                 plain = self._rx.unprotect_rtcp(data)  # type: ignore[union-attr]
                 self.on_rtcp(plain)
             else:
-                plain = self._rx.unprotect(data)  # type: ignore[union-attr]
+                plain = self._unprotect_rtp(data)
                 self.packets_in += 1
                 self.bytes_in += len(plain)
                 self.on_rtp(plain)
-        except pylibsrtp.Error:
+        except (pylibsrtp.Error, *SrtpError):
             self.errors += 1
         except Exception:
             self.errors += 1
@@ -305,7 +308,7 @@ class PeerTransport:
         if pair is self._out_pair or self._bind_output(pair):
             try:
                 self.output.send(packet)  # type: ignore[union-attr]
-            except SendError:
+            except SrtpError:
                 self.errors += 1
             return
         tx = self._tx

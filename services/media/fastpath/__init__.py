@@ -25,7 +25,7 @@ except ImportError as exc:  # not built: no compiler or no OpenSSL headers at in
 else:
     UNAVAILABLE = ""
 
-SendError: tuple[type[Exception], ...] = (_fastpath.Error,) if _fastpath is not None else ()
+SrtpError: tuple[type[Exception], ...] = (_fastpath.Error,) if _fastpath is not None else ()
 
 
 def _fan_out_python(subs: list, layer, data: bytes, off: int, marker: int, seq: int, ts: int, keyframe: bool,
@@ -69,7 +69,7 @@ def endpoint_factory(path: CompiledSendPath | None):
 class CompiledSendPath:
     """Makes one `_fastpath.Output` per PeerConnection; all of them share the batch of the running loop."""
 
-    name = "compiled (C SRTP + sendmmsg batching)"
+    name = "compiled (C SRTP, fan-out, sendmmsg/recvmmsg batching)"
 
     def __init__(self) -> None:
         self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object] = weakref.WeakKeyDictionary()
@@ -102,12 +102,18 @@ class CompiledSendPath:
 
     @staticmethod
     def srtp_sender(dtls):
-        return srtp_sender(dtls)
+        return srtp_context(dtls, outbound=True)
+
+    @staticmethod
+    def srtp_receiver(dtls):
+        """The inbound context, for the one decrypt per received packet (None: keep aiortc's session)."""
+        return srtp_context(dtls, outbound=False)
 
 
-def srtp_sender(dtls):
-    """A compiled outbound SRTP context with the same keys as aiortc's `dtls._tx_srtp` (aiortc 1.16.0 seams:
-    `_ssl`, `_role`, `_srtp_profiles`, pinned by tests/test_media_seams.py)."""
+def srtp_context(dtls, outbound: bool = True):
+    """A compiled SRTP context with the keys of aiortc's `dtls._tx_srtp` (outbound) or `dtls._rx_srtp`, or None
+    for a profile the extension lacks (aiortc 1.16.0 seams: `_ssl`, `_role`, `_srtp_profiles`, pinned by
+    tests/test_media_seams.py)."""
     ssl = dtls._ssl
     if ssl is None or _fastpath is None:
         return None
@@ -117,8 +123,9 @@ def srtp_sender(dtls):
     if profile is None or number is None:
         return None
     material = ssl.export_keying_material(b"EXTRACTOR-dtls_srtp", 2 * (profile.key_length + profile.salt_length))
-    key = profile.get_key_and_salt(material, 1 if dtls._role == "server" else 0)
-    return _fastpath.SrtpSender(key, number)
+    server = dtls._role == "server"
+    key = profile.get_key_and_salt(material, 1 if server == outbound else 0)
+    return _fastpath.SrtpContext(key, number)
 
 
 def choose(enabled: bool = True) -> CompiledSendPath | None:

@@ -2,11 +2,12 @@
  * RTP header rewrite per subscriber, and batched sends (sendmmsg) of everything one event-loop wake-up produced.
  *
  * The pure-Python path (pylibsrtp sessions, services/media/forward.py) is the reference: for the same master key,
- * salt and packets, `SrtpSender.protect` returns exactly what a pylibsrtp outbound session with window 1024 and
+ * salt and packets, `SrtpContext.protect`/`unprotect` return exactly what a pylibsrtp outbound session with window 1024 and
  * allow_repeat_tx returns, rollover counter included (tests/test_fastpath.py compares them byte for byte).
  *
  * Objects:
- *   SrtpSender(key_and_salt, profile)   per-SSRC outbound SRTP state (48-bit index, 1024-packet window)
+ *   SrtpContext(key_and_salt, profile)  per-SSRC SRTP state of one direction (48-bit index, 1024-packet window):
+ *                                       `protect` like a pylibsrtp outbound session, `unprotect` like an inbound
  *   Batch(capacity, schedule)           protected datagrams waiting for one sendmmsg per socket; `schedule()` is
  *                                       called when the batch becomes non-empty (the owner flushes it soon)
  *   Output(sender, batch, fd, host, port)   one destination: `send(rtp)` protects and queues
@@ -27,6 +28,7 @@
 #include <time.h>
 
 #include <openssl/evp.h>
+#include <openssl/crypto.h>
 #include <openssl/sha.h>
 
 #define PROFILE_AES128_CM_SHA1_80 1
@@ -105,7 +107,7 @@ typedef struct {
     int profile;
     int tag_len;
     uint8_t salt[14];
-    EVP_CIPHER_CTX *cipher;
+    EVP_CIPHER_CTX *cipher, *decipher;  /* decipher: GCM's decrypt direction */
     SHA_CTX hmac_inner, hmac_outer;
     Stream *streams;
     size_t nstreams, capacity;  /* open addressing, capacity a power of two */
@@ -185,8 +187,16 @@ static int SrtpSender_init(SrtpSender *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(FastpathError, "SRTP key setup failed");
         return -1;
     }
-    if (profile != PROFILE_AES128_CM_SHA1_80)
+    if (profile != PROFILE_AES128_CM_SHA1_80) {
         EVP_CIPHER_CTX_ctrl(self->cipher, EVP_CTRL_GCM_SET_IVLEN, 12, NULL);
+        if (self->decipher == NULL)
+            self->decipher = EVP_CIPHER_CTX_new();
+        if (self->decipher == NULL || !EVP_DecryptInit_ex(self->decipher, cipher, NULL, enc_key, NULL)) {
+            PyErr_SetString(FastpathError, "SRTP key setup failed");
+            return -1;
+        }
+        EVP_CIPHER_CTX_ctrl(self->decipher, EVP_CTRL_GCM_SET_IVLEN, 12, NULL);
+    }
     self->profile = profile;
     self->capacity = 16;
     self->nstreams = 0;
@@ -203,6 +213,8 @@ static int SrtpSender_init(SrtpSender *self, PyObject *args, PyObject *kwds) {
 static void SrtpSender_dealloc(SrtpSender *self) {
     if (self->cipher)
         EVP_CIPHER_CTX_free(self->cipher);
+    if (self->decipher)
+        EVP_CIPHER_CTX_free(self->decipher);
     PyMem_Free(self->streams);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -338,16 +350,117 @@ static PyObject *SrtpSender_protect(SrtpSender *self, PyObject *arg) {
     return result;
 }
 
+/* Unprotect the SRTP packet in `buf` in place (libsrtp's inbound rules: window 1024, repeats refused, the
+ * index committed only once the tag verified); the plain length or -1. */
+static Py_ssize_t unprotect_into(SrtpSender *self, uint8_t *buf, Py_ssize_t len) {
+    if (len < 12 + self->tag_len || (buf[0] >> 6) != 2) {
+        PyErr_SetString(FastpathError, "SRTP unprotect failed: not an SRTP packet");
+        return -1;
+    }
+    Py_ssize_t body = len - self->tag_len;
+    Py_ssize_t header = 12 + 4 * (buf[0] & 0x0F);
+    if ((buf[0] & 0x10) && header + 4 <= body)
+        header += 4 + 4 * (((Py_ssize_t)buf[header + 2] << 8) | buf[header + 3]);
+    if (header > body) {
+        PyErr_SetString(FastpathError, "SRTP unprotect failed: header longer than the packet");
+        return -1;
+    }
+    uint16_t seq = (uint16_t)((buf[2] << 8) | buf[3]);
+    uint32_t ssrc = ((uint32_t)buf[8] << 24) | ((uint32_t)buf[9] << 16) | ((uint32_t)buf[10] << 8) | buf[11];
+    Stream *s = stream_of(self, ssrc);
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint64_t index;
+    int64_t delta = estimate_index(s, seq, &index);
+    if (delta <= 0) {
+        if (WINDOW_BITS - 1 + delta < 0) {
+            PyErr_SetString(FastpathError, "SRTP unprotect failed: replay_old");
+            return -1;
+        }
+        if ((s->seen[(-delta) >> 6] >> ((-delta) & 63)) & 1) {
+            PyErr_SetString(FastpathError, "SRTP unprotect failed: replay_fail");
+            return -1;
+        }
+    }
+    uint32_t roc = (uint32_t)(index >> 16);
+    int out = 0;
+    if (self->profile == PROFILE_AES128_CM_SHA1_80) {
+        uint8_t roc_be[4] = {roc >> 24, roc >> 16, roc >> 8, roc}, digest[20];
+        SHA_CTX ctx = self->hmac_inner;
+        SHA1_Update(&ctx, buf, body);
+        SHA1_Update(&ctx, roc_be, 4);
+        SHA1_Final(digest, &ctx);
+        ctx = self->hmac_outer;
+        SHA1_Update(&ctx, digest, 20);
+        SHA1_Final(digest, &ctx);
+        if (CRYPTO_memcmp(digest, buf + body, 10) != 0) {
+            PyErr_SetString(FastpathError, "SRTP unprotect failed: auth_fail");
+            return -1;
+        }
+        uint8_t iv[16];
+        memcpy(iv, self->salt, 14);
+        iv[14] = iv[15] = 0;
+        iv[4] ^= buf[8], iv[5] ^= buf[9], iv[6] ^= buf[10], iv[7] ^= buf[11];
+        for (int i = 0; i < 6; i++)
+            iv[8 + i] ^= (uint8_t)(index >> (40 - 8 * i));
+        if (!EVP_EncryptInit_ex(self->cipher, NULL, NULL, NULL, iv) ||
+            !EVP_EncryptUpdate(self->cipher, buf + header, &out, buf + header, (int)(body - header))) {
+            PyErr_SetString(FastpathError, "AES-CM failed");
+            return -1;
+        }
+    } else {
+        uint8_t iv[12] = {0, 0, buf[8], buf[9], buf[10], buf[11], roc >> 24, roc >> 16, roc >> 8, roc, buf[2], buf[3]};
+        for (int i = 0; i < 12; i++)
+            iv[i] ^= self->salt[i];
+        int final = 0;
+        if (!EVP_DecryptInit_ex(self->decipher, NULL, NULL, NULL, iv) ||
+            !EVP_DecryptUpdate(self->decipher, NULL, &out, buf, (int)header) ||
+            !EVP_DecryptUpdate(self->decipher, buf + header, &out, buf + header, (int)(body - header)) ||
+            !EVP_CIPHER_CTX_ctrl(self->decipher, EVP_CTRL_GCM_SET_TAG, 16, buf + body) ||
+            EVP_DecryptFinal_ex(self->decipher, buf + header + out, &final) <= 0) {
+            PyErr_SetString(FastpathError, "SRTP unprotect failed: auth_fail");
+            return -1;
+        }
+    }
+    if (delta > 0)
+        window_advance(s, delta);
+    else
+        s->seen[(-delta) >> 6] |= 1ULL << ((-delta) & 63);
+    return body;
+}
+
+static PyObject *SrtpSender_unprotect(SrtpSender *self, PyObject *arg) {
+    Py_buffer packet;
+    if (PyObject_GetBuffer(arg, &packet, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = PyBytes_FromStringAndSize(packet.buf, packet.len);
+    PyBuffer_Release(&packet);
+    if (result == NULL)
+        return NULL;
+    Py_ssize_t n = unprotect_into(self, (uint8_t *)PyBytes_AS_STRING(result), PyBytes_GET_SIZE(result));
+    if (n < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    Py_SET_SIZE(result, n);  /* shrink in place: the bytes object is new and ours alone */
+    PyBytes_AS_STRING(result)[n] = 0;
+    return result;
+}
+
 static PyMethodDef SrtpSender_methods[] = {
-    {"protect", (PyCFunction)SrtpSender_protect, METH_O, "protect(rtp) -> srtp, like a pylibsrtp Session"},
+    {"protect", (PyCFunction)SrtpSender_protect, METH_O, "protect(rtp) -> srtp, like a pylibsrtp outbound Session"},
+    {"unprotect", (PyCFunction)SrtpSender_unprotect, METH_O,
+     "unprotect(srtp) -> rtp, like a pylibsrtp inbound Session (use one context per direction)"},
     {NULL},
 };
 
 static PyTypeObject SrtpSenderType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "braid.services.media.fastpath._fastpath.SrtpSender",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "braid.services.media.fastpath._fastpath.SrtpContext",
     .tp_basicsize = sizeof(SrtpSender),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Outbound SRTP for any SSRC of one DTLS-SRTP association",
+    .tp_doc = "SRTP for any SSRC of one direction of a DTLS-SRTP association",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)SrtpSender_init,
     .tp_dealloc = (destructor)SrtpSender_dealloc,
@@ -1020,7 +1133,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     Py_INCREF(FastpathError);
     PyModule_AddObject(m, "Error", FastpathError);
     Py_INCREF(&SrtpSenderType);
-    PyModule_AddObject(m, "SrtpSender", (PyObject *)&SrtpSenderType);
+    PyModule_AddObject(m, "SrtpContext", (PyObject *)&SrtpSenderType);
     Py_INCREF(&BatchType);
     PyModule_AddObject(m, "Batch", (PyObject *)&BatchType);
     Py_INCREF(&OutputType);
