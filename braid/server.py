@@ -67,6 +67,9 @@ class Server:
         self.grpc_server = grpc.aio.server(options=server_options())
         port = add_server_port(self.grpc_server, f"{self.config.grpc_bind}:{self.config.grpc_port}", self.tls)
         self.grpc_address = f"{self.config.grpc_bind}:{port}"
+        if self.tls is None and self.config.role != "all":
+            log.warning("internal gRPC on %s is plaintext: whoever reaches it can call it; set internal_tls.ca_file,"
+                        " cert_file and key_file (a cluster CA) on every role", self.grpc_address)
         if self.config.role == "all":
             self.config.router_address = self.grpc_address
         if "router" in self.roles:
@@ -222,7 +225,7 @@ class Server:
             parts.append(f"connect to ws://{host}:{self.http_port} (HTTP API http://{host}:{self.http_port})")
         else:
             parts.append(f"health on http://{host}:{self.http_port}/healthz")
-        parts.append(f"gRPC on {self.grpc_address}")
+        parts.append(f"gRPC on {self.grpc_address}{' (mutual TLS)' if self.tls else ''}")
         if self.config.dev:
             key, secret = next(iter(self.config.keys.items()))
             parts.append(f"dev mode: API key {key!r}, secret {secret!r}")
