@@ -340,3 +340,43 @@ async def test_hostile_inputs_leave_the_node_and_a_real_client_standing(server_f
         await media.stop()
         await speaker.close()
         await listener.close()
+
+
+async def test_hostile_media_from_an_authenticated_peer():
+    """What a connected participant itself may send after ICE and DTLS: RTP with any SSRC, payload type and header
+    extension (new SSRCs carrying a MID included), NACK storms and RTCP with absurd counts, lengths and values,
+    straight into its publisher and subscriber. Nothing raises, and the tables they fill stay within limits."""
+    from livekit.protocol import models as lk_models
+
+    from braid.services.media import rtcp, rtp, sdp
+
+    from .session_stream import Stream
+    from .test_limits import _node
+    from .test_media_node import _collect, _start
+
+    node = _node()
+    await node.start()
+    try:
+        await node.store.create_room(lk_models.Room(sid="RM_fz", name="fz"))
+        (first,) = await _collect(node.servicer.Session(Stream(_start("fz", "peer")), None), 1)
+        assert first.WhichOneof("message") == "response"
+        p = node.rooms["fz"].by_identity("peer")
+        rng = random.Random(7)
+        mid_ext = b"\x90" + bytes([rng.randrange(96, 128)]) + rng.randbytes(10) + b"\xbe\xde\x00\x01\x10\x30\x00\x00"
+        for i in range(20_000):
+            p.on_rtcp(_udp_packet(rng) if i % 2 else _udp_packet(rng)[:rng.randrange(0, 64)])
+            data = _udp_packet(rng) if i % 3 else mid_ext[:1] + mid_ext[1:2] + rng.randbytes(10) + mid_ext[12:]
+            p.publisher.on_rtp(data)
+            rtp.parse(data)
+            rtp.extensions(data)
+            rtp.is_keyframe(rng.choice(["video/VP8", "video/H264", "video/VP9"]), data[12:])
+            rtcp.parse(data)
+        for _ in range(2_000):
+            try:
+                sdp.parse("v=0\r\n" + "\r\n".join(_text(rng, rng.randrange(0, 80)) for _ in range(20)))
+            except sdp.SdpError:
+                pass
+        assert len(p.publisher.unknown_ssrcs) <= 64 and len(p.publisher.ssrc_map) <= 4 * 2 * 32
+        assert not p.closed, "hostile media alone does not end the session"
+    finally:
+        await node.stop()
