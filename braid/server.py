@@ -17,7 +17,7 @@ from braid.backends import Backends, make_backends
 from braid.shared import ids
 from braid.shared.auth import KeyProvider
 from braid.shared.config import Config, ConfigError, load_config
-from braid.shared.health import add_drain_routes, add_metrics_route, health_app
+from braid.shared.health import Refusals, add_drain_routes, add_metrics_route, health_app
 from braid.shared.tracing import setup_tracing, shutdown_tracing
 from braid.shared.rpc import Channels, InternalTLS, add_server_port, server_options
 from braid.shared.webhooks import notifier_from_config
@@ -38,6 +38,7 @@ class Server:
         self.backends: Backends = make_backends(config)
         self.tls = InternalTLS.from_config(config.internal_tls)
         self.channels = Channels(self.tls)
+        self.signal_refusals = Refusals()
         self.notifier = notifier_from_config(config)
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
@@ -162,6 +163,7 @@ class Server:
             node_id=self.node_id,
             ready=self.ready,
             routers=self.routers,
+            refusals=self.signal_refusals,
         )
         self.agent_hub = AgentHub(self.backends.agents, self.backends.bus, keys, self.node_id, self.config.region)
         return create_app(ctx, self.agent_hub)
@@ -175,6 +177,7 @@ class Server:
             gauges["braid_media_rooms"] = len(self.media.rooms)
             gauges.update(self.media.refusals.metrics())
             gauges.update(self.media.cluster.metrics())
+        gauges.update(self.signal_refusals.metrics())
         return gauges
 
     async def _start_http(self) -> None:

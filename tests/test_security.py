@@ -105,6 +105,20 @@ async def test_bad_tokens_are_refused_and_logged_everywhere(server_factory):
     no_token = await _session(address, media_pb2.SessionStart(room=ROOM, identity="mallory", join_request=join))
     assert no_token.error.code == "unauthenticated"
 
+    # The edge's own limit: a frame over 512 KiB closes the socket (1009) and is counted in /metrics.
+    async with aiohttp.ClientSession() as session:
+        joiner_big = mint_token(key, secret, identity="big", video={"roomJoin": True, "room": ROOM})
+        ws = await session.ws_connect(f"{server.ws_url}/rtc?sdk=python&protocol=16", max_msg_size=0,
+                                      headers={"Authorization": f"Bearer {joiner_big}"})
+        await ws.send_bytes(b"\x00" * 600_000)
+        while (await asyncio.wait_for(ws.receive(), 10)).type == aiohttp.WSMsgType.BINARY:
+            pass
+        assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        async with session.get(f"{server.http_url}/metrics") as resp:
+            metrics = await resp.text()
+    assert "# TYPE braid_limit_signal_frame_size_refused_total counter" in metrics
+    assert "braid_limit_signal_frame_size_refused_total 1" in metrics
+
     await asyncio.sleep(0.3)
     log = server.log()
     assert log.count("rtc join refused (401)") >= 2 * len(bad)

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Callable
 
 from aiohttp import web
 
 log = logging.getLogger(__name__)
+
+
+class Refusals:
+    """How often each limit refused something on this node (`braid_limit_<name>_refused_total`)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def count(self, limit: str) -> bool:
+        """Count one refusal; True when it is worth a log line (the 1st, 2nd, 4th, 8th… of its kind)."""
+        self.counts[limit] += 1
+        n = self.counts[limit]
+        return n & (n - 1) == 0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"braid_limit_{name}_refused_total": float(n) for name, n in self.counts.items()}
 
 
 def add_health_routes(app: web.Application, ready: Callable[[], bool]) -> None:

@@ -1,35 +1,15 @@
 """Bounds on what one client controls, and the count of every refusal (served by `/metrics`).
 
 The figures live in `LimitsConfig` (braid/shared/config.py); this module holds the checks shared by the signal
-handlers and RoomService, a token bucket for data rates, and the counter of refusals by limit name.
+handlers and RoomService and a token bucket for data rates; refusals are counted by `Refusals` (health.py).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections import Counter
 from typing import Mapping
 
 from braid.shared.config import LimitsConfig
-
-log = logging.getLogger(__name__)
-
-
-class Refusals:
-    """How often each limit refused something on this node (`braid_limit_<name>_refused_total`)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def count(self, limit: str) -> bool:
-        """Count one refusal; True when it is worth a log line (the 1st, 2nd, 4th, 8th… of its kind)."""
-        self.counts[limit] += 1
-        n = self.counts[limit]
-        return n & (n - 1) == 0
-
-    def metrics(self) -> dict[str, float]:
-        return {f"braid_limit_{name}_refused_total": float(n) for name, n in self.counts.items()}
 
 
 def attributes_size(attributes: Mapping[str, str]) -> int:

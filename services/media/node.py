@@ -19,6 +19,7 @@ from braid.rpc import common_pb2, media_pb2_grpc
 from braid.shared.auth import KeyProvider
 from braid.shared.bus import Bus
 from braid.shared.config import Config
+from braid.shared.health import Refusals
 from braid.shared.store import NodeInfo, NodeRegistry, RoomStore
 from braid.shared.tracing import incoming_context, metadata_of, tracer
 
@@ -27,7 +28,6 @@ from .cluster import Cluster
 from . import fastpath
 from .drain import Drain
 from .hooks import Hooks, TelemetryHooks
-from .limits import Refusals
 from .telemetry import TelemetryService
 from .ice import PortRange
 from .room import JoinError, Room

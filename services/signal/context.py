@@ -7,6 +7,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from braid.shared.auth import KeyProvider
 from braid.shared.config import Config
+from braid.shared.health import Refusals
 from braid.shared.rpc import Channels
 
 from .failover import Routers
@@ -24,6 +25,7 @@ class SignalContext:
     ready: Callable[[], bool] = field(default=lambda: True)
     # Registered routers (and the configured seed); without one given, the configured router alone.
     routers: Routers | None = None
+    refusals: Refusals = field(default_factory=Refusals)  # what the edge's limits refused, for /metrics
 
     def __post_init__(self) -> None:
         if self.routers is None:

@@ -388,7 +388,10 @@ class RtcEdge:
                         text_mode[0] = True
                         await call.write(media_pb2.SessionUp(request=data))
                 elif msg.type == WSMsgType.ERROR:
-                    log.info("signal connection error: %r", ws.exception())
+                    error = ws.exception()
+                    if getattr(error, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+                        self.ctx.refusals.count("signal_frame_size")
+                    log.info("signal connection error: %r", error)
                     break
         except (grpc.aio.AioRpcError, ConnectionResetError, asyncio.CancelledError,
                 asyncio.InvalidStateError) as exc:  # InvalidStateError: the media side already ended the stream
