@@ -317,6 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if config.role == "media":
+        from braid.workers import run_workers, worker_count
+
+        workers = worker_count(config)
+        if workers > 1:
+            raise SystemExit(run_workers(config, workers))
     runner = asyncio.run
     if os.environ.get("BRAID_NO_UVLOOP") != "1":
         try:

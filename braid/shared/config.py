@@ -139,6 +139,15 @@ class TelemetryConfig:
 
 
 @dataclass
+class MediaConfig:
+    """How a media process uses its machine (role media)."""
+
+    # Media worker processes, each its own media node (own node id, HTTP/gRPC ports and slice of the UDP range);
+    # rooms span them through the relay. 0: one per CPU this process may use (its cgroup quota or affinity).
+    workers: int = 1
+
+
+@dataclass
 class Config:
     keys: dict[str, str] = field(default_factory=dict)
     bind: str = "127.0.0.1"
@@ -163,6 +172,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     internal_tls: InternalTLSConfig = field(default_factory=InternalTLSConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
 
     @property
     def webhook_key(self) -> tuple[str, str] | None:
@@ -215,6 +225,8 @@ class Config:
                     raise ConfigError(f"internal_tls.{name}: {path} is not a readable file")
             if not tls.server_name:
                 raise ConfigError("internal_tls.server_name: must not be empty")
+        if self.media.workers < 0:
+            raise ConfigError("media.workers: must be 0 (one per CPU) or more")
         if self.drain_deadline < 0:
             raise ConfigError("drain_deadline: must not be negative")
         for url in self.turn.urls:
