@@ -2,8 +2,8 @@
 
 One media node forwards on one core (one Python event loop). A media process asked for several workers becomes a
 small supervisor that starts that many `braid-server` processes, each a complete media node: its own node id
-(`<id>-w<i>`), HTTP port (`port + i`), gRPC port (`grpc_port + i`, or a free one) and an equal slice of the UDP
-port range, all on the same IP. Each registers with the router on its own, so placement spreads participants
+(`<id>-w<i>`), HTTP and gRPC ports (`port + i*step`, `grpc_port + i*step`, see `port_step`; a free gRPC port when
+grpc_port is 0) and an equal slice of the UDP port range, all on the same IP. Each registers with the router on its own, so placement spreads participants
 over them and a room whose participants land on different workers spans them through the relay, as it spans
 machines. The supervisor forwards SIGTERM/SIGINT (each worker drains its own participants) and, if one worker
 fails, stops the others and exits with its status, so the pod restarts as a whole.
@@ -43,6 +43,18 @@ def worker_count(config: Config) -> int:
     return config.media.workers or available_cpus()
 
 
+def port_step(port: int, grpc_port: int, count: int) -> int:
+    """The spacing of the workers' ports, so that `port + i*step` and `grpc_port + j*step` never meet (with the
+    usual 7880/7881, workers use 7880, 7882, ... and 7881, 7883, ...)."""
+    gap = abs(grpc_port - port)
+    if not grpc_port or gap >= count:
+        return 1
+    step = 2
+    while gap % step == 0:
+        step += 1
+    return step
+
+
 def worker_configs(config: Config, count: int) -> list[Config]:
     """The configuration of each worker: the same, but for identity, ports and its slice of the UDP range."""
     base_id = config.node_id or f"media-{os.uname().nodename}-{os.getpid()}"
@@ -50,13 +62,14 @@ def worker_configs(config: Config, count: int) -> list[Config]:
     size = (end - start + 1) // count
     if size < 1:
         raise ValueError(f"rtc.port_range_start/end: {end - start + 1} ports cannot be split over {count} workers")
+    step = port_step(config.port, config.grpc_port, count)
     configs = []
     for i in range(count):
         worker = dataclasses.replace(
             config,
             node_id=f"{base_id}-w{i}",
-            port=config.port + i,
-            grpc_port=config.grpc_port + i if config.grpc_port else 0,
+            port=config.port + i * step,
+            grpc_port=config.grpc_port + i * step if config.grpc_port else 0,
             rtc=dataclasses.replace(config.rtc, port_range_start=start + i * size,
                                     port_range_end=end if i == count - 1 else start + (i + 1) * size - 1),
             media=dataclasses.replace(config.media, workers=1),

@@ -559,7 +559,9 @@ def test_network_policies_keep_grpc_to_braid(chart, variant):
         spec = policies[f"{RELEASE}-braid-{role}"]["spec"]
         assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == role
         grpc_rule, open_rule = spec["ingress"]
-        assert grpc_rule["ports"] == [{"port": 7881, "protocol": "TCP"}]
+        # media: every worker's gRPC port (media.workers, 7881, 7883, ...)
+        wanted = {"port": 7881, "protocol": "TCP", **({"endPort": 7881 + 2 * 63} if role == "media" else {})}
+        assert grpc_rule["ports"] == [wanted]
         (peer,) = grpc_rule["from"]
         assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
         assert "from" not in open_rule, "HTTP and UDP stay open"
