@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import pytest
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
@@ -208,7 +209,6 @@ async def test_store_writes_hold_one_entry_per_participant():
 
 async def test_half_open_websocket_is_closed_by_heartbeat(server_factory, room_name):
     """A client that stops answering pings (a dead network path) is closed by the edge, then removed."""
-    import aiohttp
 
     server = server_factory(env={"BRAID_RTC__WEBSOCKET_HEARTBEAT": "1"})
     token = _token("silent", room_name)
@@ -225,3 +225,20 @@ async def test_half_open_websocket_is_closed_by_heartbeat(server_factory, room_n
         assert aiohttp.WSMsgType.PING in kinds, "the edge pinged"
         assert asyncio.get_running_loop().time() - started < 5, "and closed the socket without a pong"
         await ws.close()
+
+
+async def test_a_vanished_client_is_removed_at_ping_timeout(server_factory, room_name):
+    """A client that joins, then goes silent before ICE completes (no pings, no media) is removed after
+    `ping_timeout`: it hears a `leave` and its socket closes with the reason. (Its one `participant_left` goes
+    through the hooks path: see test_silent_participant_is_removed_after_ping_timeout_once.)"""
+    from .test_rtc_edge import RawClient
+
+    server = server_factory(env={"BRAID_RTC__PING_TIMEOUT": "2"})
+    async with RawClient(server, room_name, "vanishing") as client:
+        assert client.join.ping_timeout == 2
+        leave = await client.until("leave", timeout=10)
+        assert leave.leave.reason == Reason.CONNECTION_TIMEOUT
+        msg = await client.ws.receive(timeout=5)
+        while msg.type == aiohttp.WSMsgType.BINARY:
+            msg = await client.ws.receive(timeout=5)
+        assert "ping timeout" in (msg.extra or ""), msg
