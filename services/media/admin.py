@@ -7,7 +7,6 @@ participant this node does not host answers `not_found`, which the router reads 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError, Message
 from livekit.protocol import models
@@ -18,11 +17,8 @@ from braid.rpc import common_pb2
 from braid.shared.roomservice import METHODS
 
 from .data import RpcFailed
+from .interfaces import MediaNode, Participant, Room
 
-if TYPE_CHECKING:
-    from .node import MediaNode
-    from .participant import Participant
-    from .room import Room
 
 log = logging.getLogger(__name__)
 Reason = models.DisconnectReason

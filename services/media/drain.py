@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-if TYPE_CHECKING:
-    from .node import MediaNode
-    from .participant import Participant
+from .interfaces import MediaNode, Participant
+
 
 log = logging.getLogger(__name__)
 

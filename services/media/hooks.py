@@ -20,10 +20,10 @@ MIGRATION = DisconnectReason.MIGRATION
 
 from braid.shared import ids
 
+from .interfaces import Participant, Room
+
 if TYPE_CHECKING:
-    from .participant import Participant
     from .publisher import PublishedTrack
-    from .room import Room
 
 log = logging.getLogger(__name__)
 

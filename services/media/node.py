@@ -110,7 +110,7 @@ class MediaNode:
     async def start(self) -> None:
         await self.telemetry.start()
         await self.cluster.start()
-        await self._heartbeat()
+        await self.heartbeat()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="media-heartbeat"),
             asyncio.create_task(self._tick_loop(), name="media-tick"),
@@ -123,7 +123,7 @@ class MediaNode:
         """SERVING or DRAINING; told to the registry at once so the router stops (or resumes) placing here."""
         self.state = state
         try:
-            await asyncio.wait_for(self._heartbeat(), 2.0)
+            await asyncio.wait_for(self.heartbeat(), 2.0)
         except Exception as exc:
             log.warning("could not announce state %s: %r", state, exc)
 
@@ -190,18 +190,18 @@ class MediaNode:
 
     async def _heartbeat_quietly(self) -> None:
         try:
-            await asyncio.wait_for(self._heartbeat(), 2.0)
+            await asyncio.wait_for(self.heartbeat(), 2.0)
         except Exception as exc:
             log.debug("load announcement failed: %r", exc)
 
-    async def _heartbeat(self) -> None:
+    async def heartbeat(self) -> None:
         await self.registry.heartbeat(self.node_info(), HEARTBEAT_TTL)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
-                await self._heartbeat()
+                await self.heartbeat()
             except Exception as exc:
                 log.warning("media heartbeat failed: %r", exc)
 

@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 from livekit.protocol import models
@@ -27,9 +26,8 @@ from .reliable import InboundSequence, ReliableLog
 from .subscriber import Subscriber, Subscription, quality_for
 from .telemetry import ReferenceGuard
 from .transport import PeerTransport
+from .interfaces import Room
 
-if TYPE_CHECKING:
-    from .room import Room
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
@@ -19,9 +18,8 @@ from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
 from .permissions import SubscriptionPermission
 from .speakers import AudioLevel
+from .interfaces import Participant
 
-if TYPE_CHECKING:
-    from .participant import Participant
 
 log = logging.getLogger(__name__)
 

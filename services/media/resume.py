@@ -23,14 +23,12 @@ from livekit.protocol import rtc as rtc_pb
 
 from . import reliable
 from .link import SignalLink, replayable
+from .interfaces import MediaNode, Participant, Room
 
 if TYPE_CHECKING:
     from braid.rpc import media_pb2
     from braid.shared.auth import Claims
 
-    from .node import MediaNode
-    from .participant import Participant
-    from .room import Room
 
 log = logging.getLogger(__name__)
 

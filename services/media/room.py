@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
@@ -20,9 +19,8 @@ from . import quality
 from .participant import Participant
 from .publisher import PublishedTrack
 from .speakers import Speakers
+from .interfaces import MediaNode
 
-if TYPE_CHECKING:
-    from .node import MediaNode
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 from google.protobuf.message import DecodeError
 from livekit.protocol import models
@@ -24,9 +24,8 @@ from . import negotiation, resume, sdp
 from .link import SignalLink
 from .participant import Participant, ProtocolError
 from .room import JoinError
+from .interfaces import MediaNode
 
-if TYPE_CHECKING:
-    from .node import MediaNode
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from livekit.protocol import rtc as rtc_pb
 
 from . import negotiation, rtcp, sdp
 from .forward import DownTrack
+from .interfaces import Participant
 
 if TYPE_CHECKING:
-    from .participant import Participant
     from .publisher import PublishedTrack
 
 log = logging.getLogger(__name__)

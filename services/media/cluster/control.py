@@ -22,9 +22,9 @@ from braid.rpc import cluster_pb2, cluster_pb2_grpc, common_pb2
 from ..forward import HIGHEST
 from .relay import InboundLink, OutboundLink, RelaySink, new_key, parse_demand
 from .sealing import SealError, seal, unseal
+from ..interfaces import Cluster
 
 if TYPE_CHECKING:
-    from .manager import Cluster
     from .relayed import RelayedTrack
 
 log = logging.getLogger(__name__)

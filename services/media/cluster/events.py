@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 from livekit.protocol import models
@@ -26,11 +25,8 @@ from braid.rpc import cluster_pb2
 
 from .relayed import track_spec
 from .remote import RemoteView
+from ..interfaces import Cluster, Participant, Room
 
-if TYPE_CHECKING:
-    from ..participant import Participant
-    from ..room import Room
-    from .manager import Cluster
 
 log = logging.getLogger(__name__)
 

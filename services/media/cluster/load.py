@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..node import MediaNode
+from ..interfaces import MediaNode
 
 MIN_WINDOW = 1.0
 

@@ -24,10 +24,9 @@ from .sealing import cluster_key
 from .events import RoomLink
 from .load import LoadMeter
 from .relay import OutboundLink, RelayEndpoint
+from ..interfaces import MediaNode, Room
 
 if TYPE_CHECKING:
-    from ..node import MediaNode
-    from ..room import Room
     from .remote import RemoteParticipant
 
 log = logging.getLogger(__name__)
@@ -188,10 +187,8 @@ class Cluster:
 
     async def reassert(self) -> None:
         """Put back what a store that lost its data forgot: rooms (kept if present), claims, participants."""
-        from ..node import HEARTBEAT_TTL
-
         store = self.store
-        await self.node.registry.heartbeat(self.node.node_info(), HEARTBEAT_TTL)  # placeable again at once
+        await self.node.heartbeat()  # placeable again at once
         for room in list(self.node.rooms.values()):
             if room.closed:
                 continue

@@ -20,9 +20,9 @@ from .. import sdp
 from ..forward import UpTrack
 from ..publisher import PublishedTrack
 from .relay import parse_demand
+from ..interfaces import RelayOrigin
 
 if TYPE_CHECKING:
-    from .control import OriginConnection
     from .relay import InboundLink
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class RelayedUpTrack(UpTrack):
 
 
 class RelayedTrack:
-    def __init__(self, origin: OriginConnection, room: str, publisher_sid: str, spec: cluster_pb2.RelayTrackSpec,
+    def __init__(self, origin: RelayOrigin, room: str, publisher_sid: str, spec: cluster_pb2.RelayTrackSpec,
                  info: models.TrackInfo, on_subscribed: Callable[[], None] | None = None):
         self.origin = origin
         self.on_subscribed = on_subscribed  # the first local subscriber receives it (tells the publisher)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
@@ -20,9 +20,8 @@ from braid.rpc import cluster_pb2
 from ..permissions import SubscriptionPermission
 from ..publisher import PublishedTrack
 from .relayed import RelayedTrack
+from ..interfaces import RoomLink
 
-if TYPE_CHECKING:
-    from .events import RoomLink
 
 log = logging.getLogger(__name__)
 
