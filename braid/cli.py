@@ -4,6 +4,9 @@
     braid room create my-room --url http://localhost:7880
     braid room list
     braid room delete my-room
+    braid room participants list --room my-room
+    braid dispatch create --room my-room --agent-name my-agent
+    braid send-data --room my-room "hello" --topic chat
 
 Credentials come from `--api-key`/`--api-secret`, else `BRAID_API_KEY`/`BRAID_API_SECRET`, else
 `LIVEKIT_API_KEY`/`LIVEKIT_API_SECRET`, else the dev pair devkey/secret (with a note on stderr).
@@ -340,6 +343,10 @@ def add_room_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("name", help="room name")
     p.set_defaults(handler=cmd_room_delete, prog=p.prog)
 
+    from braid.cli_admin import add_participant_commands
+
+    add_participant_commands(sub)
+
 
 def call_api(args: argparse.Namespace, call: Callable[[Any], Awaitable[T]]) -> T:
     """Run `call(LiveKitAPI)` against the server of `args`, turning failures into one-line CLIErrors."""
@@ -428,9 +435,20 @@ def add_join_room(subparsers) -> None:
     add_join_room_command(subparsers)
 
 
+def add_admin_commands(subparsers) -> None:
+    from braid.cli_admin import add_dispatch_commands, add_send_data_command
+
+    from braid.clients.load_test import add_load_test_command
+
+    add_dispatch_commands(subparsers)
+    add_send_data_command(subparsers)
+    add_load_test_command(subparsers)
+
+
 COMMAND_GROUPS: list[CommandGroup] = [
     add_create_token_command,
     add_room_commands,
+    add_admin_commands,
     add_join_room,
 ]
 
