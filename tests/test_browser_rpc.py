@@ -12,10 +12,7 @@ from .test_browser import browser, chromium_path, fake_speech, wait_until  # noq
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
-async def test_rpc_between_browser_and_python(browser, server_factory, room_name):  # noqa: F811
-    # The compiled send path (rtc.fast_path, on by default) currently leaves Chromium's data channels
-    # 'connecting' (test_browser.py's data exchange fails the same way), so this test runs the Python path.
-    dev_server = server_factory(env={"BRAID_RTC__FAST_PATH": "false"})
+async def test_rpc_between_browser_and_python(browser, dev_server, room_name):  # noqa: F811
     token = (api.AccessToken(DEV_KEY, DEV_SECRET).with_identity("py-rpc")
              .with_grants(api.VideoGrants(room_join=True, room=room_name)).to_jwt())
     room = rtc.Room()
