@@ -24,6 +24,7 @@ from braid.shared import ids
 from braid.shared.agents import (ASSIGN_TIMEOUT, AgentStore, WorkerRecord, decode, encode, message_field,
                                  node_channel, reply_channel)
 from braid.shared.bus import Bus
+from braid.shared.tasks import OwnedTasks
 from braid.shared.store import RoomStore
 
 log = logging.getLogger(__name__)
@@ -66,26 +67,18 @@ class AgentDispatcher:
         self._offers: dict[str, asyncio.Future] = {}
         self._orphaned_since: dict[str, float] = {}
         self._resuming: set[str] = set()  # jobs this router is offering again
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = OwnedTasks()
         self._subscription = None
 
     async def start(self) -> None:
         self._subscription = await self.bus.subscribe(reply_channel(self.node_id))
-        self._spawn(self._read_replies(), "agent-replies")
-        self._spawn(self._sweep_loop(), "agent-sweep")
+        self._tasks.spawn(self._read_replies(), "agent-replies")
+        self._tasks.spawn(self._sweep_loop(), "agent-sweep")
 
     async def stop(self) -> None:
         if self._subscription is not None:
             await self._subscription.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        await self._tasks.cancel_all()
 
     # --- dispatches ---------------------------------------------------------------------------------------
 
@@ -107,7 +100,7 @@ class AgentDispatcher:
         dispatch.state.created_at = time.time_ns()
         await self.agents.put_dispatch(dispatch)
         log.info("dispatch %s of agent %r in %s", dispatch.id, dispatch.agent_name, room.name)
-        self._spawn(self._launch(room, dispatch), f"agent-launch-{dispatch.id}")
+        self._tasks.spawn(self._launch(room, dispatch), f"agent-launch-{dispatch.id}")
         return dispatch
 
     async def list(self, room: str, dispatch_id: str = "") -> list[dispatch_pb.AgentDispatch]:
@@ -245,7 +238,7 @@ class AgentDispatcher:
         await self.agents.update_job(room_name, job.id, status=agent_pb.JS_PENDING)
         job.room.CopyFrom(room)
         self._resuming.add(job.id)
-        self._spawn(self._resume(room_name, job), f"agent-resume-{job.id}")
+        self._tasks.spawn(self._resume(room_name, job), f"agent-resume-{job.id}")
 
     async def _resume(self, room_name: str, job: agent_pb.Job) -> None:
         try:

@@ -15,6 +15,7 @@ from livekit.protocol import agent as agent_pb
 from braid.shared.agents import AgentStore, decode, encode, message_field, node_channel
 from braid.shared.auth import AuthError, KeyProvider, bearer_token, verify_token
 from braid.shared.bus import Bus
+from braid.shared.tasks import OwnedTasks
 from braid.shared.serverinfo import server_info
 
 from .worker import NotAvailable, WorkerConnection
@@ -35,29 +36,21 @@ class AgentHub:
         self.node_id = node_id
         self.region = region
         self.workers: dict[str, WorkerConnection] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = OwnedTasks()
         self._subscription = None
 
     async def start(self) -> None:
         self._subscription = await self.bus.subscribe(node_channel(self.node_id))
-        self._spawn(self._read_offers(), "agent-offers")
-        self._spawn(self._refresh_loop(), "agent-worker-refresh")
+        self._tasks.spawn(self._read_offers(), "agent-offers")
+        self._tasks.spawn(self._refresh_loop(), "agent-worker-refresh")
 
     async def stop(self) -> None:
         if self._subscription is not None:
             await self._subscription.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         for worker in list(self.workers.values()):
             await self.store.remove_worker(worker.worker_id)
             await worker.ws.close()
-
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # --- the WebSocket ------------------------------------------------------------------------------------
 
@@ -159,11 +152,11 @@ class AgentHub:
             except ValueError:
                 continue
             if message["kind"] == "offer":
-                self._spawn(self._offer(message), "agent-offer")
+                self._tasks.spawn(self._offer(message), "agent-offer")
             elif message["kind"] == "terminate":
                 worker = self.workers.get(message.get("worker_id", ""))
                 if worker is not None:
-                    self._spawn(worker.terminate(message.get("job_id", "")), "agent-terminate")
+                    self._tasks.spawn(worker.terminate(message.get("job_id", "")), "agent-terminate")
 
     async def _offer(self, message: dict) -> None:
         request_id, reply_to = message.get("id", ""), message.get("reply_to", "")
