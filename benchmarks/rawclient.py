@@ -269,7 +269,7 @@ async def start_publisher(url: str, token: str, ports, cert, fps: float, packets
     return sender
 
 
-JOIN_ATTEMPTS = 3
+JOIN_ATTEMPTS = 5
 
 
 async def join_subscribers(url: str, room: str, n: int, token, ports, cert,
