@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from braid.shared.agents import AgentStore, MemoryAgentStore
 from braid.shared.bus import Bus, MemoryBus
@@ -17,6 +18,7 @@ class Backends:
     registry: NodeRegistry
     bus: Bus
     agents: AgentStore = field(default_factory=MemoryAgentStore)
+    redis: Any = None  # the Redis client in a cluster (the webhook outbox lives there too)
 
     async def healthy(self, timeout: float | None = None) -> bool:
         ping = getattr(self.store, "ping", None)

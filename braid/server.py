@@ -39,7 +39,8 @@ class Server:
         self.tls = InternalTLS.from_config(config.internal_tls)
         self.channels = Channels(self.tls)
         self.signal_refusals = Refusals()
-        self.notifier = notifier_from_config(config)
+        self.notifier = notifier_from_config(config, redis=self.backends.redis, lease=self.backends.store.try_lease,
+                                             owner=self.node_id)
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
         self.http_runner: web.AppRunner | None = None
@@ -178,6 +179,12 @@ class Server:
             gauges.update(self.media.refusals.metrics())
             gauges.update(self.media.cluster.metrics())
         gauges.update(self.signal_refusals.metrics())
+        hooks = self.notifier.stats()
+        if hooks:
+            gauges["braid_webhook_sent_total"] = sum(s.sent for s in hooks)
+            gauges["braid_webhook_failed_total"] = sum(s.failed for s in hooks)
+            gauges["braid_webhook_dropped_total"] = self.notifier.num_dropped
+            gauges["braid_webhook_queued"] = max(s.queued for s in hooks)
         return gauges
 
     async def _start_http(self) -> None:

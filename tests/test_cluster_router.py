@@ -106,7 +106,8 @@ async def test_claims_and_participants_of_a_dead_media_node_are_released():
     for name in ("alone", "shared"):
         await store.create_room(models.Room(sid=f"RM_{name}", name=name))
         await store.claim_room_node(name, "gone", "CL_gone")
-        await store.put_participant(name, models.ParticipantInfo(sid=f"PA_{name}", identity=f"p-{name}"))
+        await store.put_participant(name, models.ParticipantInfo(sid=f"PA_{name}", identity=f"p-{name}",
+                                                                 state=models.ParticipantInfo.ACTIVE))
     await store.claim_room_node("shared", "live", "CL_live")
     rooms = await store.list_rooms()
     await dead.sweep(rooms)

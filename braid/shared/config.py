@@ -76,7 +76,12 @@ class WebhookConfig:
     urls: list[str] = field(default_factory=list)
     api_key: str = ""  # key that signs webhooks; defaults to the first configured key
     timeout: float = 5.0
-    max_attempts: int = 5
+    max_attempts: int = 5  # dev mode's in-memory queue; the cluster's outbox retries for as long as it retains
+    # The cluster's durable outbox (Redis): how long and how many events per room it keeps for a receiver that is
+    # down, and the longest wait between two attempts.
+    retention: float = 24 * 3600.0
+    max_events: int = 10_000
+    retry_max_interval: float = 30.0
 
 
 @dataclass
@@ -201,6 +206,9 @@ class Config:
             raise ConfigError("rtc.port_range_start/rtc.port_range_end: need 0 < start <= end < 65536")
         if self.webhook.api_key and self.webhook.api_key not in self.keys:
             raise ConfigError(f"webhook.api_key: {self.webhook.api_key!r} is not a configured key")
+        for name in ("retention", "max_events", "retry_max_interval", "timeout"):
+            if getattr(self.webhook, name) <= 0:
+                raise ConfigError(f"webhook.{name}: must be positive")
         for url in self.webhook.urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"webhook.urls: {url!r} is not an http(s) URL")

@@ -1,5 +1,6 @@
 """LiveKit-style identifiers. The SDKs check the prefixes (`RM_`, `PA_`, `TR_`), so keep them exact."""
 
+import hashlib
 import secrets
 import string
 
@@ -52,3 +53,13 @@ def agent_job_id() -> str:
 
 def agent_dispatch_id() -> str:
     return guid(AGENT_DISPATCH_PREFIX)
+
+
+def stable_id(prefix: str, *parts: str, length: int = 12) -> str:
+    """An id derived from `parts`: every process computing it for the same thing gets the same one."""
+    digest = int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest(), "big")
+    chars = []
+    for _ in range(length):
+        digest, index = divmod(digest, len(_ALPHABET))
+        chars.append(_ALPHABET[index])
+    return prefix + "".join(chars)

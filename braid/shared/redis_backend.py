@@ -264,4 +264,5 @@ def redis_backends(config: RedisConfig):
         agents=RedisAgentStore(client, config.key_prefix),
         registry=RedisRegistry(client, config.key_prefix),
         bus=RedisBus(client, config.key_prefix),
+        redis=client,
     )

@@ -17,6 +17,11 @@ final. When a queue is full the oldest event is dropped, counted and logged, and
 `notify()` is synchronous and never blocks: call it from the event loop's thread. `start()` spawns
 the sender tasks, `stop(timeout)` flushes what it can and then cancels them; the notifier owns every
 task it creates.
+
+Event ids: an event about one lifecycle step (a participant's join or end, a track's publication, a
+room's start or end) gets an id derived from what it is about (`stable_event_id`), so whichever node
+reports it, and however often, it is one event; a notifier drops an id it has already taken. This
+notifier is the dev mode's in-memory outbox; a cluster uses the durable one in `braid.shared.outbox`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Callable, Protocol, Sequence
 
 import aiohttp
 from google.protobuf.json_format import MessageToDict
+from livekit.protocol import models
 from livekit.protocol.webhook import WebhookEvent
 from tenacity import (
     AsyncRetrying,
@@ -43,7 +49,7 @@ from tenacity import (
 
 from braid.shared.auth import body_sha256, mint_token
 from braid.shared.config import Config
-from braid.shared.ids import event_id
+from braid.shared.ids import event_id, stable_id
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,18 @@ CONTENT_TYPE = "application/webhook+json"
 USER_AGENT = "Braid"
 TOKEN_TTL_SECONDS = 5 * 60
 DEFAULT_QUEUE_SIZE = 100  # per URL, as LiveKit's notifier
+RECENT_IDS = 10_000  # ids remembered to drop a repeated event
+
+# One event per lifecycle step: the key its id is derived from (a participant ends once, left or aborted).
+_LIFECYCLE_KEYS = {
+    "room_started": ("room_started", "room"),
+    "room_finished": ("room_finished", "room"),
+    "participant_joined": ("participant_joined", "participant"),
+    "participant_left": ("participant_end", "participant"),
+    "participant_connection_aborted": ("participant_end", "participant"),
+    "track_published": ("track_published", "track"),
+    "track_unpublished": ("track_unpublished", "track"),
+}
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
 
@@ -60,9 +78,58 @@ class Notifier(Protocol):
 
     def notify(self, event: WebhookEvent) -> None: ...
 
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every event notified so far is in the outbox (durable in a cluster); False on timeout."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self, timeout: float = 5.0) -> None: ...
+
+    def stats(self) -> list[UrlStats]: ...
+
+    @property
+    def num_dropped(self) -> int: ...
+
+
+async def flush_events(notifier, timeout: float = 5.0) -> bool:
+    """`notifier.flush()`, for any object with `notify` (a plain one is flushed as soon as it returns)."""
+    flush = getattr(notifier, "flush", None)
+    return True if flush is None else await flush(timeout)
+
+
+def stable_event_id(event: WebhookEvent) -> str:
+    """The id of a lifecycle event, the same on every node that reports it; a fresh one for anything else."""
+    key = _LIFECYCLE_KEYS.get(event.event)
+    if key is None:
+        return event_id()
+    step, subject = key
+    sid = {"room": event.room.sid, "participant": event.participant.sid, "track": event.track.sid}[subject]
+    if not sid:
+        return event_id()
+    return stable_id("EV_", step, event.room.name, event.room.sid, sid)
+
+
+def prepare_event(event: WebhookEvent) -> None:
+    """Fill `id` and `created_at` when empty."""
+    if not event.id:
+        event.id = stable_event_id(event)
+    if not event.created_at:
+        event.created_at = int(time.time())
+
+
+def participant_ended_event(room: models.Room, info: models.ParticipantInfo, reason: int) -> WebhookEvent:
+    """The final webhook of a participant known only from its record: left if it was active, else aborted."""
+    ended = models.ParticipantInfo()
+    ended.CopyFrom(info)
+    name = "participant_left" if info.state == models.ParticipantInfo.State.ACTIVE else (
+        "participant_connection_aborted")
+    ended.state = models.ParticipantInfo.State.DISCONNECTED
+    ended.disconnect_reason = reason
+    event = WebhookEvent(event=name, created_at=int(time.time()))
+    event.room.CopyFrom(room)
+    event.participant.CopyFrom(ended)
+    return event
 
 
 def encode_event(event: WebhookEvent) -> bytes:
@@ -96,12 +163,26 @@ class WebhookDeliveryError(Exception):
         return self.status >= 500 or self.status == 429
 
 
-def _is_retryable(exc: BaseException) -> bool:
+def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, WebhookDeliveryError):
         return exc.retryable
     if isinstance(exc, aiohttp.InvalidURL):
         return False
     return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError))
+
+
+async def post_event(session: aiohttp.ClientSession, url: str, body: bytes, api_key: str, api_secret: str,
+                     timeout: float) -> None:
+    """One signed POST of an encoded event; raises `WebhookDeliveryError` on a non-2xx answer."""
+    headers = {
+        "Content-Type": CONTENT_TYPE,
+        "Authorization": sign_body(body, api_key, api_secret),
+        "User-Agent": USER_AGENT,
+    }
+    async with session.post(url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        if 200 <= resp.status < 300:
+            return
+        raise WebhookDeliveryError(url, resp.status, _retry_after(resp.headers.get("Retry-After")))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -193,6 +274,7 @@ class WebhookNotifier:
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self._senders = [_UrlSender(url, queue_size) for url in self.urls]
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._started = False
         self._closing = False
         self._stopped = False
@@ -200,11 +282,15 @@ class WebhookNotifier:
     # -- public API ----------------------------------------------------------------------------
 
     def notify(self, event: WebhookEvent) -> None:
-        """Queue `event` for every URL; fills `id` and `created_at` when empty. Never blocks."""
-        if not event.id:
-            event.id = event_id()
-        if not event.created_at:
-            event.created_at = int(time.time())
+        """Queue `event` for every URL; fills `id` and `created_at` when empty; an id seen before is dropped.
+        Never blocks."""
+        prepare_event(event)
+        if event.id in self._recent:
+            logger.debug("webhook %s (%s) already queued; not sent again", event.id, event.event)
+            return
+        self._recent[event.id] = None
+        if len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
         if self._closing:
             logger.warning("webhook notifier is stopped: event %s (%s) not sent", event.id, event.event)
             return
@@ -213,6 +299,9 @@ class WebhookNotifier:
         item = _Item(snapshot, encode_event(snapshot))
         for sender in self._senders:
             sender.put(item)
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        return True  # queued in memory at notify(): nothing more to wait for
 
     async def start(self) -> None:
         """Start one sender task per URL (idempotent)."""
@@ -299,7 +388,7 @@ class WebhookNotifier:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self.max_attempts),
                 wait=self._wait,
-                retry=retry_if_exception(_is_retryable),
+                retry=retry_if_exception(is_retryable),
                 before_sleep=lambda state: self._log_retry(sender.url, item, state),
                 reraise=True,
             ):
@@ -322,17 +411,7 @@ class WebhookNotifier:
 
     async def _post(self, url: str, body: bytes) -> None:
         assert self._session is not None
-        headers = {
-            "Content-Type": CONTENT_TYPE,
-            "Authorization": sign_body(body, self._api_key, self._api_secret),
-            "User-Agent": USER_AGENT,
-        }
-        async with self._session.post(
-            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout)
-        ) as resp:
-            if 200 <= resp.status < 300:
-                return
-            raise WebhookDeliveryError(url, resp.status, _retry_after(resp.headers.get("Retry-After")))
+        await post_event(self._session, url, body, self._api_key, self._api_secret, self.timeout)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -358,6 +437,9 @@ class NullNotifier:
     def notify(self, event: WebhookEvent) -> None:
         pass
 
+    async def flush(self, timeout: float = 5.0) -> bool:
+        return True
+
     async def start(self) -> None:
         pass
 
@@ -373,13 +455,21 @@ class NullNotifier:
 
 
 def notifier_from_config(
-    config: Config, session_factory: SessionFactory | None = None
-) -> WebhookNotifier | NullNotifier:
-    """A `WebhookNotifier` for `config.webhook.urls`, signed with `config.webhook_key`; else a `NullNotifier`."""
+    config: Config, session_factory: SessionFactory | None = None, *, redis=None, lease=None, owner: str = "",
+) -> Notifier:
+    """For `config.webhook.urls`, signed with `config.webhook_key`: the durable Redis outbox given a `redis` client
+    (a cluster), else the in-memory `WebhookNotifier`; a `NullNotifier` without URLs."""
     signing = config.webhook_key
     if not config.webhook.urls or signing is None:
         return NullNotifier()
     api_key, api_secret = signing
+    hooks = config.webhook
+    if redis is not None:
+        from braid.shared.outbox import RedisOutbox
+
+        return RedisOutbox(redis, config.redis.key_prefix, hooks.urls, api_key, api_secret, lease, owner,
+                           timeout=hooks.timeout, retention=hooks.retention, max_events=hooks.max_events,
+                           backoff_max=hooks.retry_max_interval, session_factory=session_factory)
     return WebhookNotifier(
         config.webhook.urls,
         api_key,

@@ -13,12 +13,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from livekit.protocol import webhook
+from livekit.protocol import models, webhook
 from livekit.protocol.models import DisconnectReason
 
-MIGRATION = DisconnectReason.MIGRATION
+from braid.shared.webhooks import flush_events, participant_ended_event
 
-from braid.shared import ids
+MIGRATION = DisconnectReason.MIGRATION
 
 from .interfaces import Participant, Room
 
@@ -48,6 +48,12 @@ class Hooks(Protocol):
     def signal_detached(self, room: Room, participant: Participant, guard) -> None: ...
 
     def stats_worker(self, room: Room, participant: Participant): ...
+
+    def participant_gone(self, room: models.Room, info: models.ParticipantInfo, reason: int) -> None:
+        """A participant hosted elsewhere ended here (this node removed its record): its final webhook."""
+
+    async def flush(self) -> None:
+        """Until the webhooks of every event so far are in the outbox (before the change they report is stored)."""
 
 
 class TelemetryHooks:
@@ -87,6 +93,14 @@ class TelemetryHooks:
     def stats_worker(self, room: Room, participant: Participant):
         return self.telemetry.worker(room.name, participant.sid)
 
+    def participant_gone(self, room: models.Room, info: models.ParticipantInfo, reason: int) -> None:
+        if self.telemetry.notifier is not None:
+            self.telemetry.notifier.notify(participant_ended_event(room, info, reason))
+
+    async def flush(self) -> None:
+        await self.telemetry.drain()
+        await flush_events(self.telemetry.notifier)
+
 
 class WebhookHooks:
     def __init__(self, notifier):
@@ -97,7 +111,7 @@ class WebhookHooks:
               track: PublishedTrack | None = None) -> None:
         if self.notifier is None:
             return
-        event = webhook.WebhookEvent(event=name, id=ids.event_id(), created_at=int(time.time()))
+        event = webhook.WebhookEvent(event=name, created_at=int(time.time()))
         event.room.CopyFrom(room.info())
         if participant is not None:
             event.participant.CopyFrom(participant.info())
@@ -150,4 +164,11 @@ class WebhookHooks:
 
     def stats_worker(self, room: Room, participant: Participant):
         return None
+
+    def participant_gone(self, room: models.Room, info: models.ParticipantInfo, reason: int) -> None:
+        if self.notifier is not None:
+            self.notifier.notify(participant_ended_event(room, info, reason))
+
+    async def flush(self) -> None:
+        await flush_events(self.notifier)
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MEDIA_TIMEOUT = 12.0  # a connected client's transport silent this long is gone
 SIGNAL_GRACE = 10.0  # a participant whose signal connection dropped (no leave) may resume this long
+STORE_TIMEOUT = 2.0
 State = models.ParticipantInfo.State
 Reason = models.DisconnectReason
 
@@ -125,6 +126,7 @@ class Room:
             raise JoinError("resource_exhausted", f"no media port available: {exc}") from None
         participant.state = State.JOINED
         self.participants[participant.sid] = participant
+        await self._end_replaced_sessions(participant)
         self._persist.put("put", participant.info())
         self.link.local_joined(participant)
         self.broadcast_update(participant, include_self=False)
@@ -141,6 +143,27 @@ class Room:
         if problem is not None:
             refusals.count(problem[0])
             raise JoinError("invalid_argument", problem[1])
+
+    async def _end_replaced_sessions(self, p: Participant) -> None:
+        """A rejoin replaces the stored sessions of its identity hosted elsewhere (their node may have died with
+        them): it ends them, with their webhook (stable id: the same if their own node also reports it), before
+        its own record goes in. Local ones were removed above, with their own webhook."""
+        try:
+            stored = await asyncio.wait_for(self.node.store.list_sessions(self.name), STORE_TIMEOUT)
+        except Exception as exc:
+            log.warning("could not read the sessions %s replaces: %r", p, exc)
+            return
+        for old in stored:
+            if old.identity != p.identity or old.sid == p.sid or old.sid in self.participants:
+                continue
+            log.info("%s replaces session %s stored for its identity", p, old.sid)
+            self.node.hooks.participant_gone(self.info(), old, Reason.DUPLICATE_IDENTITY)
+            try:
+                await self.node.hooks.flush()
+                await asyncio.wait_for(self.node.store.delete_participant(self.name, old.identity, old.sid),
+                                       STORE_TIMEOUT)
+            except Exception as exc:
+                log.warning("could not remove replaced session %s: %r", old.sid, exc)
 
     async def _moved_sid(self, identity: str) -> str:
         try:
@@ -305,7 +328,8 @@ class Room:
         for track in list(p.publisher.tracks.values()):
             for other in self.participants.values():
                 other.subscriber.unsubscribe(track.sid)
-            self.node.hooks.track_unpublished(self, p, track)
+            if not p.moving:  # a moved participant's tracks go on from its new node
+                self.node.hooks.track_unpublished(self, p, track)
         p.subscriber.close()
         p.publisher.close()
         p.state = State.DISCONNECTED
@@ -316,11 +340,11 @@ class Room:
             message = rtc_pb.SignalResponse(update=rtc_pb.ParticipantUpdate(participants=[info]))
             for other in self.participants.values():
                 other.send(message)
-        if not p.moving:  # a moved participant's record already belongs to its new node (see drain.py)
-            self._persist.put("delete", info)
         self.link.local_left(info)
         await p.close()
         self.node.hooks.participant_left(self, p, reason)
+        if not p.moving:  # a moved participant's record already belongs to its new node (see drain.py)
+            self._persist.put("delete", info)
         log.info("%s left %s: %s", p, self.name, Reason.Name(reason))
         if not self.participants:
             self.node.room_empty(self)
@@ -355,6 +379,7 @@ class Room:
                     if any(p.sid == info.sid for p in self.participants.values()):
                         await store.put_participant(self.name, info)
                 else:
+                    await self.node.hooks.flush()  # its participant_left is in the outbox before the record goes
                     await store.delete_participant(self.name, info.identity, info.sid)
             except Exception:
                 log.exception("store write for %s in %s failed", info.identity, self.name)

@@ -15,10 +15,10 @@ import logging
 import time
 from typing import Callable
 
-from livekit.protocol import models, webhook
+from livekit.protocol import models
 
-from braid.shared import ids
 from braid.shared.store import NodeRegistry, RoomStore, placement_claim_age
+from braid.shared.webhooks import flush_events, participant_ended_event
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,10 @@ class DeadNodes:
             del self._missing_since[node_id]
 
     async def _orphans(self, room: models.Room) -> None:
-        for info in await self.store.list_sessions(room.name):  # superseded sessions too: each gets its webhook
-            if not await self.store.delete_participant(room.name, info.identity, info.sid):
-                continue
-            log.info("room %s: removed %s (%s), its media node is gone", room.name, info.identity, info.sid)
-            if info.permission.hidden:
-                continue
-            info.state = models.ParticipantInfo.State.DISCONNECTED
-            info.disconnect_reason = models.DisconnectReason.CONNECTION_TIMEOUT
-            event = webhook.WebhookEvent(event="participant_left", id=ids.event_id(), created_at=int(time.time()))
-            event.room.CopyFrom(room)
-            event.participant.CopyFrom(info)
-            self.notifier.notify(event)
+        for info in await self.store.list_sessions(room.name):  # superseded sessions too: each ends once
+            # The webhook is in the outbox before the record goes; its stable id makes a repeat (after a crash
+            # here, or from another remover) the same event.
+            self.notifier.notify(participant_ended_event(room, info, models.DisconnectReason.CONNECTION_TIMEOUT))
+            await flush_events(self.notifier)
+            if await self.store.delete_participant(room.name, info.identity, info.sid):
+                log.info("room %s: removed %s (%s), its media node is gone", room.name, info.identity, info.sid)

@@ -12,6 +12,7 @@ from livekit.protocol import room as room_pb
 from braid.shared import ids
 from braid.shared.config import RoomConfig
 from braid.shared.store import RoomStore
+from braid.shared.webhooks import flush_events
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class RoomDirectory:
         if created:
             log.info("room started: %s (%s)", stored.name, stored.sid)
             self.notifier.notify(webhook.WebhookEvent(event="room_started", room=stored))
+            await flush_events(self.notifier)
             for listener in self.listeners:
                 try:
                     await listener.room_started(stored, config)
@@ -79,6 +81,7 @@ class RoomDirectory:
             return None
         log.info("room finished: %s (%s): %s", room.name, room.sid, reason)
         self.notifier.notify(webhook.WebhookEvent(event="room_finished", room=room))
+        await flush_events(self.notifier)
         for listener in self.listeners:
             try:
                 await listener.room_finished(room.name)

@@ -18,7 +18,6 @@ from livekit.protocol import models
 from braid.shared.rpc import Channels, InternalTLS
 
 from ..publisher import PublishedTrack
-from ..telemetry.events import make_webhook
 from .control import OriginConnection, RelayServicer, origin_tick
 from .sealing import cluster_key
 from .events import RoomLink
@@ -126,19 +125,19 @@ class Cluster:
         self.spawn(self._forget(room, rp), f"forget-{rp.sid}")
 
     async def _forget(self, room: Room, rp: RemoteParticipant) -> None:
+        """Only a node the registry also lost is gone: one merely silent on the bus (a stall) still hosts its
+        participants, and they come back with its next roster. Several nodes may end the same participant: its
+        webhook has a stable id, so the outbox takes it once."""
         try:
-            removed = await asyncio.wait_for(self.store.delete_participant(room.name, rp.identity, rp.sid),
-                                             STORE_TIMEOUT)
+            if rp.node_id and await asyncio.wait_for(self.node.registry.get(rp.node_id), STORE_TIMEOUT) is not None:
+                log.info("%s: %s is silent on the bus but its node is alive; keeping its record", room.name, rp)
+                return
+            log.info("%s: %s removed (its media node is gone)", room.name, rp)
+            self.node.hooks.participant_gone(room.info(), rp.info, models.DisconnectReason.CONNECTION_TIMEOUT)
+            await self.node.hooks.flush()
+            await asyncio.wait_for(self.store.delete_participant(room.name, rp.identity, rp.sid), STORE_TIMEOUT)
         except Exception as exc:
             log.info("could not remove %s from the store: %r", rp, exc)
-            return
-        if removed and not rp.hidden:
-            info = models.ParticipantInfo()
-            info.CopyFrom(rp.info)
-            info.state = models.ParticipantInfo.State.DISCONNECTED
-            info.disconnect_reason = models.DisconnectReason.CONNECTION_TIMEOUT
-            log.info("%s: %s removed (its media node is gone)", room.name, rp)
-            self.node.notifier.notify(make_webhook("participant_left", time.time(), room.info(), info))
 
     # --- periodic --------------------------------------------------------------------------------------------------
 

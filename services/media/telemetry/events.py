@@ -8,7 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 from google.protobuf import json_format
 from livekit.protocol import analytics, models, webhook
 
-from braid.shared.ids import event_id, guid
+from braid.shared.ids import guid
+from braid.shared.webhooks import stable_event_id
 
 ANALYTICS_EVENT_PREFIX = "AE_"
 
@@ -36,14 +37,15 @@ def make_webhook(
     participant: models.ParticipantInfo | None = None,
     track: models.TrackInfo | None = None,
 ) -> webhook.WebhookEvent:
-    """A WebhookEvent with a fresh `EV_` id and `created_at` in Unix seconds."""
-    ev = webhook.WebhookEvent(event=name, id=event_id(), created_at=int(created_at))
+    """A WebhookEvent with its stable id (see `webhooks.stable_event_id`) and `created_at` in Unix seconds."""
+    ev = webhook.WebhookEvent(event=name, created_at=int(created_at))
     if room is not None:
         ev.room.CopyFrom(room)
     if participant is not None:
         ev.participant.CopyFrom(participant)
     if track is not None:
         ev.track.CopyFrom(track)
+    ev.id = stable_event_id(ev)
     return ev
 
 
