@@ -176,6 +176,7 @@ class RedisOutbox:
         if self._tasks:
             return
         self._session = self._session_factory() if self._session_factory else aiohttp.ClientSession()
+        self._wake.set()  # look for undelivered events at once
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="webhook-outbox-writer"),
             asyncio.create_task(self._scan_loop(), name="webhook-outbox-scan"),
