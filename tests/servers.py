@@ -137,7 +137,8 @@ class WebhookSink:
             time.sleep(0.05)
 
 
-def start_webhook_sink() -> WebhookSink:
+def start_webhook_sink(port: int = 0) -> WebhookSink:
+    """A receiver on `port` (a free one by default; a given one lets a test bring a receiver "back")."""
     sink: WebhookSink
 
     class Handler(BaseHTTPRequestHandler):
@@ -154,7 +155,7 @@ def start_webhook_sink() -> WebhookSink:
         def log_message(self, *args) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     sink = WebhookSink(server=httpd)
     threading.Thread(target=httpd.serve_forever, daemon=True, name="webhook-sink").start()
     return sink

@@ -118,18 +118,26 @@ def prepare_event(event: WebhookEvent) -> None:
         event.created_at = int(time.time())
 
 
-def participant_ended_event(room: models.Room, info: models.ParticipantInfo, reason: int) -> WebhookEvent:
-    """The final webhook of a participant known only from its record: left if it was active, else aborted."""
+def participant_ended_events(room: models.Room, info: models.ParticipantInfo, reason: int) -> list[WebhookEvent]:
+    """The last webhooks of a participant known only from its record (its node is gone): `track_unpublished`
+    for each of its tracks, then `participant_left` if it was active, else `participant_connection_aborted`."""
+    now = int(time.time())
+    events = []
+    for track in info.tracks:
+        event = WebhookEvent(event="track_unpublished", created_at=now)
+        event.room.CopyFrom(room)
+        event.participant.CopyFrom(info)
+        event.track.CopyFrom(track)
+        events.append(event)
     ended = models.ParticipantInfo()
     ended.CopyFrom(info)
-    name = "participant_left" if info.state == models.ParticipantInfo.State.ACTIVE else (
-        "participant_connection_aborted")
+    active = info.state == models.ParticipantInfo.State.ACTIVE
     ended.state = models.ParticipantInfo.State.DISCONNECTED
     ended.disconnect_reason = reason
-    event = WebhookEvent(event=name, created_at=int(time.time()))
+    event = WebhookEvent(event="participant_left" if active else "participant_connection_aborted", created_at=now)
     event.room.CopyFrom(room)
     event.participant.CopyFrom(ended)
-    return event
+    return [*events, event]
 
 
 def encode_event(event: WebhookEvent) -> bytes:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from livekit.protocol import models, webhook
 from livekit.protocol.models import DisconnectReason
 
-from braid.shared.webhooks import flush_events, participant_ended_event
+from braid.shared.webhooks import flush_events, participant_ended_events
 
 MIGRATION = DisconnectReason.MIGRATION
 
@@ -95,7 +95,8 @@ class TelemetryHooks:
 
     def participant_gone(self, room: models.Room, info: models.ParticipantInfo, reason: int) -> None:
         if self.telemetry.notifier is not None:
-            self.telemetry.notifier.notify(participant_ended_event(room, info, reason))
+            for event in participant_ended_events(room, info, reason):
+                self.telemetry.notifier.notify(event)
 
     async def flush(self) -> None:
         await self.telemetry.drain()
@@ -167,7 +168,8 @@ class WebhookHooks:
 
     def participant_gone(self, room: models.Room, info: models.ParticipantInfo, reason: int) -> None:
         if self.notifier is not None:
-            self.notifier.notify(participant_ended_event(room, info, reason))
+            for event in participant_ended_events(room, info, reason):
+                self.notifier.notify(event)
 
     async def flush(self) -> None:
         await flush_events(self.notifier)

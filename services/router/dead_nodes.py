@@ -18,7 +18,7 @@ from typing import Callable
 from livekit.protocol import models
 
 from braid.shared.store import NodeRegistry, RoomStore, placement_claim_age
-from braid.shared.webhooks import flush_events, participant_ended_event
+from braid.shared.webhooks import flush_events, participant_ended_events
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class DeadNodes:
         for info in await self.store.list_sessions(room.name):  # superseded sessions too: each ends once
             # The webhook is in the outbox before the record goes; its stable id makes a repeat (after a crash
             # here, or from another remover) the same event.
-            self.notifier.notify(participant_ended_event(room, info, models.DisconnectReason.CONNECTION_TIMEOUT))
+            for event in participant_ended_events(room, info, models.DisconnectReason.CONNECTION_TIMEOUT):
+                self.notifier.notify(event)
             await flush_events(self.notifier)
             if await self.store.delete_participant(room.name, info.identity, info.sid):
                 log.info("room %s: removed %s (%s), its media node is gone", room.name, info.identity, info.sid)
