@@ -17,6 +17,9 @@ class FakeParticipant:
     def __init__(self, identity: str, sid: str):
         self.identity, self.sid, self.moving, self.sent = identity, sid, False, []
 
+    def published_infos(self) -> list[models.TrackInfo]:
+        return [models.TrackInfo(sid=f"TR_{self.identity}", name="cam")]
+
     def send(self, response: rtc_pb.SignalResponse) -> None:
         self.sent.append(response)
 
@@ -62,7 +65,8 @@ async def test_everyone_is_told_to_reconnect_and_marked_moved(monkeypatch):
         leave = p.sent[0].leave
         assert (leave.action, leave.reason, leave.can_reconnect) == (
             rtc_pb.LeaveRequest.RECONNECT, models.DisconnectReason.MIGRATION, True)
-        assert await node.store.take_moved("r", p.identity) == p.sid
+        moved = await node.store.take_moved("r", p.identity)
+        assert moved.sid == p.sid and [t.sid for t in moved.tracks] == [f"TR_{p.identity}"]
     assert sorted(room.removed) == [("PA_a", models.DisconnectReason.MIGRATION),
                                     ("PA_b", models.DisconnectReason.MIGRATION)]
 

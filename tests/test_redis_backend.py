@@ -104,7 +104,8 @@ async def test_moved_participants_are_taken_once(backends):
     store = backends.store
     assert await store.take_moved("r", "alice") is None
     await store.mark_moved("r", "alice", "PA_old", ttl=5)
-    assert await store.take_moved("r", "alice") == "PA_old"
+    moved = await store.take_moved("r", "alice")
+    assert moved.sid == "PA_old" and not moved.tracks
     assert await store.take_moved("r", "alice") is None, "a move is consumed by the one rejoin"
     await store.mark_moved("r", "bob", "PA_b", ttl=0.1)
     await asyncio.sleep(0.2)

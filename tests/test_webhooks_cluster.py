@@ -11,6 +11,7 @@ import asyncio
 import collections
 import os
 import signal
+import urllib.request
 
 import pytest
 import redis
@@ -20,7 +21,7 @@ from braid.clients.harness import Observer, join_token, wait_until
 from braid.clients.media import DemoMedia
 
 from .cluster import KEY, SECRET, start_cluster, stop_cluster, wait_for
-from .servers import free_port, start_webhook_sink
+from .servers import free_port, start_server, start_webhook_sink
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,4 +152,96 @@ async def test_node_killed_with_events_queued_and_receiver_down(tmp_path, redis_
         r.close()
         if sink is not None:
             sink.server.shutdown()
+        stop_cluster(cluster)
+
+
+def _admin(url: str, method: str) -> int:
+    token = api.AccessToken(KEY, SECRET).with_identity("operator").to_jwt()
+    request = urllib.request.Request(url + "/admin/drain", method=method, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return resp.status
+
+
+async def test_drain_started_then_cancelled_and_hidden_participants(server_factory, redis_server, webhook_sink,
+                                                                    room_name):
+    """A drain cancelled right after it started: whoever was already told moves (same sid, no webhooks for the
+    move), the others stay; a hidden participant is reported like any other. Each session: one joined, one left;
+    tracks published once."""
+    grpc_port = free_port()
+    router = f"127.0.0.1:{grpc_port}"
+    env = {"BRAID_KEYS": f"{KEY}: {SECRET}", "BRAID_REDIS__ADDRESS": redis_server.address,
+           "BRAID_WEBHOOK__URLS": webhook_sink.url, **FAST_ROOMS}
+    server_factory("--role", "router", "--grpc-port", str(grpc_port), dev=False, env=env)
+    ports = iter(range(55000, 56000, 250))
+
+    def media_node():
+        start = next(ports)
+        return server_factory("--role", "media", "--router-address", router, dev=False, env={
+            **env, "BRAID_RTC__PORT_RANGE_START": str(start), "BRAID_RTC__PORT_RANGE_END": str(start + 249)})
+
+    first = media_node()
+    edge = server_factory("--role", "signal", "--router-address", router, dev=False, env=env)
+    observers: list[Observer] = []
+    media = DemoMedia(frequency=440)
+    try:
+        for identity, grants in (("alice", {}), ("bob", {}), ("carol", {}), ("recorder", {"hidden": True})):
+            obs = Observer(identity)
+            await obs.connect(edge.ws_url, join_token(KEY, SECRET, room_name, identity, **grants))
+            observers.append(obs)
+        await media.start(observers[0].room)
+        sids = {o.identity: o.room.local_participant.sid for o in observers}
+        assert await wait_for(lambda: sum(1 for e in verified(webhook_sink, room_name)
+                                          if e.event == "track_published") == 2, 10)
+        media_node()
+        await asyncio.to_thread(_admin, first.http_url, "POST")
+        await asyncio.to_thread(_admin, first.http_url, "DELETE")
+        await asyncio.sleep(4.0)  # the moves under way finish
+        assert {o.identity: o.room.local_participant.sid for o in observers} == sids, "a move keeps the sid"
+        with urllib.request.urlopen(first.http_url + "/readyz", timeout=2) as resp:
+            assert resp.status == 200, "serving again"
+    finally:
+        await media.stop()
+        for obs in observers:
+            await obs.close()
+    events = await _room_finished(webhook_sink, room_name)
+    ends = assert_balanced(events)
+    assert sorted(e.participant.identity for e in events if e.event == "participant_joined") == [
+        "alice", "bob", "carol", "recorder"]
+    assert {e.participant.sid for e in ends.values()} == set(sids.values())
+    assert sum(1 for e in events if e.event == "track_published") == 2
+
+
+async def test_router_restart_loses_and_repeats_nothing(tmp_path, redis_server, webhook_sink, room_name):
+    """kill -9 of the only router mid-call, then a new one: the call goes on; the backend still gets each
+    participant's events once and one room_finished (from the new router's reaper)."""
+    env = {"BRAID_WEBHOOK__URLS": webhook_sink.url, **FAST_ROOMS}
+    cluster = start_cluster(tmp_path, redis_server, signal_regions=("eu-west",), media_regions=("eu-west",),
+                            port_base=56000, env=env)
+    a = b = None
+    try:
+        a = await _join(cluster.signals[0], room_name, "alice")
+        b = await _join(cluster.signals[0], room_name, "bob")
+        assert await wait_for(lambda: sum(1 for e in verified(webhook_sink, room_name)
+                                          if e.event == "participant_joined") == 2, 10)
+        cluster.router.kill()
+        cluster.router.server = start_server(
+            tmp_path, "--config", str(tmp_path / "regions.yaml"), "--role", "router", "--grpc-port",
+            str(cluster.router.grpc_port), dev=False,
+            env={"BRAID_KEYS": f"{KEY}: {SECRET}", "BRAID_REDIS__ADDRESS": redis_server.address, **env})
+        await asyncio.sleep(1.0)
+        c = await _join(cluster.signals[0], room_name, "carol")  # placed by the new router
+        await c.close()
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        for obs in (a, b):
+            if obs is not None:
+                await obs.close()
+    try:
+        events = await _room_finished(webhook_sink, room_name)
+        assert_balanced(events)
+        assert sorted(e.participant.identity for e in events if e.event == "participant_left") == [
+            "alice", "bob", "carol"]
+    finally:
         stop_cluster(cluster)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import redis.asyncio as aioredis
 from livekit.protocol import models
@@ -154,8 +154,10 @@ class RedisStore(RoomStore):
     async def release_room_node(self, room: str, node_id: str, token: str) -> bool:
         return bool(await self.r.eval(self._RELEASE_IF_OWNER, 1, self._room_key(room, "nodes"), node_id, token))
 
-    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
-        await self.r.set(self._room_key(room, f"moved:{identity}"), sid, px=max(1, int(ttl * 1000)))
+    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float,
+                         tracks: Sequence[models.TrackInfo] = ()) -> None:
+        moved = models.ParticipantInfo(sid=sid, tracks=tracks).SerializeToString()
+        await self.r.set(self._room_key(room, f"moved:{identity}"), moved, px=max(1, int(ttl * 1000)))
 
     # Take the lease if free, renew it if ours: SET NX PX, or PEXPIRE when the value is our owner id.
     _LEASE = """
@@ -168,9 +170,9 @@ class RedisStore(RoomStore):
         key = f"{self.prefix}:lease:{name}"
         return bool(await self.r.eval(self._LEASE, 1, key, owner, max(1, int(ttl * 1000))))
 
-    async def take_moved(self, room: str, identity: str) -> str | None:
+    async def take_moved(self, room: str, identity: str) -> models.ParticipantInfo | None:
         raw = await self.r.getdel(self._room_key(room, f"moved:{identity}"))
-        return raw.decode() if raw else None
+        return models.ParticipantInfo.FromString(raw) if raw else None
 
     async def close(self) -> None:
         await self.r.aclose()

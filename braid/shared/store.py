@@ -10,6 +10,7 @@ import abc
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from livekit.protocol import models
 
@@ -106,12 +107,14 @@ class RoomStore(abc.ABC):
         """Atomically remove the claim only if it is still owned by `token`: a newer claim is kept."""
 
     @abc.abstractmethod
-    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
-        """A draining node is moving this participant: its rejoin elsewhere is a migration (keeps `sid`)."""
+    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float,
+                         tracks: Sequence[models.TrackInfo] = ()) -> None:
+        """A draining node is moving this participant: its rejoin elsewhere is a migration (keeps `sid`, and its
+        tracks, republished, keep theirs)."""
 
     @abc.abstractmethod
-    async def take_moved(self, room: str, identity: str) -> str | None:
-        """The sid of a participant being moved here (once), or None for an ordinary join."""
+    async def take_moved(self, room: str, identity: str) -> models.ParticipantInfo | None:
+        """The sid and tracks of a participant being moved here (once), or None for an ordinary join."""
 
     async def try_lease(self, name: str, owner: str, ttl: float) -> bool:
         """Take or renew the lease `name` for `owner` unless another owner holds it (one process at a time does a
@@ -268,12 +271,13 @@ class MemoryStore(RoomStore):
         del claims[node_id]
         return True
 
-    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float) -> None:
-        self._moved[(room, identity)] = (sid, time.monotonic() + ttl)
+    async def mark_moved(self, room: str, identity: str, sid: str, ttl: float,
+                         tracks: Sequence[models.TrackInfo] = ()) -> None:
+        self._moved[(room, identity)] = (models.ParticipantInfo(sid=sid, tracks=tracks), time.monotonic() + ttl)
 
-    async def take_moved(self, room: str, identity: str) -> str | None:
-        sid, expires = self._moved.pop((room, identity), ("", 0.0))
-        return sid if sid and expires > time.monotonic() else None
+    async def take_moved(self, room: str, identity: str) -> models.ParticipantInfo | None:
+        moved, expires = self._moved.pop((room, identity), (None, 0.0))
+        return moved if moved is not None and expires > time.monotonic() else None
 
 
 class MemoryRegistry(NodeRegistry):

@@ -34,6 +34,7 @@ class Drain:
         self.started_at = 0.0
         self.done = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._unmarking: set[asyncio.Task] = set()
 
     @property
     def active(self) -> bool:
@@ -104,15 +105,38 @@ class Drain:
     async def _move(self, room, participant: Participant) -> None:
         # The record leaves the store before the client hears `leave`, so its rejoin elsewhere (same sid)
         # can never be deleted by this node's cleanup.
+        told = False
         try:
-            await self.node.store.delete_participant(room.name, participant.identity, participant.sid)
-            await self.node.store.mark_moved(room.name, participant.identity, participant.sid,
-                                             ttl=self.deadline + 30)
-        except Exception as exc:  # without the marker the rejoin is an ordinary join, still better than a drop
-            log.warning("could not mark %s as moved: %r", participant, exc)
-        participant.send(rtc_pb.SignalResponse(leave=rtc_pb.LeaveRequest(
-            can_reconnect=True, reason=Reason.MIGRATION, action=rtc_pb.LeaveRequest.RECONNECT,
-        )))
-        # Give the client a moment to read the leave, then end the old session as a migration.
-        await asyncio.sleep(HANDOVER_GRACE)
+            try:
+                await self.node.store.delete_participant(room.name, participant.identity, participant.sid)
+                await self.node.store.mark_moved(room.name, participant.identity, participant.sid,
+                                                 ttl=self.deadline + 30, tracks=participant.published_infos())
+            except Exception as exc:  # without the marker the rejoin is an ordinary join, still better than a drop
+                log.warning("could not mark %s as moved: %r", participant, exc)
+            participant.send(rtc_pb.SignalResponse(leave=rtc_pb.LeaveRequest(
+                can_reconnect=True, reason=Reason.MIGRATION, action=rtc_pb.LeaveRequest.RECONNECT,
+            )))
+            told = True
+            # Give the client a moment to read the leave, then end the old session as a migration.
+            await asyncio.sleep(HANDOVER_GRACE)
+        except asyncio.CancelledError:
+            if told:  # the drain was cancelled, but this client is already on its way to another node
+                room.schedule_remove(participant, Reason.MIGRATION, send_leave=False)
+            else:  # cancelled before it was told: it stays, as an ordinary participant of this node
+                participant.moving = False
+                room.participant_changed(participant)  # its record back in the store
+                self._unmark(room, participant)
+            raise
         await room.remove(participant, Reason.MIGRATION, send_leave=False)
+
+    def _unmark(self, room, participant: Participant) -> None:
+        """Forget the move marker, so a later rejoin of this identity is an ordinary join (with its webhooks)."""
+        async def unmark() -> None:
+            try:
+                await asyncio.wait_for(self.node.store.take_moved(room.name, participant.identity), 2.0)
+            except Exception as exc:
+                log.warning("could not clear the move marker of %s: %r", participant, exc)
+
+        task = asyncio.create_task(unmark(), name=f"drain-unmark-{participant.sid}")
+        self._unmarking.add(task)
+        task.add_done_callback(self._unmarking.discard)

@@ -68,13 +68,14 @@ def kind_from(claims: Claims) -> int:
 
 class Participant:
     def __init__(self, room: Room, claims: Claims, join: rtc_pb.JoinRequest, single_pc: bool,
-                 moved_sid: str = ""):
+                 moved: models.ParticipantInfo | None = None):
         self.room = room
         self.node = room.node
         self.claims = claims
-        # A participant moved here from a draining node keeps its sid, and its arrival is a migration.
-        self.sid = moved_sid or ids.participant_sid()
-        self.migrated = bool(moved_sid)
+        # A participant moved here from a draining node keeps its sid (and its tracks theirs, see Publisher), and
+        # its arrival is a migration.
+        self.sid = moved.sid if moved is not None else ids.participant_sid()
+        self.migrated = moved is not None
         self.moving = False  # a draining node told it to rejoin elsewhere: whatever ends it here is a migration
         self.identity = claims.identity
         self.name = claims.name
@@ -101,7 +102,7 @@ class Participant:
         self.last_token_refresh = time.time()
         self.signal_connected = True
         self.signal_lost_at = 0.0
-        self.publisher = Publisher(self)
+        self.publisher = Publisher(self, moved.tracks if moved is not None else ())
         self.subscriber = Subscriber(self)
         self.pub_pc: PeerTransport | None = None
         self.sub_pc: PeerTransport | None = None
@@ -133,7 +134,7 @@ class Participant:
             sid=self.sid,
             identity=self.identity,
             state=self.state,
-            tracks=[t.info for t in self.publisher.tracks.values()],
+            tracks=self.published_infos(),
             metadata=self.metadata,
             joined_at=int(self.joined_at),
             joined_at_ms=int(self.joined_at * 1000),
@@ -147,6 +148,9 @@ class Participant:
             disconnect_reason=self.disconnect_reason,
             client_protocol=self.client_info.client_protocol,
         )
+
+    def published_infos(self) -> list[models.TrackInfo]:
+        return [t.info for t in self.publisher.tracks.values()]
 
     def changed(self) -> None:
         """Bump the version and tell the room (which broadcasts and persists)."""

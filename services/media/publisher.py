@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
@@ -46,8 +47,11 @@ class PublishedTrack:
 
 
 class Publisher:
-    def __init__(self, participant: Participant):
+    def __init__(self, participant: Participant, moved_tracks: Sequence[models.TrackInfo] = ()):
         self.p = participant
+        # Tracks this participant published on the node it moved from: republished, each keeps its sid, so the
+        # move is invisible to subscribers' bookkeeping and to webhooks (the same track_published id).
+        self.moved_tracks = list(moved_tracks)
         self.pending: dict[str, rtc_pb.AddTrackRequest] = {}  # cid → request
         self.pending_sids: dict[str, str] = {}  # cid → the TR_ sid promised in track_published
         self.tracks: dict[str, PublishedTrack] = {}  # sid → track
@@ -70,8 +74,15 @@ class Publisher:
         if any(t.info.sid == req.sid for t in self.tracks.values()) and req.sid:
             return None
         self.pending[req.cid] = req
-        self.pending_sids[req.cid] = ids.track_sid()
+        self.pending_sids[req.cid] = self._moved_sid(req) or ids.track_sid()
         return rtc_pb.TrackPublishedResponse(cid=req.cid, track=self._track_info(req, self.pending_sids[req.cid]))
+
+    def _moved_sid(self, req: rtc_pb.AddTrackRequest) -> str:
+        for i, old in enumerate(self.moved_tracks):
+            if (old.type, old.source, old.name) == (req.type, req.source, req.name):
+                del self.moved_tracks[i]
+                return old.sid
+        return ""
 
     @staticmethod
     def _track_info(req: rtc_pb.AddTrackRequest, sid: str) -> models.TrackInfo:

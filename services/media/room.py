@@ -117,8 +117,8 @@ class Room:
             if len(others) >= limit:
                 self.node.refusals.count("room_participants")
                 raise JoinError("resource_exhausted", "room is full")
-        moved_sid = await self._moved_sid(claims.identity)
-        participant = Participant(self, claims, join, single_pc, moved_sid=moved_sid)
+        moved = await self._moved(claims.identity)
+        participant = Participant(self, claims, join, single_pc, moved=moved)
         try:
             await participant.start()
         except OSError as exc:
@@ -165,12 +165,12 @@ class Room:
             except Exception as exc:
                 log.warning("could not remove replaced session %s: %r", old.sid, exc)
 
-    async def _moved_sid(self, identity: str) -> str:
+    async def _moved(self, identity: str) -> models.ParticipantInfo | None:
         try:
-            return await self.node.store.take_moved(self.name, identity) or ""
+            return await self.node.store.take_moved(self.name, identity)
         except Exception as exc:  # the store is away: an ordinary join
             log.warning("could not check whether %s is being moved here: %r", identity, exc)
-            return ""
+            return None
 
     def join_response(self, p: Participant) -> rtc_pb.JoinResponse:
         config = self.node.config
