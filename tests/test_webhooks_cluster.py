@@ -245,3 +245,42 @@ async def test_router_restart_loses_and_repeats_nothing(tmp_path, redis_server, 
             "alice", "bob", "carol"]
     finally:
         stop_cluster(cluster)
+
+
+async def test_stalled_node_expired_by_its_peer_is_reported_once(tmp_path, redis_server, webhook_sink, room_name):
+    """bob's media node stops (SIGSTOP) long enough for alice's node to hear nothing from it on the bus and expire
+    bob, and for its registry entry to lapse; then it goes on (SIGCONT). Whoever ends bob's session (the peer that
+    found his node gone, or his own node later) sends its webhook, and only once."""
+    cluster = start_cluster(tmp_path, redis_server, signal_regions=("eu-west",), media_regions=("eu-west", "eu-west"),
+                            port_base=57000, env={"BRAID_WEBHOOK__URLS": webhook_sink.url, **FAST_ROOMS},
+                            media_env={"BRAID_LIMITS__MAX_PARTICIPANTS": "1"})
+    a = b = None
+    try:
+        a = await _join(cluster.signals[0], room_name, "alice")
+        stalled = next(n for n in cluster.media if n.participants() == 0)
+        assert await wait_for(lambda: any(n["participants"] == 1 for n in cluster.registry().values()), 10)
+        b = await _join(cluster.signals[0], room_name, "bob")
+        assert stalled.participants() == 1
+        assert await wait_until(lambda: "bob" in {p.identity for p in a.room.remote_participants.values()}, 10)
+        os.kill(stalled.pid, signal.SIGSTOP)
+        try:
+            assert await wait_until(lambda: "bob" not in {p.identity for p in a.room.remote_participants.values()},
+                                    15), "the peer expires bob"
+            await asyncio.sleep(1.0)
+        finally:
+            os.kill(stalled.pid, signal.SIGCONT)
+        assert await wait_until(lambda: "bob" in {p.identity for p in a.room.remote_participants.values()}, 20), (
+            "bob is back for alice (his node re-announces him, or his SDK rejoined)")
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        for obs in (a, b):
+            if obs is not None:
+                await obs.close()
+    try:
+        events = await _room_finished(webhook_sink, room_name)
+        assert_balanced(events)
+        assert {e.participant.identity for e in events if e.event == "participant_left"} == {"alice", "bob"}
+    finally:
+        stop_cluster(cluster)
