@@ -156,7 +156,8 @@ async def test_node_killed_with_events_queued_and_receiver_down(tmp_path, redis_
 
 
 def _admin(url: str, method: str) -> int:
-    token = api.AccessToken(KEY, SECRET).with_identity("operator").to_jwt()
+    token = api.AccessToken(KEY, SECRET).with_identity("operator").with_grants(
+        api.VideoGrants(room_admin=True)).to_jwt()
     request = urllib.request.Request(url + "/admin/drain", method=method, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=5) as resp:
         return resp.status
