@@ -37,6 +37,8 @@ class Participant(Protocol):
 
     def changed(self) -> None: ...
 
+    def published_infos(self) -> list[models.TrackInfo]: ...
+
 
 class Room(Protocol):
     """A room as its participants, hooks and the cluster see it."""
@@ -58,6 +60,8 @@ class Room(Protocol):
     def schedule_remove(self, p: Participant, reason: int, send_leave: bool) -> None: ...
 
     async def remove(self, p: Participant, reason: int, send_leave: bool) -> None: ...
+
+    def participant_changed(self, p: Participant) -> None: ...
 
 
 class RoomLink(Protocol):
