@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -193,7 +194,8 @@ def start_cluster(log_dir: Path) -> tuple[list[Proc], dict[str, Proc]]:
     spawn("router", ["--role", "router", "--grpc-port", str(router_grpc)])
     for i, region in enumerate(("eu-west", "us-east")):
         spawn(f"media-{region}", ["--role", "media", "--region", region],
-              {"BRAID_RTC__PORT_RANGE_START": str(53000 + i * 500), "BRAID_RTC__PORT_RANGE_END": str(53499 + i * 500)})
+              {"BRAID_RTC__PORT_RANGE_START": str(53000 + i * 500), "BRAID_RTC__PORT_RANGE_END": str(53499 + i * 500),
+               "BRAID_RTC__UDP_PORT": str(free_port(socket.SOCK_DGRAM)), "BRAID_RTC__TCP_PORT": str(free_port())})
         spawn(f"signal-{region}", ["--role", "signal", "--region", region,
                                    "--router-address", f"127.0.0.1:{router_grpc}"])
     for proc in procs[1:]:

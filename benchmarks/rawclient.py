@@ -22,7 +22,7 @@ from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 from braid.services.media import rtp, sdp
-from braid.services.media.ice import PortRange
+from braid.services.media.ice import IceHost, PortRange
 from braid.services.media.transport import PeerTransport
 
 OPUS = sdp.Codec(111, "opus", 48000, 2, "minptime=10;useinbandfec=1")
@@ -52,7 +52,7 @@ class RawParticipant:
 
     def __post_init__(self) -> None:
         self.pc = PeerTransport(
-            ports=self.ports, announce_ip="127.0.0.1", certificate=self.certificate, offerer=True,
+            ice=IceHost.port_range(self.ports, "127.0.0.1"), certificate=self.certificate, offerer=True,
             label=f"bench/{self.identity}", on_rtp=self._on_rtp, on_rtcp=lambda data: None, on_state=lambda s: None,
         )
         self.sections: list[sdp.Section] = []

@@ -9,7 +9,12 @@ process over the window: CPU time, not wall time, so other load on the machine i
 scheduler effects), join latency, the server's RSS and its growth per subscribed track; then writes a PNG plot
 of CPU per forwarded packet against N for both paths.
 
-    python -m benchmarks.run [--subscribers 1,10,50,100,200] [--paths compiled,python] [--duration 10]
+Each send path runs with every participant on the server's one UDP port (rtc.udp_port, the default); the
+compiled path runs once more with a UDP socket per PeerConnection from the port range (rtc.udp_port 0), so the
+cost of demultiplexing the shared port shows side by side.
+
+    python -m benchmarks.run [--subscribers 1,10,50,100,200] [--paths compiled,python]
+                             [--modes udp-port,port-range] [--duration 10]
                              [--fps 30] [--packets-per-frame 15] [--plot test-artifacts/bench-forwarding.png]
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import sys
 import time
@@ -33,23 +39,27 @@ from .procs import ROOT, Proc, free_port, run
 from .rawclient import RawParticipant, join_subscribers, start_publisher
 
 PATHS = {"compiled": "true", "python": "false"}  # -> rtc.fast_path
+MODES = {  # how participants reach the server: its one shared UDP port (the default), or a socket each
+    "udp-port": lambda: {"BRAID_RTC__UDP_PORT": str(free_port(socket.SOCK_DGRAM))},
+    "port-range": lambda: {"BRAID_RTC__UDP_PORT": "0"},
+}
 TARGETS = {1: 40.0, 10: 5.0}  # issue 15: us of server CPU per forwarded packet at N = 1 and N >= 10
 
 KEY, SECRET = "devkey", "secret"
 
 
-def start_dev_server(log_dir: Path, path: str = "compiled") -> Proc:
+def start_dev_server(log_dir: Path, path: str = "compiled", mode: str = "udp-port") -> Proc:
     port = free_port()
     env = {"BRAID_LOG_LEVEL": "INFO", "BRAID_RTC__PORT_RANGE_START": "40000", "BRAID_RTC__PORT_RANGE_END": "44999",
-           "BRAID_RTC__FAST_PATH": PATHS[path]}
+           "BRAID_RTC__FAST_PATH": PATHS[path], "BRAID_RTC__TCP_PORT": str(free_port()), **MODES[mode]()}
     server = Proc(f"server-{port}", [sys.executable, "-m", "braid.server", "--dev", "--port", str(port)], env,
                   log_dir, port)
     server.wait_ready(30)
     return server
 
 
-async def run_case(n: int, path: str, args: argparse.Namespace, log_dir: Path) -> dict:
-    server = start_dev_server(log_dir, path)
+async def run_case(n: int, path: str, mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    server = start_dev_server(log_dir, path, mode)
     ports = PortRange(45000, 49999, host="127.0.0.1")
     cert = RTCCertificate.generateCertificate()
     room = f"bench-{n}"
@@ -74,6 +84,7 @@ async def run_case(n: int, path: str, args: argparse.Namespace, log_dir: Path) -
         return {
             "n": n,
             "path": path,
+            "mode": mode,
             "rss_per_track_kb": 1024 * (rss - rss_before) / (2 * n),
             "in_pps": (sender.sent - sent0) / elapsed,
             "out_pps": forwarded / elapsed,
@@ -97,22 +108,23 @@ def _print(rows: list[dict], args: argparse.Namespace) -> None:
           f"{args.packets_per_frame} packets), N subscribers, {args.duration:g} s window, "
           f"{os.cpu_count()} CPUs, loop={'uvloop' if os.environ.get('BRAID_NO_UVLOOP') != '1' else 'asyncio'}, "
           f"load average {os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
-    header = (f"{'path':>8} {'N':>4} {'in pps':>7} {'fwd pps':>8} {'delivered':>9} {'srv CPU':>8} {'us/pkt':>7} "
-              f"{'join ms':>8} {'join p95':>8} {'RSS MB':>7} {'KB/track':>8}")
+    header = (f"{'path':>8} {'mode':>10} {'N':>4} {'in pps':>7} {'fwd pps':>8} {'delivered':>9} {'srv CPU':>8} "
+              f"{'us/pkt':>7} {'join ms':>8} {'join p95':>8} {'RSS MB':>7} {'KB/track':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         delivered = 100 * r["out_pps"] / r["expected_pps"] if r["expected_pps"] else 0
-        print(f"{r['path']:>8} {r['n']:>4} {r['in_pps']:>7.0f} {r['out_pps']:>8.0f} {delivered:>8.1f}% "
+        print(f"{r['path']:>8} {r['mode']:>10} {r['n']:>4} {r['in_pps']:>7.0f} {r['out_pps']:>8.0f} {delivered:>8.1f}% "
               f"{r['cpu_pct']:>7.1f}% {r['us_per_pkt']:>7.1f} {r['join_ms']:>8.1f} {r['join_p95_ms']:>8.1f} "
               f"{r['rss_mb']:>7.1f} {r['rss_per_track_kb']:>8.1f}")
     print("srv CPU: user+system time of the server process; us/pkt: server CPU per forwarded packet "
           "(ingest, RTCP and signalling included); join: WebSocket open to JoinResponse (subscribers join one "
           "after another while media flows); "
-          "KB/track: RSS growth per subscribed track (2 per subscriber).")
+          "KB/track: RSS growth per subscribed track (2 per subscriber); mode: udp-port = every participant on the "
+          "server's one UDP port (the default), port-range = a UDP socket per PeerConnection.")
     for r in rows:
         target = TARGETS[1] if r["n"] == 1 else TARGETS[10] if r["n"] >= 10 else None
-        if r["path"] == "compiled" and target is not None:
+        if r["path"] == "compiled" and r["mode"] == "udp-port" and target is not None:
             verdict = "meets" if r["us_per_pkt"] <= target else "MISSES"
             print(f"  compiled, N={r['n']}: {r['us_per_pkt']:.1f} us/pkt {verdict} the target of {target:g} us")
 
@@ -127,9 +139,9 @@ def plot(rows: list[dict], out: Path, args: argparse.Namespace) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for path in dict.fromkeys(r["path"] for r in rows):
-        points = [(r["n"], r["us_per_pkt"]) for r in rows if r["path"] == path]
-        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=f"{path} send path")
+    for path, mode in dict.fromkeys((r["path"], r["mode"]) for r in rows):
+        points = [(r["n"], r["us_per_pkt"]) for r in rows if (r["path"], r["mode"]) == (path, mode)]
+        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=f"{path} send path, {mode}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("subscribers N")
@@ -147,18 +159,22 @@ async def main_async(args: argparse.Namespace) -> None:
     log_dir = ROOT / "test-artifacts"
     log_dir.mkdir(exist_ok=True)
     rows = []
-    for path in args.paths:
-        if path == "compiled" and fastpath.UNAVAILABLE:
-            print(f"skipping the compiled path: {fastpath.UNAVAILABLE}", file=sys.stderr)
-            continue
+    paths = [p for p in args.paths if not (p == "compiled" and fastpath.UNAVAILABLE)]
+    if len(paths) < len(args.paths):
+        print(f"skipping the compiled path: {fastpath.UNAVAILABLE}", file=sys.stderr)
+    cases = [(path, "udp-port") for path in paths if "udp-port" in args.modes]
+    if "port-range" in args.modes and paths:
+        cases.append((paths[0], "port-range"))
+    for path, mode in cases:
         for n in args.subscribers:
             try:
-                rows.append(await run_case(n, path, args, log_dir))
+                rows.append(await run_case(n, path, mode, args, log_dir))
             except Exception as exc:  # one case failing (a loaded machine refusing joins) must not lose the rest
-                print(f"{path} N={n}: case failed: {exc!r}"[:300], file=sys.stderr)
+                print(f"{path} {mode} N={n}: case failed: {exc!r}"[:300], file=sys.stderr)
                 continue
             r = rows[-1]
-            print(f"{path} N={n}: {r['out_pps']:.0f} forwarded pps, {r['us_per_pkt']:.1f} us/packet", file=sys.stderr)
+            print(f"{path} {mode} N={n}: {r['out_pps']:.0f} forwarded pps, {r['us_per_pkt']:.1f} us/packet",
+                  file=sys.stderr)
     _print(rows, args)
     if plot(rows, args.plot, args):
         print(f"plot of us/pkt against N: {args.plot}")
@@ -175,7 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of media before measuring")
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--packets-per-frame", type=int, default=15)
+    parser.add_argument("--modes", default=",".join(MODES), help="udp-port,port-range (port-range: first path only)")
     args = parser.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(args.modes) - set(MODES):
+        parser.error(f"unknown mode(s): {', '.join(sorted(set(args.modes) - set(MODES)))}")
     args.subscribers = [int(v) for v in args.subscribers.split(",") if v.strip()]
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = set(args.paths) - set(PATHS)

@@ -104,7 +104,8 @@ def main() -> None:
         start = 50000 + i * 1000
         proc = spawn(f"media-{i + 1}", [*server, "--role", "media", "--region", region, "--port", str(http)],
                      {**common_env, "BRAID_RTC__PORT_RANGE_START": str(start),
-                      "BRAID_RTC__PORT_RANGE_END": str(start + 999)})
+                      "BRAID_RTC__PORT_RANGE_END": str(start + 999), "BRAID_RTC__UDP_PORT": str(7882 + 2 * i),
+                      "BRAID_RTC__TCP_PORT": str(7883 + 2 * i)})
         wait_ready(f"http://127.0.0.1:{http}/readyz", proc, f"media-{i + 1}")
 
     urls = []

@@ -18,10 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV_KEY, DEV_SECRET = "devkey", "secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def media_ports() -> dict[str, str]:
+    """A free UDP port and ICE-TCP port for a media node (the defaults 7882/7881 would collide between tests)."""
+    return {"BRAID_RTC__UDP_PORT": str(free_port(socket.SOCK_DGRAM)), "BRAID_RTC__TCP_PORT": str(free_port())}
+
+
+def rtc_overrides(**extra) -> dict:
+    """`rtc` config overrides for an in-process media node: free UDP and ICE-TCP ports."""
+    return {"udp_port": free_port(socket.SOCK_DGRAM), "tcp_port": free_port(), **extra}
 
 
 @dataclass
@@ -73,7 +83,7 @@ def start_server(
     """Start `braid-server` (`--dev` unless told otherwise) and wait until it answers /readyz."""
     port = free_port()
     log_path = tmp_dir / f"braid-{port}.log"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **media_ports(), **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "braid.server", *(["--dev"] if dev else []), "--port", str(port), *args],
@@ -200,3 +210,75 @@ class RedisProcess:
 
 def start_redis(tmp_dir: Path) -> RedisProcess:
     return RedisProcess(port=free_port(), dir=tmp_dir).start()
+
+
+@dataclass
+class TurnProcess:
+    """coturn (`turnserver` from Debian) on 127.0.0.1 with `use-auth-secret`: UDP and TCP on `port`, TLS on
+    `tls_port` with a self-signed certificate for 127.0.0.1 (`cert`), relaying to loopback peers."""
+
+    port: int
+    tls_port: int
+    secret: str
+    cert: Path
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"turn:127.0.0.1:{self.port}?transport=udp", f"turn:127.0.0.1:{self.port}?transport=tcp",
+                f"turns:127.0.0.1:{self.tls_port}?transport=tcp"]
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def self_signed_certificate(tmp_dir: Path, name: str = "turn") -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1 / localhost, made with openssl."""
+    cert, key = tmp_dir / f"{name}.crt", tmp_dir / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def start_turn(tmp_dir: Path, secret: str = "turn-test-secret") -> TurnProcess:
+    port, tls_port = free_port(), free_port()
+    cert, key = self_signed_certificate(tmp_dir)
+    log_path = tmp_dir / f"turnserver-{port}.log"
+    relay_base = 20000 + (port % 200) * 100  # a relay port block of its own, so parallel runs do not meet
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            ["turnserver", "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+             f"--tls-listening-port={tls_port}", f"--alt-listening-port={free_port()}",
+             f"--alt-tls-listening-port={free_port()}", f"--min-port={relay_base}",
+             f"--max-port={relay_base + 99}", "--use-auth-secret", f"--static-auth-secret={secret}",
+             "--realm=braid.test", f"--cert={cert}", f"--pkey={key}", "--allow-loopback-peers", "--no-cli",
+             "--no-dtls", "--fingerprint", f"--pidfile={tmp_dir / f'turnserver-{port}.pid'}",
+             f"--userdb={tmp_dir / f'turndb-{port}'}", "--log-file=stdout", "--simple-log", "--verbose"],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    turn = TurnProcess(port, tls_port, secret, cert, proc, log_path)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"turnserver exited with {proc.returncode}:\n{turn.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", tls_port), timeout=0.2):
+                return turn
+        except OSError:
+            time.sleep(0.05)
+    turn.stop()
+    raise RuntimeError(f"turnserver did not start:\n{turn.log()}")

@@ -18,6 +18,7 @@ from braid.shared.bus import MemoryBus
 from braid.shared.config import load_config
 from braid.shared.store import MemoryRegistry, MemoryStore
 
+from .servers import rtc_overrides
 from .session_stream import Stream
 
 
@@ -31,7 +32,7 @@ class Notifier:
 
 @pytest.fixture
 async def node():
-    config = load_config(dev=True, env={}, overrides={"rtc": {"port_range_start": 42000, "port_range_end": 42099}})
+    config = load_config(dev=True, env={}, overrides={"rtc": rtc_overrides()})
     store, registry = MemoryStore(), MemoryRegistry()
     media = MediaNode(config, store, MemoryBus(), registry, Notifier(), "ND_test", "127.0.0.1:1")
     await media.start()

@@ -12,7 +12,7 @@ from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 from braid.rpc import media_pb2
-from braid.services.media.ice import NodeIceConnection, PortRange
+from braid.services.media.ice import IceHost, NodeIceConnection, UfragTable
 from braid.services.media.link import SignalLink, replayable
 from braid.services.media.node import MediaNode
 from braid.services.media.reliable import InboundSequence, ReliableLog
@@ -21,6 +21,7 @@ from braid.shared.bus import MemoryBus
 from braid.shared.config import load_config
 from braid.shared.store import MemoryRegistry, MemoryStore
 
+from .servers import rtc_overrides
 from .session_stream import Stream
 
 pytestmark = pytest.mark.timeout(30)
@@ -42,7 +43,7 @@ class Notifier:
 @pytest.fixture
 async def node():
     config = load_config(dev=True, env={}, overrides={
-        "rtc": {"port_range_start": 42100, "port_range_end": 42199},
+        "rtc": rtc_overrides(),
         "telemetry": {"worker_reap_delay": REAP, "stats_interval": 0.05},
     })
     media = MediaNode(config, MemoryStore(), MemoryBus(), MemoryRegistry(), Notifier(), "ND_resume", "127.0.0.1:1")
@@ -311,7 +312,8 @@ def _answered(conn: NodeIceConnection, username: str, password: str) -> bool:
 
 
 async def test_ice_restart_credentials_switch_on_first_check_and_previous_generation_still_answered():
-    conn = NodeIceConnection(PortRange(42190, 42199, "127.0.0.1"), "127.0.0.1")
+    ufrags = UfragTable()  # as on the node's shared ports: checks are routed by ufrag
+    conn = IceHost([], ufrags).connection(controlling=False)
     conn.remote_username, conn.remote_password = "old", "o" * 22
     me, my_pwd = conn.local_username, conn.local_password
     conn.restart_remote("new", "n" * 22)
@@ -328,4 +330,6 @@ async def test_ice_restart_credentials_switch_on_first_check_and_previous_genera
     assert _answered(conn, f"{conn.local_username}:new", conn.local_password)
     assert _answered(conn, f"{me}:new", my_pwd), "checks with our previous credentials still answered"
     assert not _answered(conn, f"{me}:new", conn.local_password)
+    assert ufrags.get(me) is conn and ufrags.get(conn.local_username) is conn, "both generations are routed"
     await conn.close()
+    assert len(ufrags) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import inspect
+import socket
 import struct
 
 import aioice.ice
@@ -16,7 +17,8 @@ from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 
 from braid.services.media import rtp, sdp
-from braid.services.media.ice import MediaProtocol, NodeIceConnection, PortRange
+from braid.services.media.ice import IceHost, MediaProtocol, PortRange
+from braid.services.media.icemux import node_ice_host
 from braid.services.media.transport import PeerTransport
 
 
@@ -57,14 +59,14 @@ def test_ice_restart_seams_exist():
 
 
 async def test_port_range_binds_inside_the_range():
-    ports = PortRange(41000, 41003, host="127.0.0.1")
-    conns = [NodeIceConnection(ports, "127.0.0.1") for _ in range(4)]
+    host = IceHost.port_range(PortRange(41000, 41003, host="127.0.0.1"), "127.0.0.1")
+    conns = [host.connection(controlling=False) for _ in range(4)]
     for conn in conns:
         await conn.gather_candidates()
     got = sorted(c.local_candidates[0].port for c in conns)
     assert got == [41000, 41001, 41002, 41003]
     assert all(c.local_candidates[0].host == "127.0.0.1" for c in conns)
-    extra = NodeIceConnection(ports, "127.0.0.1")
+    extra = host.connection(controlling=False)
     with pytest.raises(OSError):
         await extra.gather_candidates()
     for conn in conns:
@@ -72,11 +74,10 @@ async def test_port_range_binds_inside_the_range():
 
 
 async def test_announced_ip_differs_from_bind():
-    ports = PortRange(41010, 41012, host="127.0.0.1")
-    conn = NodeIceConnection(ports, "203.0.113.7")
+    conn = IceHost.port_range(PortRange(41010, 41012, host="127.0.0.1"), "203.0.113.7").connection(False)
     await conn.gather_candidates()
     assert conn.local_candidates[0].host == "203.0.113.7"
-    assert isinstance(conn.protocol, MediaProtocol)
+    assert isinstance(conn._protocols[0], MediaProtocol)
     await conn.close()
 
 
@@ -86,16 +87,20 @@ def _pair_sections(pc: PeerTransport, setup: str) -> str:
     return sdp.write(sections, pc.local_transport(setup), 1, 1)
 
 
-async def test_two_transports_exchange_srtp_on_the_fast_lane():
-    """Offerer and answerer PeerTransports connect over loopback and move RTP/RTCP through the taps."""
-    ports = PortRange(41020, 41030, host="127.0.0.1")
+@pytest.mark.parametrize("mode", ["port range", "shared UDP port"])
+async def test_two_transports_exchange_srtp_on_the_fast_lane(mode):
+    """Offerer and answerer PeerTransports connect over loopback and move RTP/RTCP through the taps: each on a
+    socket of its own, or the answerer on a node's shared UDP port."""
+    own = IceHost.port_range(PortRange(41020, 41030, host="127.0.0.1"), "127.0.0.1")
+    node = await node_ice_host("127.0.0.1", 0, 0, PortRange(41031, 41040, host="127.0.0.1")) if mode == "port range" \
+        else await node_ice_host("127.0.0.1", _free_udp_port(), 0, PortRange(41031, 41040, host="127.0.0.1"))
     cert = RTCCertificate.generateCertificate()
     got: dict[str, list[bytes]] = {"a_rtp": [], "b_rtp": [], "b_rtcp": []}
     states: dict[str, list[str]] = {"a": [], "b": []}
 
     def make(name: str, offerer: bool) -> PeerTransport:
         return PeerTransport(
-            ports=ports, announce_ip="127.0.0.1", certificate=cert, offerer=offerer, label=name,
+            ice=own if offerer else node, certificate=cert, offerer=offerer, label=name,
             on_rtp=got[f"{name}_rtp"].append, on_rtcp=(got["b_rtcp"].append if name == "b" else lambda d: None),
             on_state=states[name].append,
         )
@@ -112,7 +117,7 @@ async def test_two_transports_exchange_srtp_on_the_fast_lane():
             break
         await asyncio.sleep(0.02)
     assert (a.state, b.state) == ("connected", "connected")
-    assert a.ice_conn.protocol.fast is not None and b.ice_conn.protocol.fast is not None
+    assert a.ice_conn._nominated[1].protocol.fast is not None and b.ice_conn._nominated[1].protocol.fast is not None
     for seq in range(5):
         a.send_rtp(rtp.HEADER.pack(0x80, 96, seq, 1000 * seq, 1234) + b"payload")
     a.send_rtcp(struct.pack("!BBHII", 0x81, 206, 2, 1, 1234))  # PLI
@@ -128,3 +133,10 @@ async def test_two_transports_exchange_srtp_on_the_fast_lane():
     await a.close()
     await b.close()
     assert a.state == b.state == "closed"
+    node.close()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

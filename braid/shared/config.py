@@ -6,6 +6,7 @@ The dev default (`--dev`) is one process on 127.0.0.1:7880 with the key pair dev
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -42,6 +43,9 @@ class RedisConfig:
 class RTCConfig:
     node_ip: str = "127.0.0.1"  # the IP put in server ICE candidates
     bind_ip: str = ""  # the IP media sockets listen on; empty: node_ip (set it when node_ip is a 1:1 NAT's or a relay's)
+    udp_port: int = 7882  # the one UDP port of every participant's ICE/DTLS/SRTP; 0: a port each from the range
+    tcp_port: int = 7881  # ICE over TCP (passive candidates) for clients without UDP; 0: off
+    node_ip6: str = ""  # an IPv6 address to announce as well; "auto": the host's first global IPv6 address
     port_range_start: int = 50000
     port_range_end: int = 60000
     enable_v1: bool = True  # `/rtc/v1` single-PeerConnection path; off → 404, SDKs fall back to v0
@@ -56,11 +60,20 @@ class RTCConfig:
 
 @dataclass
 class TurnConfig:
-    """TURN servers handed to clients in the JoinResponse (credentials come from a Secret in the chart)."""
+    """TURN servers handed to clients in the JoinResponse and ReconnectResponse `ice_servers`.
+
+    `urls` (turn:host:3478?transport=udp, turn:host:3478?transport=tcp, turns:host:5349) get either time-limited
+    credentials minted per participant under `secret` (coturn's `use-auth-secret` / `static-auth-secret`), or,
+    without a secret, the static `username` / `credential`. `servers` lists more TURN servers, each passed through
+    as configured: {urls: [...], username: ..., credential: ...}.
+    """
 
     urls: list[str] = field(default_factory=list)
     username: str = ""
     credential: str = ""
+    secret: str = ""
+    ttl: int = 86400  # seconds the minted credentials stay valid (coturn also checks them on allocation refresh)
+    servers: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -202,6 +215,14 @@ class Config:
             raise ConfigError(f"router_address: required for role {self.role}")
         if self.role != "all" and not self.redis.enabled:
             raise ConfigError(f"redis.address: a {self.role} node of a cluster needs Redis")
+        for name in ("udp_port", "tcp_port"):
+            if not 0 <= getattr(self.rtc, name) < 65536:
+                raise ConfigError(f"rtc.{name}: {getattr(self.rtc, name)} is not between 0 and 65535")
+        if self.rtc.node_ip6 not in ("", "auto"):
+            try:
+                ipaddress.IPv6Address(self.rtc.node_ip6)
+            except ValueError:
+                raise ConfigError(f"rtc.node_ip6: {self.rtc.node_ip6!r} is not an IPv6 address or auto") from None
         if not 0 < self.rtc.port_range_start <= self.rtc.port_range_end < 65536:
             raise ConfigError("rtc.port_range_start/rtc.port_range_end: need 0 < start <= end < 65536")
         if self.webhook.api_key and self.webhook.api_key not in self.keys:
@@ -237,9 +258,16 @@ class Config:
             raise ConfigError("media.workers: must be 0 (one per CPU) or more")
         if self.drain_deadline < 0:
             raise ConfigError("drain_deadline: must not be negative")
-        for url in self.turn.urls:
-            if not url.startswith(("turn:", "turns:", "stun:")):
-                raise ConfigError(f"turn.urls: {url!r} is not a turn:, turns: or stun: URL")
+        _check_ice_urls("turn.urls", self.turn.urls)
+        if self.turn.ttl <= 0:
+            raise ConfigError("turn.ttl: must be positive")
+        if self.turn.secret and not self.turn.urls:
+            raise ConfigError("turn.secret: set turn.urls too (the TURN servers that share the secret)")
+        for i, server in enumerate(self.turn.servers):
+            urls = server.get("urls") if isinstance(server, Mapping) else None
+            if not urls or set(server) - {"urls", "username", "credential"}:
+                raise ConfigError(f"turn.servers[{i}]: needs urls, and optionally username and credential")
+            _check_ice_urls(f"turn.servers[{i}].urls", [urls] if isinstance(urls, str) else urls)
         if self.telemetry.stats_interval <= 0:
             raise ConfigError("telemetry.stats_interval: must be positive")
         if self.router.node_selector not in ("any", "least_load", "region_aware", "power_of_two"):
@@ -257,6 +285,12 @@ class Config:
         if self.telemetry.otel_exporter not in ("", "console", "otlp"):
             raise ConfigError("telemetry.otel_exporter: must be empty, console or otlp")
         return self
+
+
+def _check_ice_urls(where: str, urls: list) -> None:
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith(("turn:", "turns:", "stun:")):
+            raise ConfigError(f"{where}: {url!r} is not a turn:, turns: or stun: URL")
 
 
 def parse_keys(text: str) -> dict[str, str]:

@@ -1,11 +1,12 @@
-"""ICE for the media node: one UDP socket per PeerConnection, bound inside the node's port range, announcing
-the node IP, with a fast lane that hands SRTP/SRTCP datagrams straight to the forwarding path.
+"""ICE for the media node: host candidates announcing the node IP, from an `IceHost` (the node's one shared UDP
+port and TCP port, see icemux.py, or one UDP socket per PeerConnection from a port range), with a fast lane that
+hands SRTP/SRTCP datagrams straight to the forwarding path.
 
 aioice seams used (aioice 0.13, pinned by `tests/test_media_seams.py`):
 * `Connection.gather_candidates` / `get_component_candidates` are overridden so no interface enumeration or
   ephemeral ports are involved;
 * `Connection._protocols`, `_local_candidates`, `_local_candidates_start`, `_local_candidates_end` are set the way
-  aioice's own gatherer sets them;
+  aioice's own gatherer sets them; a protocol may join `_protocols` later (an ICE-TCP connection that arrives);
 * `StunProtocol.datagram_received` is overridden: bytes 128-191 (RTP/RTCP, RFC 7983) skip STUN parsing and the
   connection's queue once the DTLS-SRTP keys exist; everything else goes the stock way (STUN, DTLS).
 """
@@ -18,7 +19,8 @@ import logging
 import random
 import socket
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aioice.ice import Connection, StunProtocol
@@ -76,6 +78,90 @@ class PortRange:
         return self._bind_host or self.host
 
 
+class CandidateSource(Protocol):
+    """Gives a connection its host candidates (and the sockets behind them)."""
+
+    async def attach(self, conn: "NodeIceConnection") -> list[Candidate]: ...
+
+
+class UfragTable:
+    """Local ICE username fragment → connection, for sockets that carry many connections (demultiplexed by the
+    USERNAME of the first STUN check from an address)."""
+
+    def __init__(self) -> None:
+        self._conns: dict[str, NodeIceConnection] = {}
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def claim(self, conn: "NodeIceConnection") -> str:
+        """A fresh ufrag registered for `conn`."""
+        while True:
+            ufrag = random_string(UFRAG_LENGTH)
+            if ufrag not in self._conns:
+                self._conns[ufrag] = conn
+                return ufrag
+
+    def release(self, ufrag: str) -> None:
+        self._conns.pop(ufrag, None)
+
+    def get(self, ufrag: str) -> "NodeIceConnection | None":
+        return self._conns.get(ufrag)
+
+
+UFRAG_LENGTH = 16  # many connections share one port: long enough that random ufrags never collide in practice
+
+
+class OwnSocket:
+    """A UDP socket of its own for each connection, from a port range (rtc.udp_port 0)."""
+
+    def __init__(self, ports: PortRange, announce_ip: str):
+        self.ports = ports
+        self.announce_ip = announce_ip
+
+    async def attach(self, conn: "NodeIceConnection") -> list[Candidate]:
+        _, protocol, port = await self.ports.bind(lambda: MediaProtocol(conn))
+        protocol.local_candidate = host_candidate(self.announce_ip, port)
+        conn.add_protocol(protocol)
+        return [protocol.local_candidate]
+
+
+def host_candidate(ip: str, port: int, transport: str = "udp") -> Candidate:
+    tcp = transport == "tcp"
+    return Candidate(
+        foundation=candidate_foundation("host", transport, ip),
+        component=1,
+        transport=transport,
+        # UDP first; passive TCP below it (RFC 6544 section 4.2), IPv6 above IPv4 as browsers rank them.
+        priority=candidate_priority(1, "host", local_pref=(40000 if tcp else 65535) - (0 if ":" in ip else 10)),
+        host=ip,
+        port=port,
+        type="host",
+        tcptype="passive" if tcp else None,
+    )
+
+
+@dataclass
+class IceHost:
+    """Where the node's ICE connections get their host candidates from; `ufrags` routes shared sockets."""
+
+    sources: list[CandidateSource]
+    ufrags: UfragTable | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @classmethod
+    def port_range(cls, ports: PortRange, announce_ip: str) -> "IceHost":
+        return cls([OwnSocket(ports, announce_ip)])
+
+    def connection(self, controlling: bool) -> "NodeIceConnection":
+        return NodeIceConnection(self, controlling=controlling)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+        self.closers.clear()
+
+
 class MediaProtocol(StunProtocol):
     """aioice's STUN protocol with a lane for media: `fast(data)` gets every RTP/RTCP datagram once set.
 
@@ -117,13 +203,30 @@ class MediaProtocol(StunProtocol):
 
 
 class NodeIceConnection(Connection):
-    """A controlled (or controlling) full ICE agent with exactly one host candidate from the port range."""
+    """A controlled (or controlling) full ICE agent whose host candidates come from the node's `IceHost`."""
 
-    def __init__(self, ports: PortRange, announce_ip: str, *, controlling: bool = False):
-        super().__init__(ice_controlling=controlling, components=1, use_ipv6=False)
-        self._ports = ports
-        self._announce_ip = announce_ip
-        self.protocol: MediaProtocol | None = None
+    def __init__(self, host: IceHost, *, controlling: bool = False):
+        self._ufrags = host.ufrags
+        local_username = host.ufrags.claim(self) if host.ufrags is not None else None
+        super().__init__(ice_controlling=controlling, components=1, use_ipv6=False, local_username=local_username)
+        self._host = host
+        self.fast: Callable[[bytes], None] | None = None
+        self.on_close: list[Callable[[], object]] = []  # the shared sockets forget this connection
+
+    def add_protocol(self, protocol: "MediaProtocol") -> None:
+        """A socket (or ICE-TCP connection) carrying this connection; it gets the fast lane if that is armed."""
+        protocol.fast = self.fast
+        self._protocols.append(protocol)
+
+    def set_fast(self, fast: Callable[[bytes], None] | None) -> None:
+        """Arm (or disarm) the media fast lane on every protocol, and on those added later."""
+        self.fast = fast
+        for protocol in self._protocols:
+            protocol.fast = fast  # type: ignore[attr-defined]
+
+    @property
+    def last_rx(self) -> float:
+        return max((getattr(p, "last_rx", 0.0) for p in self._protocols), default=0.0)
 
     async def gather_candidates(self) -> None:
         if self._local_candidates_start:
@@ -133,19 +236,19 @@ class NodeIceConnection(Connection):
         self._local_candidates_end = True
 
     async def get_component_candidates(self, component: int, addresses: list[str], timeout: int = 5):
-        _, protocol, port = await self._ports.bind(lambda: MediaProtocol(self))
-        protocol.local_candidate = Candidate(
-            foundation=candidate_foundation("host", "udp", self._announce_ip),
-            component=component,
-            transport="udp",
-            priority=candidate_priority(component, "host"),
-            host=self._announce_ip,
-            port=port,
-            type="host",
-        )
-        self._protocols.append(protocol)
-        self.protocol = protocol
-        return [protocol.local_candidate]
+        candidates: list[Candidate] = []
+        for source in self._host.sources:
+            candidates += await source.attach(self)
+        return candidates
+
+    async def close(self) -> None:
+        if self._ufrags is not None:
+            for ufrag in (self._local_username, *(creds[0] for creds in self._previous_local)):
+                self._ufrags.release(ufrag)
+        for forget in self.on_close:
+            forget()
+        self.on_close.clear()
+        await super().close()
 
     # --- ICE restart ---------------------------------------------------------------------------------------
     #
@@ -172,8 +275,15 @@ class NodeIceConnection(Connection):
 
     def restart_local(self) -> None:
         """New local credentials for an ICE-restart offer."""
-        self._previous_local = ((self._local_username, self._local_password), *self._previous_local)[:3]
-        self._local_username, self._local_password = random_string(4), random_string(22)
+        generations = ((self._local_username, self._local_password), *self._previous_local)
+        self._previous_local = generations[:3]
+        if self._ufrags is not None:
+            for dropped, _ in generations[3:]:
+                self._ufrags.release(dropped)
+            self._local_username = self._ufrags.claim(self)
+        else:
+            self._local_username = random_string(4)
+        self._local_password = random_string(22)
 
     def request_received(self, message, addr, protocol) -> None:  # type: ignore[override]
         username = message.attributes.get("USERNAME")
@@ -217,3 +327,9 @@ class NodeIceConnection(Connection):
         if pair is None:
             return None
         return pair.protocol.transport, pair.remote_addr
+
+    @property
+    def selected_transport(self) -> str:
+        """"udp" or "tcp": how the nominated pair reaches the peer ("" before ICE completes)."""
+        pair = self._nominated.get(1)
+        return pair.local_candidate.transport if pair is not None else ""

@@ -29,7 +29,8 @@ from . import fastpath
 from .drain import Drain
 from .hooks import Hooks, TelemetryHooks
 from .telemetry import TelemetryService
-from .ice import PortRange
+from .ice import IceHost, PortRange
+from .icemux import detect_ipv6, node_ice_host
 from .room import JoinError, Room
 from .session import run_session
 from .speakers import UPDATE_INTERVAL as SPEAKER_INTERVAL
@@ -89,6 +90,7 @@ class MediaNode:
         self.ports = PortRange(config.rtc.port_range_start, config.rtc.port_range_end,
                                host=config.rtc.bind_ip or config.rtc.node_ip,
                                open_endpoint=fastpath.endpoint_factory(self.send_path))
+        self.ice: IceHost | None = None  # the ICE sockets, bound by start()
         self.certificate = RTCCertificate.generateCertificate()
         self.telemetry = TelemetryService.from_config(config.telemetry, notifier)
         self.hooks: Hooks = TelemetryHooks(self.telemetry)
@@ -108,6 +110,11 @@ class MediaNode:
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        rtc = self.config.rtc
+        node_ip6 = detect_ipv6() if rtc.node_ip6 == "auto" else rtc.node_ip6
+        self.ice = await node_ice_host(
+            rtc.node_ip, rtc.udp_port, rtc.tcp_port, self.ports, node_ip6, bind_ip=rtc.bind_ip,
+            open_endpoint=fastpath.endpoint_factory(self.send_path))
         await self.telemetry.start()
         await self.cluster.start()
         await self.heartbeat()
@@ -115,9 +122,11 @@ class MediaNode:
             asyncio.create_task(self._heartbeat_loop(), name="media-heartbeat"),
             asyncio.create_task(self._tick_loop(), name="media-tick"),
         ]
-        log.info("media node %s serving on %s (UDP %s-%s, node IP %s); forwarding path: %s", self.node_id,
-                 self.grpc_address, self.ports.start, self.ports.end, self.config.rtc.node_ip,
-                 fastpath.describe(self.send_path, self.config.rtc.fast_path))
+        udp = f"UDP port {rtc.udp_port}" if rtc.udp_port else f"UDP ports {self.ports.start}-{self.ports.end}"
+        tcp = f", ICE-TCP port {rtc.tcp_port}" if rtc.tcp_port else ""
+        log.info("media node %s serving on %s (%s%s, node IP %s%s); forwarding path: %s", self.node_id,
+                 self.grpc_address, udp, tcp, rtc.node_ip, f" and {node_ip6}" if node_ip6 else "",
+                 fastpath.describe(self.send_path, rtc.fast_path))
 
     async def set_state(self, state: str) -> None:
         """SERVING or DRAINING; told to the registry at once so the router stops (or resumes) placing here."""
@@ -147,6 +156,8 @@ class MediaNode:
         except Exception:
             log.warning("could not deregister media node %s", self.node_id)
         await self.telemetry.stop()
+        if self.ice is not None:
+            self.ice.close()
 
     def node_info(self) -> NodeInfo:
         participants = sum(len(r.participants) for r in self.rooms.values()) + self._joining

@@ -232,8 +232,7 @@ class Participant:
 
     def _transport(self, offerer: bool, label: str) -> PeerTransport:
         return PeerTransport(
-            ports=self.node.ports,
-            announce_ip=self.node.config.rtc.node_ip,
+            ice=self.node.ice,
             certificate=self.node.certificate,
             offerer=offerer,
             label=f"{self.identity}/{label}",

@@ -14,6 +14,7 @@ from braid.shared.auth import Claims, refreshed_token
 from braid.shared.serverinfo import server_info
 from braid.shared.store import node_claim_token
 
+from .iceservers import ice_servers
 from .limits import fields_problem
 from . import quality
 from .participant import Participant
@@ -189,8 +190,7 @@ class Room:
             server_region=config.region,
             enabled_publish_codecs=codecs,
         )
-        if config.rtc.stun_servers:
-            response.ice_servers.append(rtc_pb.ICEServer(urls=list(config.rtc.stun_servers)))
+        response.ice_servers.extend(ice_servers(config.rtc, config.turn, p.identity))
         return response
 
     async def after_join(self, p: Participant, join: rtc_pb.JoinRequest) -> None:

@@ -26,7 +26,7 @@ from aiortc.rtcsctptransport import RTCSctpCapabilities, RTCSctpTransport
 
 from . import sdp
 from .fastpath import CompiledSendPath, SrtpError
-from .ice import NodeIceConnection, PortRange
+from .ice import IceHost
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ class PeerTransport:
     def __init__(
         self,
         *,
-        ports: PortRange,
-        announce_ip: str,
+        ice: IceHost,
         certificate: RTCCertificate,
         offerer: bool,
         label: str,
@@ -69,7 +68,7 @@ class PeerTransport:
         self._packets_out = self._bytes_out = 0
         self.errors = 0
 
-        self.ice_conn = NodeIceConnection(ports, announce_ip, controlling=offerer)
+        self.ice_conn = ice.connection(controlling=offerer)
         gatherer = RTCIceGatherer(iceServers=[])
         gatherer._connection = self.ice_conn
         self.ice = RTCIceTransport(gatherer)
@@ -200,8 +199,8 @@ class PeerTransport:
         except (ValueError, IndexError):
             log.debug("%s: ignoring unparsable candidate %r", self.label, text[:80])
             return
-        if candidate.transport.lower() != "udp" or ":" in candidate.host:
-            return  # only UDP over IPv4 is served
+        if candidate.transport.lower() != "udp":
+            return  # the node's TCP candidates are passive: the peer's active ones connect to them
         self._own(asyncio.ensure_future(self.ice_conn.add_remote_candidate(candidate)))
 
     def _own(self, task: asyncio.Future) -> None:
@@ -235,8 +234,7 @@ class PeerTransport:
         self._rx, self._tx = self.dtls._rx_srtp, self.dtls._tx_srtp
         receiver = self._send_path.srtp_receiver(self.dtls) if self._send_path is not None else None
         self._unprotect_rtp = receiver.unprotect if receiver is not None else self._rx.unprotect
-        if self.ice_conn.protocol is not None:
-            self.ice_conn.protocol.fast = self._on_srtp
+        self.ice_conn.set_fast(self._on_srtp)
         self.connected_at = time.monotonic()
         self._set_state("connected")
         if self.sctp is not None:
@@ -267,8 +265,7 @@ class PeerTransport:
 
     @property
     def last_rx(self) -> float:
-        protocol = self.ice_conn.protocol
-        return max(protocol.last_rx if protocol else 0.0, self.connected_at)
+        return max(self.ice_conn.last_rx, self.connected_at)
 
     # --- packets -------------------------------------------------------------------------------------------
 
@@ -375,8 +372,7 @@ class PeerTransport:
             return
         self._closed = True
         self._set_state("closed")
-        if self.ice_conn.protocol is not None:
-            self.ice_conn.protocol.fast = None
+        self.ice_conn.set_fast(None)
         self._tx = None
         if self.output is not None:
             self.output.unbind()
