@@ -327,9 +327,3 @@ class NodeIceConnection(Connection):
         if pair is None:
             return None
         return pair.protocol.transport, pair.remote_addr
-
-    @property
-    def selected_transport(self) -> str:
-        """"udp" or "tcp": how the nominated pair reaches the peer ("" before ICE completes)."""
-        pair = self._nominated.get(1)
-        return pair.local_candidate.transport if pair is not None else ""

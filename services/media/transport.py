@@ -236,6 +236,10 @@ class PeerTransport:
         self._unprotect_rtp = receiver.unprotect if receiver is not None else self._rx.unprotect
         self.ice_conn.set_fast(self._on_srtp)
         self.connected_at = time.monotonic()
+        pair = self.ice_conn._nominated.get(1)
+        if pair is not None:
+            log.info("%s: connected over %s %s:%s", self.label, pair.local_candidate.transport.upper(),
+                     *pair.remote_addr)
         self._set_state("connected")
         if self.sctp is not None:
             await self._start_sctp()

@@ -1,0 +1,76 @@
+"""Browsers behind networks that allow only TURN (issue 11): headless Chromium running livekit-client with
+`rtcConfig.iceTransportPolicy = 'relay'` (the meeting page's `?relay=1`) joins through coturn over UDP, TCP and TLS,
+and each page decodes the other's camera. coturn's TLS certificate is self-signed, so Chromium is told to accept it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright import async_api as playwright_api
+
+from .servers import TurnProcess, start_server, start_turn
+from .test_browser import ARTIFACTS, CHROMIUM_ARGS, Browser, chromium_path, fake_speech, wait_video_flowing  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+
+@pytest.fixture(scope="module")
+def turn(tmp_path_factory) -> TurnProcess:
+    server = start_turn(tmp_path_factory.mktemp("coturn-browser"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def relay_browser(chromium_path, fake_speech, request):  # noqa: F811
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    async with playwright_api.async_playwright() as pw:
+        chromium = await pw.chromium.launch(
+            executable_path=chromium_path, headless=True,
+            args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={fake_speech}", "--ignore-certificate-errors"],
+        )
+        helper = Browser(chromium, ARTIFACTS / "browser" / name)
+        try:
+            yield helper
+        finally:
+            await helper.save_artifacts()
+            await chromium.close()
+
+
+async def _relay_protocols(meet) -> list[str]:
+    """The relay protocol (udp/tcp/tls) of each selected candidate pair's local candidate on the page."""
+    return await meet.js("""async () => {
+        const pcs = [];
+        const m = window.braidRoom.engine.pcManager;
+        for (const t of [m?.publisher, m?.subscriber]) if (t?.pc && !pcs.includes(t.pc)) pcs.push(t.pc);
+        const out = [];
+        for (const pc of pcs) {
+            const stats = await pc.getStats();
+            stats.forEach(s => {
+                if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+                    const local = stats.get(s.localCandidateId);
+                    out.push(`${local.candidateType}/${local.relayProtocol || local.protocol}`);
+                }
+            });
+        }
+        return out;
+    }""")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
+async def test_browsers_join_through_coturn_only(relay_browser, turn, tmp_path, room_name, transport):
+    url = {"udp": turn.urls[0], "tcp": turn.urls[1], "tls": turn.urls[2]}[transport]
+    server = start_server(tmp_path, env={"BRAID_TURN__URLS": url, "BRAID_TURN__SECRET": turn.secret})
+    try:
+        alice = await relay_browser.join(server, "Alice", room_name, "relay=1")
+        bob = await relay_browser.join(server, "Bob", room_name, "relay=1")
+        await wait_video_flowing(alice, await bob.identity(), frames=20)
+        await wait_video_flowing(bob, await alice.identity(), frames=20)
+        for meet in (alice, bob):
+            used = await _relay_protocols(meet)
+            assert used and all(u == f"relay/{transport}" for u in used), used
+    finally:
+        server.stop()
+    assert ":alice" in turn.log().lower() or ":Alice" in turn.log(), turn.log()[-2000:]
