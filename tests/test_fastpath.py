@@ -15,7 +15,8 @@ from aiortc.rtcdtlstransport import RTCCertificate
 
 from braid.services.media import fastpath, rtp, sdp
 from braid.services.media.forward import DownTrack, UpTrack
-from braid.services.media.ice import PortRange
+from braid.services.media.ice import IceHost, PortRange
+from braid.services.media.icemux import node_ice_host
 from braid.services.media.transport import PeerTransport
 
 if fastpath.UNAVAILABLE and os.environ.get("CI"):  # CI installs a compiler and libssl-dev: it must be built there
@@ -216,14 +217,19 @@ def _sections(pc: PeerTransport, setup: str) -> str:
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
 async def test_peer_transport_sends_through_the_chosen_path_across_a_rollover(compiled):
     """Two PeerTransports over loopback: RTP from one reaches the other intact across a sequence wrap, through
-    the compiled path (DTLS keys exported to C, batched sendmmsg) or the pure-Python one."""
-    ports = PortRange(41040, 41060, host="127.0.0.1")
+    the compiled path (DTLS keys exported to C, batched sendmmsg) or the pure-Python one. The sender is a node
+    on its shared UDP port, the receiver a client with a socket of its own."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        udp_port = probe.getsockname()[1]
+    node = await node_ice_host("127.0.0.1", udp_port, 0, PortRange(41040, 41049, host="127.0.0.1"))
+    client = IceHost.port_range(PortRange(41050, 41060, host="127.0.0.1"), "127.0.0.1")
     cert = RTCCertificate.generateCertificate()
     received: list[bytes] = []
     path = fastpath.choose(compiled)
-    a = PeerTransport(ports=ports, announce_ip="127.0.0.1", certificate=cert, offerer=True, label="a",
+    a = PeerTransport(ice=node, certificate=cert, offerer=True, label="a",
                       on_rtp=lambda d: None, on_rtcp=lambda d: None, on_state=lambda s: None, send_path=path)
-    b = PeerTransport(ports=ports, announce_ip="127.0.0.1", certificate=cert, offerer=False, label="b",
+    b = PeerTransport(ice=client, certificate=cert, offerer=False, label="b",
                       on_rtp=received.append, on_rtcp=lambda d: None, on_state=lambda s: None)
     try:
         await a.prepare()
@@ -247,9 +253,11 @@ async def test_peer_transport_sends_through_the_chosen_path_across_a_rollover(co
             await asyncio.sleep(0.01)
         assert received == sent
         assert a.packets_out == 300 and (a.output is not None and a.output.bound) == compiled
+        assert a.ice_conn._nominated[1].local_candidate.port == udp_port
     finally:
         await a.close()
         await b.close()
+        node.close()
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["recvmmsg", "recvfrom"])
