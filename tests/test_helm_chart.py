@@ -25,7 +25,7 @@ ROLES = ("signal", "router", "media")
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "daemonset-hostnetwork": {"media": {"kind": "DaemonSet", "network": "hostNetwork"}},
-    "portlist": {"media": {"network": "portList", "portList": {"start": 40000, "count": 8}}},
+    "portlist": {"media": {"network": "portList", "udpPort": 0, "portList": {"start": 40000, "count": 8}}},
 }
 
 # Environment variables the chart sets for config fields the server does not have yet (the lead adds them):
@@ -231,7 +231,7 @@ def test_secrets_never_in_a_configmap(chart, variant):
     assert out.env("signal")["BRAID_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-braid-keys", "key": "keys"}
     config = out.config_file()
     assert config["redis"]["sentinel_addresses"] == WITH_SECRETS["redis"]["sentinel"]["addresses"]
-    assert config["turn"] == {"urls": WITH_SECRETS["turn"]["urls"]}
+    assert config["turn"] == {"urls": WITH_SECRETS["turn"]["urls"], "ttl": 86400}
     assert config["webhook"]["urls"] == ["https://hooks.example.com/braid"]
 
     # Keys generated when none are given: still only in the Secret.
@@ -297,7 +297,8 @@ def test_media_default_is_a_host_network_deployment(chart):
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert out.env("media")["BRAID_RTC__NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     assert not [p for p in out.container("media")["ports"] if p["protocol"] == "UDP"]
-    assert out.config_file()["rtc"] == {"port_range_start": 50000, "port_range_end": 60000}
+    assert out.config_file()["rtc"] == {"port_range_start": 50000, "port_range_end": 60000, "udp_port": 7882,
+                                        "tcp_port": 7801}
     assert not out.has("HorizontalPodAutoscaler", f"{RELEASE}-braid-media")
     for role in ("signal", "router"):
         assert "hostNetwork" not in out.workload(role)["spec"]["template"]["spec"]
@@ -320,7 +321,8 @@ def test_media_port_list_variant(chart):
     assert [p["containerPort"] for p in udp] == list(range(40000, 40008))
     assert all(p["hostPort"] == p["containerPort"] and len(p["name"]) <= 15 for p in udp)
     assert len({p["name"] for p in udp}) == 8
-    assert out.config_file()["rtc"] == {"port_range_start": 40000, "port_range_end": 40007}
+    assert out.config_file()["rtc"] == {"port_range_start": 40000, "port_range_end": 40007, "udp_port": 0,
+                                        "tcp_port": 7801}
     assert out.env("media")["BRAID_RTC__NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     assert "podAntiAffinity" in pod["affinity"]
 
@@ -428,6 +430,65 @@ def _field_exists(dotted: str) -> bool:
             return False
         target = getattr(target, part)
     return True
+
+
+def test_media_single_port_without_host_network(chart):
+    """portList mode with media.udpPort: the one UDP port and the ICE-TCP port, on the node and behind the Service."""
+    with pytest.raises(helm.HelmRenderError, match="media.workers"):
+        render(chart, {"media": {"network": "portList"}})
+    out = render(chart, {"media": {"network": "portList", "workers": 1, "portList": {"service": {"enabled": True}}}})
+    ports = {(p["protocol"], p["containerPort"]): p for p in out.container("media")["ports"] if p["name"] != "http"
+             and p["name"] != "grpc"}
+    assert set(ports) == {("UDP", 7882), ("TCP", 7801)}
+    assert all(p["hostPort"] == p["containerPort"] for p in ports.values())
+    service = out.get("Service", f"{RELEASE}-braid-media-rtc")
+    assert {(p["protocol"], p["port"]) for p in service["spec"]["ports"]} == {("UDP", 7882), ("TCP", 7801)}
+    assert out.config_file()["rtc"]["udp_port"] == 7882 and out.config_file()["rtc"]["tcp_port"] == 7801
+
+
+def test_coturn_deployed_with_the_shared_secret_wired_into_both(chart, tmp_path):
+    values = {"coturn": {"enabled": True, "domain": "turn.example.com",
+                         "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "letsencrypt"}}}}}
+    out = render(chart, values)
+    coturn = out.get("DaemonSet", f"{RELEASE}-braid-coturn")
+    pod = coturn["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    (container,) = pod["containers"]
+    assert "--use-auth-secret" in container["args"] and "--static-auth-secret=$(TURN_SECRET)" in container["args"]
+    secret_ref = {e["name"]: e for e in container["env"]}["TURN_SECRET"]["valueFrom"]["secretKeyRef"]
+    for role in ("signal", "media"):
+        assert out.env(role)["BRAID_TURN__SECRET"]["valueFrom"]["secretKeyRef"] == secret_ref, role
+    shared = out.secret_data(secret_ref["name"])[secret_ref["key"]]
+    assert len(shared) == 48 and shared not in _all_configmap_text(out)
+    certificate = out.get("Certificate", f"{RELEASE}-braid-coturn")
+    assert certificate["spec"]["dnsNames"] == ["turn.example.com"]
+    assert pod["volumes"][0]["secret"]["secretName"] == certificate["spec"]["secretName"]
+    assert out.config_file()["turn"]["urls"] == [
+        "turn:turn.example.com:3478?transport=udp", "turn:turn.example.com:3478?transport=tcp",
+        "turns:turn.example.com:5349?transport=tcp"]
+    # The server accepts what the chart hands it, and mints credentials under the shared secret.
+    path = tmp_path / "braid.yaml"
+    path.write_text(out.get("ConfigMap", f"{RELEASE}-braid")["data"]["braid.yaml"])
+    config = load_config(str(path), env={"BRAID_TURN__SECRET": shared, "BRAID_KEYS": "k: s"})
+    assert config.turn.secret == shared and config.turn.ttl == 86400
+
+    with pytest.raises(helm.HelmRenderError, match="coturn.tls"):
+        render(chart, {"coturn": {"enabled": True, "domain": "turn.example.com"}})
+    with pytest.raises(helm.HelmRenderError, match="coturn.domain"):
+        render(chart, {"coturn": {"enabled": True, "tls": {"secretName": "turn-tls"}}})
+    own_tls = render(chart, {"coturn": {"enabled": True, "domain": "t.example.com", "tls": {"secretName": "turn-tls"},
+                                        "existingSecret": "ops-coturn"}})
+    assert not own_tls.of_kind("Certificate") and not own_tls.has("Secret", "ops-coturn")
+    assert own_tls.env("media")["BRAID_TURN__SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "ops-coturn"
+
+
+def test_existing_turn_service_with_a_shared_secret(chart):
+    out = render(chart, {"turn": {"enabled": True, "urls": ["turns:turn.example.com:443?transport=tcp"],
+                                  "secret": "shared-9f3", "ttl": 3600}})
+    assert out.config_file()["turn"] == {"urls": ["turns:turn.example.com:443?transport=tcp"], "ttl": 3600}
+    ref = out.env("media")["BRAID_TURN__SECRET"]["valueFrom"]["secretKeyRef"]
+    assert out.secret_data(ref["name"])[ref["key"]] == "shared-9f3"
+    assert "BRAID_TURN__USERNAME" not in out.env("media") and not out.of_kind("DaemonSet")
 
 
 def test_rendered_config_and_env_load_in_the_server(chart, variant, tmp_path):

@@ -307,16 +307,40 @@ spec:
 
 {{/* TURN credentials for the roles that hand ICE servers to clients (signal, media). */}}
 {{- define "braid.turnEnv" -}}
-{{- if and .Values.turn.enabled (or .Values.turn.existingSecret .Values.turn.username .Values.turn.credential) }}
-- name: BRAID_TURN__USERNAME
+{{- $t := .Values.turn }}
+{{- if .Values.coturn.enabled }}
+- name: BRAID_TURN__SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ include "braid.turnSecretName" . }}
-      key: {{ if .Values.turn.existingSecret }}{{ .Values.turn.existingSecretUsernameKey }}{{ else }}username{{ end }}
-- name: BRAID_TURN__CREDENTIAL
+      name: {{ include "braid.coturnSecretName" . }}
+      key: secret
+{{- else if $t.enabled }}
+{{- $name := include "braid.turnSecretName" . }}
+{{- $own := not $t.existingSecret }}
+{{- range $env, $entry := dict "BRAID_TURN__SECRET" (list $t.secret $t.existingSecretSecretKey "secret")
+      "BRAID_TURN__USERNAME" (list $t.username $t.existingSecretUsernameKey "username")
+      "BRAID_TURN__CREDENTIAL" (list $t.credential $t.existingSecretCredentialKey "credential") }}
+{{- $key := ternary (index $entry 2) (index $entry 1) $own }}
+{{- if and $key (or (not $own) (index $entry 0)) }}
+- name: {{ $env }}
   valueFrom:
     secretKeyRef:
-      name: {{ include "braid.turnSecretName" . }}
-      key: {{ if .Values.turn.existingSecret }}{{ .Values.turn.existingSecretCredentialKey }}{{ else }}credential{{ end }}
+      name: {{ $name }}
+      key: {{ $key }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "braid.coturnSecretName" -}}
+{{- .Values.coturn.existingSecret | default (printf "%s-coturn" (include "braid.fullname" .)) }}
+{{- end }}
+
+{{/* The URLs of the bundled coturn: TURN over UDP, TCP and TLS at coturn.domain. */}}
+{{- define "braid.coturnUrls" -}}
+{{- $c := .Values.coturn }}
+{{- if not $c.domain }}{{ fail "coturn.domain: required with coturn.enabled (the name clients reach coturn at)" }}{{ end }}
+- {{ printf "turn:%s:%d?transport=udp" $c.domain (int $c.port) }}
+- {{ printf "turn:%s:%d?transport=tcp" $c.domain (int $c.port) }}
+- {{ printf "turns:%s:%d?transport=tcp" $c.domain (int $c.tlsPort) }}
 {{- end }}
