@@ -178,3 +178,43 @@ async def test_fifty_participants_with_media_share_the_one_udp_port(server_facto
             await sender.stop()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+async def test_ipv6_candidates_on_the_node_ports():
+    """With rtc.node_ip6 the node offers host candidates on its UDP and ICE-TCP ports over IPv6 too, and a peer
+    that has only IPv6 connects and moves SRTP through the IPv6 share of the port."""
+    from braid.services.media import rtp, sdp
+    from braid.services.media.transport import PeerTransport
+
+    udp_port, tcp_port = free_port(socket.SOCK_DGRAM), free_port()
+    node = await node_ice_host("127.0.0.1", udp_port, tcp_port, PortRange(41140, 41149, "127.0.0.1"), node_ip6="::1")
+    client = IceHost.port_range(PortRange(41150, 41159, host="::1"), "::1")
+    cert = RTCCertificate.generateCertificate()
+    got: list[bytes] = []
+    server = PeerTransport(ice=node, certificate=cert, offerer=False, label="node", on_rtp=got.append,
+                           on_rtcp=lambda d: None, on_state=lambda s: None)
+    peer = PeerTransport(ice=client, certificate=cert, offerer=True, label="v6-peer", on_rtp=lambda d: None,
+                         on_rtcp=lambda d: None, on_state=lambda s: None)
+    try:
+        await server.prepare()
+        await peer.prepare()
+        offered = {(c.transport, c.host, c.port) for c in server.ice_conn.local_candidates}
+        assert offered == {("udp", "127.0.0.1", udp_port), ("tcp", "127.0.0.1", tcp_port),
+                           ("udp", "::1", udp_port), ("tcp", "::1", tcp_port)}
+
+        def description(pc: PeerTransport, setup: str) -> sdp.Session:
+            sections = [sdp.Section(kind="video", mid="0", direction="sendrecv", codecs=[sdp.Codec(96, "VP8", 90000)])]
+            return sdp.parse(sdp.write(sections, pc.local_transport(setup), 1, 1))
+
+        server.set_remote(description(peer, "actpass"), is_offer=True)
+        peer.set_remote(description(server, server.answer_setup), is_offer=False)
+        assert await _settle(lambda: server.state == peer.state == "connected", 10)
+        assert server.ice_conn._nominated[1].local_candidate.host == "::1"
+        for seq in range(5):
+            peer.send_rtp(rtp.HEADER.pack(0x80, 96, seq, 0, 77) + b"over-ipv6")
+        assert await _settle(lambda: len(got) == 5)
+        assert got[0].endswith(b"over-ipv6")
+    finally:
+        await peer.close()
+        await server.close()
+        node.close()
