@@ -218,3 +218,29 @@ async def test_ipv6_candidates_on_the_node_ports():
         await peer.close()
         await server.close()
         node.close()
+
+
+async def test_default_ports_give_way_when_taken_but_configured_ones_do_not(tmp_path):
+    """A second server on one machine still starts when nobody configured the ports (it takes free ones and says
+    so); a configured port that is taken stops start-up with the port named."""
+    from braid.shared.config import load_config
+
+    from .servers import start_server
+
+    assert not load_config(dev=True, env={}).is_set("rtc.udp_port")
+    assert load_config(dev=True, env={"BRAID_RTC__UDP_PORT": "7882"}).is_set("rtc.udp_port")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", 0))
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        udp_port, tcp_port = udp.getsockname()[1], tcp.getsockname()[1]
+        host = await node_ice_host("127.0.0.1", udp_port, tcp_port, PortRange(41160, 41169, "127.0.0.1"),
+                                   busy_fallback=frozenset({"udp", "tcp"}))
+        assert host.udp_port not in (0, udp_port) and host.tcp_port not in (0, tcp_port)
+        host.close()
+        server = start_server(tmp_path, env={"BRAID_RTC__UDP_PORT": str(udp_port)}, wait_ready=False)
+        try:
+            assert server.proc.wait(90) != 0
+            assert f"cannot listen on UDP 127.0.0.1 port {udp_port}" in server.log(), server.log()
+        finally:
+            server.stop()

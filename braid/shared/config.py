@@ -192,6 +192,10 @@ class Config:
     internal_tls: InternalTLSConfig = field(default_factory=InternalTLSConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
 
+    def is_set(self, path: str) -> bool:
+        """Whether `path` (e.g. "rtc.udp_port") was given by the file, the environment or a flag."""
+        return path in getattr(self, "_given", ())
+
     @property
     def webhook_key(self) -> tuple[str, str] | None:
         if not self.keys:
@@ -306,7 +310,7 @@ def parse_keys(text: str) -> dict[str, str]:
     return keys
 
 
-def _apply(target: Any, values: Mapping[str, Any], path: str = "") -> None:
+def _apply(target: Any, values: Mapping[str, Any], path: str = "", given: set[str] | None = None) -> None:
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path.rstrip('.') or 'config'}: must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(target)}
@@ -315,8 +319,10 @@ def _apply(target: Any, values: Mapping[str, Any], path: str = "") -> None:
         if name not in fields:
             raise ConfigError(f"{where}: unknown field")
         current = getattr(target, name)
+        if given is not None:
+            given.add(where)
         if dataclasses.is_dataclass(current):
-            _apply(current, value or {}, where + ".")
+            _apply(current, value or {}, where + ".", given)
         elif name == "keys" and not path:
             if isinstance(value, str):
                 value = parse_keys(value)
@@ -388,6 +394,7 @@ def load_config(
 ) -> Config:
     """Defaults, then the YAML file, then environment variables, then explicit overrides (CLI flags)."""
     config = Config()
+    config._given = given = set()  # type: ignore[attr-defined]
     if dev:
         config.dev = True
         config.keys = dict(DEV_KEYS)
@@ -399,8 +406,8 @@ def load_config(
             raise ConfigError(f"config file: cannot read {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file: {path} is not valid YAML: {exc}") from None
-        _apply(config, data)
-    _apply(config, _env_overrides(os.environ if env is None else env))
+        _apply(config, data, given=given)
+    _apply(config, _env_overrides(os.environ if env is None else env), given=given)
     if overrides:
-        _apply(config, {k: v for k, v in overrides.items() if v is not None})
+        _apply(config, {k: v for k, v in overrides.items() if v is not None}, given=given)
     return config.validate()

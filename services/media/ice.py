@@ -148,6 +148,8 @@ class IceHost:
     sources: list[CandidateSource]
     ufrags: UfragTable | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
+    udp_port: int = 0  # the shared ports, once bound (0: none)
+    tcp_port: int = 0
 
     @classmethod
     def port_range(cls, ports: PortRange, announce_ip: str) -> "IceHost":

@@ -14,10 +14,11 @@ STUN check and then belongs to that ICE connection as one more of its sockets.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from aioice import stun
 from aioice.candidate import Candidate
@@ -330,32 +331,54 @@ class TcpMux:
 # --- the node's sockets ----------------------------------------------------------------------------------------
 
 
-async def node_ice_host(node_ip: str, udp_port: int, tcp_port: int, ports: PortRange, node_ip6: str = "") -> IceHost:
+async def node_ice_host(node_ip: str, udp_port: int, tcp_port: int, ports: PortRange, node_ip6: str = "", *,
+                        bind_ip: str = "", busy_fallback: frozenset[str] = frozenset(),
+                        open_endpoint: Callable | None = None) -> IceHost:
     """The media node's ICE sockets: its UDP port (or, with udp_port 0, a socket per connection from `ports`),
-    its ICE-TCP port (tcp_port 0: none), and both again on `node_ip6` when the node has an IPv6 address."""
+    its ICE-TCP port (tcp_port 0: none), and both again on `node_ip6` when the node has an IPv6 address.
+    A port named in `busy_fallback` ("udp", "tcp") that is already in use is replaced by a free one, with a
+    warning (for ports nobody configured: a second server on one machine); otherwise that is an error.
+    `bind_ip` is where the IPv4 sockets listen when it is not `node_ip` (1:1 NAT); `open_endpoint` opens UDP
+    sockets (see `UdpMux.listen`)."""
     ufrags = UfragTable()
     host = IceHost([], ufrags)
     try:
         for ip in (node_ip, node_ip6):
             if not ip:
                 continue
-            bind = _bindable(ip)
+            bind = bind_ip if bind_ip and ip == node_ip else _bindable(ip)
             if udp_port:
                 udp = (UdpMux6 if ":" in ip else UdpMux)(ufrags, ip)
-                await udp.listen(bind, udp_port)
+                await _listen(udp, bind, udp_port, "udp" in busy_fallback, open_endpoint)
+                udp_port = host.udp_port = udp.port  # the IPv6 socket takes the same port
                 host.sources.append(udp)
                 host.closers.append(udp.close)
             elif ip == node_ip:
                 host.sources.append(OwnSocket(ports, ip))
             if tcp_port:
                 tcp = TcpMux(ufrags, ip)
-                await tcp.listen(bind, tcp_port)
+                await _listen(tcp, bind, tcp_port, "tcp" in busy_fallback, None)
+                tcp_port = host.tcp_port = tcp.port
                 host.sources.append(tcp)
                 host.closers.append(tcp.close)
     except BaseException:
         host.close()
         raise
     return host
+
+
+async def _listen(mux: "UdpMux | TcpMux", host: str, port: int, busy_fallback: bool,
+                  open_endpoint: Callable | None) -> None:
+    extra = {"open_endpoint": open_endpoint} if open_endpoint is not None else {}
+    try:
+        await mux.listen(host, port, **extra)
+    except OSError as exc:
+        if not busy_fallback or exc.errno != errno.EADDRINUSE:
+            raise
+        await mux.listen(host, 0, **extra)
+        kind = "udp" if isinstance(mux, UdpMux) else "tcp"
+        log.warning("%s port %d is in use: listening on %d instead (set rtc.%s_port to choose one)", kind.upper(),
+                    port, mux.port, kind)
 
 
 def _bindable(ip: str) -> str:

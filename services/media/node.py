@@ -112,8 +112,10 @@ class MediaNode:
     async def start(self) -> None:
         rtc = self.config.rtc
         node_ip6 = detect_ipv6() if rtc.node_ip6 == "auto" else rtc.node_ip6
+        # The default ports give way to free ones when taken (a second server on one machine); configured ones don't.
         self.ice = await node_ice_host(
             rtc.node_ip, rtc.udp_port, rtc.tcp_port, self.ports, node_ip6, bind_ip=rtc.bind_ip,
+            busy_fallback=frozenset(k for k in ("udp", "tcp") if not self.config.is_set(f"rtc.{k}_port")),
             open_endpoint=fastpath.endpoint_factory(self.send_path))
         await self.telemetry.start()
         await self.cluster.start()
@@ -122,8 +124,8 @@ class MediaNode:
             asyncio.create_task(self._heartbeat_loop(), name="media-heartbeat"),
             asyncio.create_task(self._tick_loop(), name="media-tick"),
         ]
-        udp = f"UDP port {rtc.udp_port}" if rtc.udp_port else f"UDP ports {self.ports.start}-{self.ports.end}"
-        tcp = f", ICE-TCP port {rtc.tcp_port}" if rtc.tcp_port else ""
+        udp = f"UDP port {self.ice.udp_port}" if rtc.udp_port else f"UDP ports {self.ports.start}-{self.ports.end}"
+        tcp = f", ICE-TCP port {self.ice.tcp_port}" if rtc.tcp_port else ""
         log.info("media node %s serving on %s (%s%s, node IP %s%s); forwarding path: %s", self.node_id,
                  self.grpc_address, udp, tcp, rtc.node_ip, f" and {node_ip6}" if node_ip6 else "",
                  fastpath.describe(self.send_path, rtc.fast_path))
