@@ -120,7 +120,8 @@ class OwnSocket:
         self.announce_ip = announce_ip
 
     async def attach(self, conn: "NodeIceConnection") -> list[Candidate]:
-        _, protocol, port = await self.ports.bind(lambda: MediaProtocol(conn))
+        kind = MediaProtocol6 if ":" in self.ports.host else MediaProtocol
+        _, protocol, port = await self.ports.bind(lambda: kind(conn))
         protocol.local_candidate = host_candidate(self.announce_ip, port)
         conn.add_protocol(protocol)
         return [protocol.local_candidate]
@@ -202,6 +203,13 @@ class MediaProtocol(StunProtocol):
         # Before (or between) nominations: any pair ICE is checking. Its remote addresses came from signalling
         # (bounded by the candidate limit) or from authenticated checks (peer-reflexive).
         return any(p.protocol is self and p.remote_addr == addr for p in self.receiver._check_list)
+
+
+class MediaProtocol6(MediaProtocol):
+    """An IPv6 socket of its own: the kernel's addresses are 4-tuples, the connection's pairs 2-tuples."""
+
+    def datagram_received(self, data: bytes | str, addr) -> None:  # type: ignore[override]
+        super().datagram_received(data, (addr[0], addr[1]))
 
 
 class NodeIceConnection(Connection):
