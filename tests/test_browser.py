@@ -12,6 +12,7 @@ two-participant screenshot the README shows is written to test-artifacts/meet-tw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -188,12 +189,19 @@ class Browser:
 
 @pytest.fixture
 async def browser(chromium_path, fake_speech, request):
+    async with launch_browser(chromium_path, fake_speech, request) as helper:
+        yield helper
+
+
+@contextlib.asynccontextmanager
+async def launch_browser(chromium_path: str, fake_speech: Path, request, extra_args: tuple[str, ...] = ()):
+    """Headless Chromium with fake devices (and `extra_args`); artifacts saved under the test's name."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
     async with playwright_api.async_playwright() as pw:
         chromium = await pw.chromium.launch(
             executable_path=chromium_path,
             headless=True,
-            args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={fake_speech}"],
+            args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={fake_speech}", *extra_args],
         )
         helper = Browser(chromium, ARTIFACTS / "browser" / name)
         try:

@@ -5,13 +5,10 @@ and each page decodes the other's camera. coturn's TLS certificate is self-signe
 
 from __future__ import annotations
 
-import re
-
 import pytest
-from playwright import async_api as playwright_api
 
 from .servers import TurnProcess, start_server, start_turn
-from .test_browser import ARTIFACTS, CHROMIUM_ARGS, Browser, chromium_path, fake_speech, wait_video_flowing  # noqa: F401
+from .test_browser import chromium_path, fake_speech, launch_browser, wait_video_flowing  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -25,18 +22,8 @@ def turn(tmp_path_factory) -> TurnProcess:
 
 @pytest.fixture
 async def relay_browser(chromium_path, fake_speech, request):  # noqa: F811
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    async with playwright_api.async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=chromium_path, headless=True,
-            args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={fake_speech}", "--ignore-certificate-errors"],
-        )
-        helper = Browser(chromium, ARTIFACTS / "browser" / name)
-        try:
-            yield helper
-        finally:
-            await helper.save_artifacts()
-            await chromium.close()
+    async with launch_browser(chromium_path, fake_speech, request, ("--ignore-certificate-errors",)) as helper:
+        yield helper
 
 
 async def _relay_protocols(meet) -> list[str]:

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from .servers import ROOT, free_port
+from .servers import ROOT, free_port, terminate
 
 pytestmark = [pytest.mark.timeout(150)]
 
@@ -59,12 +59,7 @@ def test_clients_without_udp_connect_over_ice_tcp(udp_blocked_namespace, tmp_pat
         call = subprocess.run([*inside, sys.executable, str(ROOT / "tests" / "netns_call.py"), str(port), "no-udp"],
                               capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        terminate(server, 10)
     log = log_path.read_text(errors="replace")
     assert call.returncode == 0, f"{call.stdout}\n{call.stderr[-3000:]}\n--- server\n{log[-3000:]}"
     result = json.loads(call.stdout.strip().splitlines()[-1])
