@@ -259,6 +259,26 @@ async def wait_video_flowing(viewer: MeetPage, identity: str, *, frames: int = 3
     )
 
 
+async def selected_candidates(meet: MeetPage) -> list[str]:
+    """`type/protocol` of the local candidate of each PeerConnection's selected pair (`relay/tls`, `host/tcp`…)."""
+    return await meet.js("""async () => {
+        const pcs = [];
+        const m = window.braidRoom.engine.pcManager;
+        for (const t of [m?.publisher, m?.subscriber]) if (t?.pc && !pcs.includes(t.pc)) pcs.push(t.pc);
+        const out = [];
+        for (const pc of pcs) {
+            const stats = await pc.getStats();
+            stats.forEach(s => {
+                if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+                    const local = stats.get(s.localCandidateId);
+                    out.push(`${local.candidateType}/${local.relayProtocol || local.protocol}`);
+                }
+            });
+        }
+        return out;
+    }""")
+
+
 async def _video_if(viewer: MeetPage, identity: str, cond: Callable[[dict], bool]) -> dict | None:
     stats = video_from(await viewer.inbound(), identity)
     return stats if stats and cond(stats) else None

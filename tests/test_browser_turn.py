@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from .servers import TurnProcess, start_server, start_turn
-from .test_browser import chromium_path, fake_speech, launch_browser, wait_video_flowing  # noqa: F401
+from .test_browser import (  # noqa: F401
+    chromium_path, fake_speech, launch_browser, selected_candidates, wait_video_flowing)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -26,26 +27,6 @@ async def relay_browser(chromium_path, fake_speech, request):  # noqa: F811
         yield helper
 
 
-async def _relay_protocols(meet) -> list[str]:
-    """The relay protocol (udp/tcp/tls) of each selected candidate pair's local candidate on the page."""
-    return await meet.js("""async () => {
-        const pcs = [];
-        const m = window.braidRoom.engine.pcManager;
-        for (const t of [m?.publisher, m?.subscriber]) if (t?.pc && !pcs.includes(t.pc)) pcs.push(t.pc);
-        const out = [];
-        for (const pc of pcs) {
-            const stats = await pc.getStats();
-            stats.forEach(s => {
-                if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
-                    const local = stats.get(s.localCandidateId);
-                    out.push(`${local.candidateType}/${local.relayProtocol || local.protocol}`);
-                }
-            });
-        }
-        return out;
-    }""")
-
-
 @pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
 async def test_browsers_join_through_coturn_only(relay_browser, turn, tmp_path, room_name, transport):
     url = {"udp": turn.urls[0], "tcp": turn.urls[1], "tls": turn.urls[2]}[transport]
@@ -56,7 +37,7 @@ async def test_browsers_join_through_coturn_only(relay_browser, turn, tmp_path, 
         await wait_video_flowing(alice, await bob.identity(), frames=20)
         await wait_video_flowing(bob, await alice.identity(), frames=20)
         for meet in (alice, bob):
-            used = await _relay_protocols(meet)
+            used = await selected_candidates(meet)
             assert used and all(u == f"relay/{transport}" for u in used), used
     finally:
         server.stop()
