@@ -56,7 +56,8 @@ def port_step(port: int, grpc_port: int, count: int) -> int:
 
 
 def worker_configs(config: Config, count: int) -> list[Config]:
-    """The configuration of each worker: the same, but for identity, ports and its slice of the UDP range."""
+    """The configuration of each worker: the same, but for identity, ports (its own rtc.udp_port / tcp_port:
+    the base + i) and its slice of the UDP range."""
     base_id = config.node_id or f"media-{os.uname().nodename}-{os.getpid()}"
     start, end = config.rtc.port_range_start, config.rtc.port_range_end
     size = (end - start + 1) // count
@@ -71,7 +72,9 @@ def worker_configs(config: Config, count: int) -> list[Config]:
             port=config.port + i * step,
             grpc_port=config.grpc_port + i * step if config.grpc_port else 0,
             rtc=dataclasses.replace(config.rtc, port_range_start=start + i * size,
-                                    port_range_end=end if i == count - 1 else start + (i + 1) * size - 1),
+                                    port_range_end=end if i == count - 1 else start + (i + 1) * size - 1,
+                                    udp_port=config.rtc.udp_port + i if config.rtc.udp_port else 0,
+                                    tcp_port=config.rtc.tcp_port + i if config.rtc.tcp_port else 0),
             media=dataclasses.replace(config.media, workers=1),
         )
         configs.append(worker)

@@ -22,6 +22,7 @@ def test_workers_split_ports_and_identity():
     assert [w.node_id for w in workers] == ["ND_pod-w0", "ND_pod-w1", "ND_pod-w2"]
     assert [w.port for w in workers] == [7000, 7001, 7002]
     assert [w.grpc_port for w in workers] == [9000, 9001, 9002]
+    assert [(w.rtc.udp_port, w.rtc.tcp_port) for w in workers] == [(7882, 7881), (7883, 7882), (7884, 7883)]
     chart_like = worker_configs(dataclasses.replace(config, port=7880, grpc_port=7881), 3)
     assert [(w.port, w.grpc_port) for w in chart_like] == [(7880, 7881), (7882, 7883), (7884, 7885)]
     assert [(w.rtc.port_range_start, w.rtc.port_range_end) for w in workers] == [
