@@ -151,7 +151,7 @@ def test_relay_keys_are_sealed_for_the_cluster_and_bound_to_the_node():
         unseal(ours, b"short", "ND_sub")
 
 
-VP8_DELTA = bytes([0x10, 0x00, 0x9D, 0x01, 0x2B]) + b"\x00" * 100  # P bit set: an inter frame
+VP8_DELTA = bytes([0x10, 0x01]) + b"\x00" * 100  # P bit set in the payload header: an inter frame
 
 
 def _simulcast(feedback: Feedback) -> tuple[UpTrack, list]:
@@ -195,8 +195,8 @@ async def test_only_the_layers_the_subscribing_node_wants_cross(relay):
     assert await crossing(1) == {"q"}
     sink.set_wants((2,))
     assert await crossing(2) == {"q", "f"}, "the low layer keeps flowing until the top one has a keyframe"
-    assert await crossing(3, keyframe_on={"f"}) == {"f"}
-    assert await crossing(4) == {"f"}
+    assert await crossing(3, keyframe_on={"f"}) == {"q", "f"}, "(the low layer's packet went first)"
+    assert await crossing(4) == {"f"}, "the top layer's keyframe passed: the low layer stops"
     sink.set_wants((0, 2))
     assert await crossing(5) == {"q", "f"}, "two subscribers there with different caps: both their layers"
     assert sorted(up.demand()) == [0, 2]
@@ -207,3 +207,45 @@ async def test_only_the_layers_the_subscribing_node_wants_cross(relay):
     assert await crossing(7) == {"h"}
     out.detach("TR_s")
     assert await crossing(8) == set() and up.relays == [] and not any(layer.relays for layer in up.layers)
+
+
+def test_the_subscribing_node_follows_the_layers_the_origin_relays_and_reports_its_demand():
+    """A relayed up-track tells its origin each change of what its subscribers want; its subscribers switch to a
+    layer whose packets arrive before the origin's word that it relays it, and leave at once a layer the origin
+    stopped relaying although its last packets are still arriving."""
+    import time
+
+    from braid.services.media.cluster.relayed import RelayedUpTrack
+    from braid.services.media.forward import DownTrack
+
+    demands, sent = [], []
+    up = RelayedUpTrack("TR_r", "video", "video/VP8", 90000, 96, None, request_keyframe=lambda ssrc: None,
+                        request_nack=lambda ssrc, seqs: None, on_demand=lambda: None,
+                        on_demand_change=lambda: demands.append(up.wanted))
+    up.expected_rids = ["q", "h", "f"]
+    q, h, f = (up.add_layer(ssrc, rid) for ssrc, rid in ((21, "q"), (22, "h"), (23, "f")))
+    down = DownTrack(up, sent.append, 96)
+    up.add_down(down)
+    assert demands == [(2,)], "the first subscriber wants the top layer"
+    up.forwarded, up.told_at = [f], time.monotonic()
+    _send_all(up, (f,), 1, keyframe_on={"f"})
+    assert down.current is f and len(sent) == 1
+
+    down.set_max_quality(0)  # the viewer's tile shrank
+    assert demands[-1] == (0,)
+    assert down.target is f, "only the top layer arrives yet"
+    _send_all(up, (q, f), 2)  # the low layer's first packets beat the origin's word
+    assert down.target is q and down.current is f, "on the low layer's keyframe it switches; until then: top"
+    _send_all(up, (q, f), 3, keyframe_on={"q"})
+    assert down.current is q
+    up.forwarded, up.told_at = [q], time.monotonic()
+    up.reassign()
+
+    down.set_max_quality(2)
+    up.forwarded, up.told_at = [f], time.monotonic()  # the origin moved to the top layer again
+    up.reassign()
+    assert down.target is f and down.current is q, "the low layer is left at the top one's keyframe"
+    down.pause()
+    assert demands[-1] == (), "a disabled subscriber wants nothing"
+    down.resume()
+    assert demands[-1] == (2,)

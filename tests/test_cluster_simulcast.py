@@ -2,7 +2,8 @@
 
 The publisher's node (the origin) pauses only layers nobody watches — its own subscribers or those of other nodes,
 whose quality caps reach it over the relay — and relays only the layers they watch. Every process is real: a
-private redis-server, a router, signal and media nodes; the client is the official Python SDK.
+private redis-server, a router, signal and media nodes; the clients are the official Python SDK and livekit-client
+with its defaults (simulcast, dynacast, adaptive stream) in Chromium, on the demo meeting page.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from braid.clients.media import DemoMedia
 
 from .cluster import KEY, SECRET, start_cluster, stop_cluster
 from .servers import start_redis
+from .test_browser import browser, chromium_path, fake_speech  # noqa: F401  (fixtures)
+from .test_browser import MeetPage
+from .test_browser import wait_until as page_wait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,7 +92,7 @@ async def test_python_sdk_simulcast_with_dynacast_reaches_a_viewer_on_another_no
     """The Python SDK publishes 960x540 simulcast with dynacast on (eu node); a viewer on the us node decodes
     continuous frames, drops to the low layer when it asks for LOW and gets the top layer back when it asks for
     HIGH — without a freeze over 1 s at any point. (The SDK's test pattern compresses too well for the relay's
-    bytes to tell the layers apart.)"""
+    bytes to tell the layers apart; the browser test below checks those with Chrome's camera.)"""
     cluster = simulcast_cluster
     eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
     alice, bob = Observer("alice"), Observer("bob")
@@ -135,3 +139,113 @@ async def test_python_sdk_simulcast_with_dynacast_reaches_a_viewer_on_another_no
         await alice.close()
         await bob.close()
 
+
+# ------------------------------------------------------------------------------------------------
+# livekit-client in Chromium, with the SDK's defaults
+
+FREEZE_PROBE = """(identity) => {
+  // Every 100 ms: has a new frame from `identity` been decoded? Keeps the longest wait for one.
+  const probe = {identity, longest: 0, last: performance.now(), frames: 0, widths: []};
+  window.braidFreeze = probe;
+  probe.timer = setInterval(async () => {
+    const stats = await window.braidMeet.inboundStats();
+    const video = stats.find(s => s.identity === probe.identity && s.kind === 'video');
+    const now = performance.now();
+    if (video && video.framesDecoded > probe.frames) {
+      if (now - probe.last > probe.longest) probe.until = new Date().toISOString();
+      probe.longest = Math.max(probe.longest, now - probe.last);
+      probe.last = now;
+      probe.frames = video.framesDecoded;
+      probe.width = video.frameWidth;
+    }
+  }, 100);
+}"""
+
+FREEZE_READ = """(reset) => {
+  const probe = window.braidFreeze;
+  const out = {longest: Math.max(probe.longest, performance.now() - probe.last) / 1000, frames: probe.frames,
+               width: probe.width, until: probe.until};
+  if (reset) probe.longest = 0;
+  return out;
+}"""
+
+
+def token_for(signal_node):
+    """The page's token endpoint, as an application serves it: a join token for the cluster's key."""
+    def mint(query: dict[str, str]) -> dict:
+        token = join_token(KEY, SECRET, query["room"], query.get("identity") or query["name"].lower(),
+                           name=query.get("name", ""))
+        return {"token": token, "url": signal_node.server.ws_url}
+    return mint
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_browsers_on_two_nodes_keep_video_and_a_small_tile_takes_the_low_layer(simulcast_cluster, browser,
+                                                                                     room_name):
+    """Two pages with livekit-client's defaults (720p simulcast, dynacast, adaptive stream), one per media node,
+    decode each other's camera for 30 s with no freeze over 1 s; shrinking Bob's tile of Alice moves the relay to
+    her low layer (the origin sends fewer bytes, Bob decodes <= 320 px wide) and video keeps coming; Bob disabling
+    her video stops it crossing, enabling it brings it back."""
+    cluster = simulcast_cluster
+    eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
+    alice = await browser.join(eu.server, "Alice", room_name, tokens=token_for(eu))
+    bob = await browser.join(us.server, "Bob", room_name, tokens=token_for(us))
+    pages = [alice, bob]
+    try:
+        assert cluster.media_hosting() == {"media-1": 1, "media-2": 1}, cluster.media_hosting()
+        alice_id, bob_id = await alice.identity(), await bob.identity()
+        for viewer, sender in ((alice, bob_id), (bob, alice_id)):
+            await page_wait(lambda: _decoded(viewer, sender, 30), timeout=40,
+                            what=f"{viewer.label} to decode 30 frames from {sender}", pages=pages)
+            await viewer.js(FREEZE_PROBE, sender)
+        await asyncio.sleep(30)
+        for viewer in pages:
+            seen = await viewer.js(FREEZE_READ, True)
+            assert seen["longest"] < 1.0, f"{viewer.label} froze {seen['longest']:.2f} s in 30 s: {seen}"
+
+        origin = next(n for n in cluster.media if n.region == "eu-west")  # Alice's node
+        before = await relay_rate(origin, 3)
+        await bob.js("(id) => { const tile = document.querySelector(`.tile[data-identity='${id}']`);"
+                     " for (const el of [tile, tile.querySelector('video')]) {"
+                     " el.style.width = '160px'; el.style.height = '90px'; el.style.flex = 'none'; } }", alice_id)
+        low = await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: 0 < s["frameWidth"] <= 320),
+                              timeout=20, what="Bob's small tile to get Alice's low layer", pages=pages)
+        await asyncio.sleep(4)  # the top layer's last packets and the switch are behind us
+        after = await relay_rate(origin, 3)
+        assert after < before * 0.5, f"relay from Alice's node: {before:.0f} B/s before, {after:.0f} B/s after"
+        more = await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: s["framesDecoded"] >= low[
+            "framesDecoded"] + 30), timeout=15, what="frames to keep coming on the low layer", pages=pages)
+        assert more["frameWidth"] <= 320, more
+        seen = await bob.js(FREEZE_READ, False)
+        assert seen["longest"] < 1.0, f"Bob froze {seen['longest']:.2f} s through the switch: {seen}"
+
+        # Bob turns Alice's video off (track_setting disabled): no layer of it crosses; on again, it comes back.
+        await bob.js(_SET_ENABLED, [alice_id, False])
+        await asyncio.sleep(2)
+        disabled = await relay_rate(origin, 3)
+        assert disabled < after * 0.5, f"relay {disabled:.0f} B/s with Alice's video disabled at Bob ({after:.0f})"
+        frames = (await _decoded(bob, alice_id, 0))["framesDecoded"]
+        await bob.js(_SET_ENABLED, [alice_id, True])
+        await page_wait(lambda: _decoded(bob, alice_id, frames + 30), timeout=15,
+                        what="Alice's video to come back at Bob", pages=pages)
+        print(f"relay from Alice's node: {before:.0f} B/s with a full tile, {after:.0f} B/s with a small one, "
+              f"{disabled:.0f} B/s with her video disabled")
+    except BaseException:
+        print(cluster.logs())
+        raise
+
+
+_SET_ENABLED = """([identity, on]) => {
+  const participant = window.braidRoom.remoteParticipants.get(identity);
+  participant.getTrackPublication('camera').setEnabled(on);
+}"""
+
+
+async def _decoded_if(viewer: MeetPage, identity: str, cond) -> dict | None:
+    stats = next((s for s in await viewer.inbound() if s["identity"] == identity and s["kind"] == "video"), None)
+    return stats if stats and cond(stats) else None
+
+
+async def _decoded(viewer: MeetPage, identity: str, frames: int) -> dict | None:
+    return await _decoded_if(viewer, identity, lambda s: s["framesDecoded"] >= frames)

@@ -57,7 +57,7 @@ class Layer:
     __slots__ = (
         "rid", "quality", "ssrc", "rtx_ssrc", "buffer", "subs", "packets", "bytes", "last_at", "base_seq",
         "max_seq", "cycles", "expected_prior", "received_prior", "jitter", "transit", "sr_ntp", "sr_rtp", "sr_at",
-        "keyframe_requested_at", "nacked", "first_at", "relays",
+        "keyframe_requested_at", "nacked", "first_at", "woke_at", "relays",
     )
 
     def __init__(self, rid: str, quality: int, ssrc: int, video: bool):
@@ -70,6 +70,7 @@ class Layer:
         self.relays: list[LayerRelay] = []  # the relays carrying this layer to other media nodes
         self.packets = self.bytes = 0
         self.first_at = self.last_at = 0.0
+        self.woke_at = 0.0  # when packets last started again after LAYER_IDLE_AFTER without any
         self.base_seq = self.max_seq = -1
         self.cycles = 0
         self.expected_prior = self.received_prior = 0
@@ -274,8 +275,10 @@ class UpTrack:
         layer.last_at = now
         if layer.buffer is not None:
             layer.buffer.put(seq, data)
-        if woke and (self.downs or self.relays):
-            self.reassign(now)
+        if woke:
+            layer.woke_at = now
+            if self.downs or self.relays:
+                self.reassign(now)
         if self.muted or end <= off:
             return
         for relay in layer.relays:

@@ -10,6 +10,7 @@ origin's dynacast asks the publisher for.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Callable
 
 from livekit.protocol import models
@@ -56,11 +57,17 @@ class RelayedUpTrack(UpTrack):
         self._on_demand_change = on_demand_change
         self.wanted: tuple[int, ...] = ()
         self.forwarded: list | None = None  # the layers the origin relays now (None: not told yet)
+        self.told_at = 0.0
 
     def active_layers(self, now: float):
-        if self.forwarded:
-            return self.forwarded
-        return super().active_layers(now)
+        """Layers the origin says it relays, or that started arriving since it said so (its word and the first
+        packets of a new layer race: UDP and the control stream). A layer it stopped relaying is left at once,
+        though its last packets may still be arriving."""
+        forwarded = self.forwarded
+        if forwarded is None:
+            return super().active_layers(now)
+        eligible = [l for l in self.layers if l in forwarded or l.woke_at > self.told_at]
+        return [l for l in eligible if l.active(now)] or eligible or self.layers
 
     def add_down(self, down) -> None:
         super().add_down(down)
@@ -171,6 +178,7 @@ class RelayedTrack:
             self.ssrcs.add(announced.ssrc)
         forwarding = set(forwarding_ssrcs)
         up.forwarded = [layer for layer in up.layers if layer.ssrc in forwarding]
+        up.told_at = time.monotonic()
         if reorder:
             up.layers.sort(key=lambda l: l.quality)
             up.reassign()
