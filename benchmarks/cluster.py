@@ -151,8 +151,8 @@ async def relay_by_quality(seconds: float) -> dict[str, float]:
                 for i, (layer, (packets, size)) in enumerate(zip(layers, shapes)):
                     for k in range(packets):
                         descriptor = bytes([0x10, 0x00 if frame % (2 * fps) == 0 else 0x01]) if k == 0 else b"\x00"
-                        data = rtp.HEADER.pack(0x80, 96, seq[i] & 0xFFFF, frame * 3000, layer.ssrc) + descriptor + bytes(
-                            size)
+                        header = rtp.HEADER.pack(0x80, 96, seq[i] & 0xFFFF, frame * 3000, layer.ssrc)
+                        data = header + descriptor + bytes(size)
                         seq[i] += 1
                         ingest += len(data)
                         up.on_packet(layer, data, rtp.parse(data))

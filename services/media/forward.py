@@ -25,7 +25,7 @@ UPSTREAM_NACK_INTERVAL = 0.1
 LAYER_IDLE_AFTER = 1.5
 MAX_NACK_BURST = 32
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
-RELAY_SWITCH_TIMEOUT = 2.0  # a relay switching layers stops the old one after this long even without a keyframe
+RELAY_SWITCH_TIMEOUT = 4.0  # a relay switching layers stops the old one after this long even without a keyframe
 QUALITY_OF_RID = {"q": 0, "h": 1, "f": 2}
 HIGHEST = 2
 

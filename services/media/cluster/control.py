@@ -2,10 +2,12 @@
 
 * `OriginConnection` (subscribing node): one per origin node. Opens the stream with fresh SRTP keys and its relay
   socket, subscribes the tracks local subscribers want and keeps the origin told which quality caps they want
-  (coalesced: one update per changed track, whatever the rate of changes), applies the layer SSRCs and sender reports the origin
-  announces, and re-establishes the link (new keys) after it broke, for as long as some track is still wanted.
+  (coalesced: one update per changed track, whatever the rate of changes), applies the layer SSRCs, the layers
+  relayed now and the sender reports the origin announces, and re-establishes the link (new keys) after it broke,
+  for as long as some track is still wanted.
 * `RelayServicer` (origin node): accepts links, attaches and detaches `RelaySink`s on the published tracks, sets
-  the layers each carries from its node's demand, and announces layers, sender reports and tracks that went away. The link ends with its stream.
+  the layers each carries from its node's demand, and announces layers, sender reports and tracks that went away.
+  The link ends with its stream.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ want (`RelayDemand`), and the sink carries the layer the origin would give a loc
 (`forward.LayerRelay`).
 
 The per-packet path never touches aiortc: `UpTrack.on_packet` calls `RelaySink.write` (rewrite the 12-byte header,
-protect, `sendto`) for each relay carrying that layer; on the subscribing node `RelayEndpoint.datagram_received` unprotects and feeds the relayed
-`UpTrack`, which fans out to local `DownTrack`s exactly as for a local publisher.
+protect, `sendto`) for each relay carrying that layer; on the subscribing node `RelayEndpoint.datagram_received`
+unprotects and feeds the relayed `UpTrack`, which fans out to local `DownTrack`s exactly as for a local publisher.
 """
 
 from __future__ import annotations
