@@ -140,8 +140,8 @@ class RawParticipant:
         if not c.packets:
             c.first_packet_at = time.monotonic()
             self.first_media_seconds = c.first_packet_at - self._started
-            if self.count_only and self.pc.ice_conn.protocol is not None:
-                self.pc.ice_conn.protocol.fast = self._count_datagram
+            if self.count_only:
+                self.pc.ice_conn.set_fast(self._count_datagram)
         c.packets += 1
         c.bytes += len(data)
 
