@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from .impairment import RELAY_IP, UdpImpairmentRelay, behind_relay_env, free_port_block
 from .servers import RedisProcess, ServerProcess, WebhookSink, start_redis, start_server, start_webhook_sink
 
 
@@ -53,3 +54,21 @@ def redis_server(tmp_path) -> RedisProcess:
     redis = start_redis(tmp_path)
     yield redis
     redis.stop()
+
+
+@pytest.fixture
+async def impaired_server_factory(server_factory):
+    """Dev servers whose media ports are reached only through a UDP impairment relay (tests/impairment.py):
+    `await start(env)` → (server, relay)."""
+    relays: list[UdpImpairmentRelay] = []
+
+    async def start(env: dict[str, str] | None = None):
+        ports = free_port_block(12)
+        server = server_factory(env={**behind_relay_env(ports), **(env or {})})
+        relay = await UdpImpairmentRelay(RELAY_IP, "127.0.0.1", ports).start()
+        relays.append(relay)
+        return server, relay
+
+    yield start
+    for relay in relays:
+        relay.close()

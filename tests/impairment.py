@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -155,3 +156,33 @@ class UdpImpairmentRelay:
             if flow.transport is not None:
                 flow.transport.close()
         self.flows.clear()
+
+
+RELAY_IP = "127.0.0.2"  # what a media node behind the relay announces; it listens on 127.0.0.1
+
+
+def free_port_block(count: int, hosts=("127.0.0.1", RELAY_IP)) -> range:
+    """`count` consecutive UDP ports free on every one of `hosts`."""
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randint(20000, 39000)
+        socks = []
+        try:
+            for port in range(start, start + count):
+                for host in hosts:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    socks.append(sock)
+                    sock.bind((host, port))
+            return range(start, start + count)
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free UDP port block")
+
+
+def behind_relay_env(ports: range) -> dict[str, str]:
+    """Media node settings that put it behind a relay listening on RELAY_IP and `ports`."""
+    return {"BRAID_RTC__NODE_IP": RELAY_IP, "BRAID_RTC__BIND_IP": "127.0.0.1",
+            "BRAID_RTC__PORT_RANGE_START": str(ports.start), "BRAID_RTC__PORT_RANGE_END": str(ports.stop - 1)}

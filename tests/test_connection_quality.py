@@ -4,58 +4,18 @@ stops, while the publisher on a clean link stays unaffected."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-
 import pytest
 
 from braid.clients.harness import Observer, join_token, wait_until
 from braid.clients.media import DemoMedia
 
-from .impairment import Impairment, UdpImpairmentRelay
+from .impairment import Impairment
 
 pytestmark = pytest.mark.timeout(120)
 
-RELAY_IP = "127.0.0.2"  # what the media node announces; it listens on 127.0.0.1
-PORTS = 12
 
-
-def _free_block(count: int) -> range:
-    """`count` consecutive UDP ports free on both loopback addresses."""
-    import random
-
-    for _ in range(200):
-        start = random.randint(20000, 39000)
-        socks = []
-        try:
-            for port in range(start, start + count):
-                for host in ("127.0.0.1", RELAY_IP):
-                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                    socks.append(s)
-                    s.bind((host, port))
-            return range(start, start + count)
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free UDP port block")
-
-
-@pytest.fixture
-async def impaired_server(server_factory):
-    """A dev server whose media ports are reached only through an impairment relay."""
-    ports = _free_block(PORTS)
-    server = server_factory(env={"BRAID_RTC__NODE_IP": RELAY_IP, "BRAID_RTC__BIND_IP": "127.0.0.1",
-                                 "BRAID_RTC__PORT_RANGE_START": str(ports.start),
-                                 "BRAID_RTC__PORT_RANGE_END": str(ports.stop - 1)})
-    relay = await UdpImpairmentRelay(RELAY_IP, "127.0.0.1", ports).start()
-    yield server, relay
-    relay.close()
-
-
-async def test_quality_falls_to_poor_at_ten_percent_loss_and_recovers(impaired_server, room_name):
-    server, relay = impaired_server
+async def test_quality_falls_to_poor_at_ten_percent_loss_and_recovers(impaired_server_factory, room_name):
+    server, relay = await impaired_server_factory()
     alice, bob = Observer("alice"), Observer("bob")
     media = DemoMedia(frequency=440)
     try:

@@ -13,7 +13,7 @@ import random
 import time
 from typing import Callable
 
-from . import rtcp, rtp
+from . import red, rtcp, rtp, sdp
 from .congestion import LossAdapter
 from .fastpath import DownTrackBase, fan_out
 
@@ -28,6 +28,7 @@ MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet c
 RELAY_SWITCH_TIMEOUT = 4.0  # a relay switching layers stops the old one after this long even without a keyframe
 QUALITY_OF_RID = {"q": 0, "h": 1, "f": 2}
 HIGHEST = 2
+AUDIO_BUFFER = 256  # ~5 s of 20 ms Opus packets: what a NACK can still get back
 
 
 class PacketBuffer:
@@ -65,7 +66,7 @@ class Layer:
         self.quality = quality
         self.ssrc = ssrc
         self.rtx_ssrc = 0
-        self.buffer = PacketBuffer() if video else None
+        self.buffer = PacketBuffer() if video else PacketBuffer(AUDIO_BUFFER)
         self.subs: list[DownTrack] = []
         self.relays: list[LayerRelay] = []  # the relays carrying this layer to other media nodes
         self.packets = self.bytes = 0
@@ -297,7 +298,7 @@ class UpTrack:
             if 0 < diff < 0x8000:
                 if seq < layer.max_seq:
                     layer.cycles += 0x10000
-                if diff > 1 and self.video:
+                if diff > 1:
                     missing = [(layer.max_seq + i) & 0xFFFF for i in range(1, min(diff, MAX_NACK_BURST + 1))]
                     self.nack_upstream(layer, missing, now)
                 layer.max_seq = seq
@@ -507,6 +508,10 @@ class DownTrack(DownTrackBase):
         if previous is not layer:
             self.up.reassign(now)
 
+    def convert(self, payload: bytes) -> bytes:
+        """The payload as this subscriber receives it (see the RED down-tracks below)."""
+        return payload
+
     def pause(self) -> None:
         if not self.paused:
             self.paused = True
@@ -550,7 +555,7 @@ class DownTrack(DownTrackBase):
                 continue
             _, _, _, ts, marker, off, _ = header
             self.send(_pack(0x80 | (packet[0] & 0x20), (marker << 7) | self.pt, out_seq,
-                            (ts + self.ts_off) & 0xFFFFFFFF, self.ssrc) + packet[off:])
+                            (ts + self.ts_off) & 0xFFFFFFFF, self.ssrc) + self.convert(packet[off:]))
             self.retransmits += 1
         if missing:
             self.up.nack_upstream(layer, missing)
@@ -600,3 +605,43 @@ class DownTrack(DownTrackBase):
         if not self.closed:
             self.closed = True
             self.up.remove_down(self)
+
+
+class UnwrappingDownTrack(DownTrack):
+    """Sends a RED track as plain Opus: the primary block of each packet."""
+
+    def write(self, layer, b0, marker, seq, ts, payload, keyframe) -> None:
+        opus = red.primary(payload)
+        if opus:
+            super().write(layer, b0, marker, seq, ts, opus, keyframe)
+
+    def convert(self, payload: bytes) -> bytes:
+        return red.primary(payload)
+
+
+class RepayloadingDownTrack(DownTrack):
+    """Sends RED to a subscriber whose Opus payload type differs from the publisher's."""
+
+    def __init__(self, up: UpTrack, send: Callable[[bytes], None], pt: int, block_pt: int):
+        super().__init__(up, send, pt)
+        self.block_pt = block_pt
+
+    def write(self, layer, b0, marker, seq, ts, payload, keyframe) -> None:
+        super().write(layer, b0, marker, seq, ts, red.with_block_pt(payload, self.block_pt), keyframe)
+
+    def convert(self, payload: bytes) -> bytes:
+        return red.with_block_pt(payload, self.block_pt)
+
+
+def down_track(up: UpTrack, send: Callable[[bytes], None], track_codec: sdp.Codec, codec: sdp.Codec,
+               output=None) -> DownTrack:
+    """The down-track for a subscriber that negotiated `codec` for a track published as `track_codec`. Only plain
+    forwarding takes the compiled path (`output`); the RED conversions stay in their Python `write`."""
+    if not red.is_red(track_codec):
+        return DownTrack(up, send, codec.pt, output=output)
+    if not red.is_red(codec):
+        return UnwrappingDownTrack(up, send, codec.pt)
+    theirs, ours = red.inner_pt(codec), red.inner_pt(track_codec)
+    if theirs is not None and theirs != ours:
+        return RepayloadingDownTrack(up, send, codec.pt, theirs)
+    return DownTrack(up, send, codec.pt, output=output)

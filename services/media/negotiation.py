@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import rtp, sdp
+from . import red, rtp, sdp
 
 AUDIO_CODECS = ("opus",)
 VIDEO_CODECS = ("VP8", "H264", "VP9", "AV1")
@@ -15,8 +15,8 @@ PUBLISH_EXTENSIONS = {
     "audio": (rtp.EXT_MID, rtp.EXT_AUDIO_LEVEL),
     "video": (rtp.EXT_MID, rtp.EXT_RID, rtp.EXT_RRID),
 }
-PUBLISH_FEEDBACK = {"audio": (), "video": ("goog-remb", "ccm fir", "nack", "nack pli")}
-SUBSCRIBE_FEEDBACK = {"audio": (), "video": ("ccm fir", "nack", "nack pli")}
+PUBLISH_FEEDBACK = {"audio": ("nack",), "video": ("goog-remb", "ccm fir", "nack", "nack pli")}
+SUBSCRIBE_FEEDBACK = {"audio": ("nack",), "video": ("ccm fir", "nack", "nack pli")}
 
 
 class NegotiationError(ValueError):
@@ -27,6 +27,8 @@ class NegotiationError(ValueError):
 class PublishCodec:
     codec: sdp.Codec
     rtx: sdp.Codec | None
+    stereo: bool | None = None  # Opus: what the publisher should encode (it follows our answer)
+    dtx: bool | None = None
 
     def mime(self, kind: str) -> str:
         return normalize_mime(kind, self.codec.name)
@@ -47,15 +49,26 @@ def _extensions(media: sdp.Media) -> dict[int, str]:
     return {i: uri for i, uri in media.extmaps.items() if uri in allowed}
 
 
+AUDIO_NACK = ("nack",)  # answered on Opus even when not offered (as LiveKit does): libwebrtc then resends audio
+
+
 def _with_feedback(codec: sdp.Codec, allowed: tuple[str, ...]) -> sdp.Codec:
-    return sdp.Codec(codec.pt, codec.name, codec.clock, codec.channels, codec.fmtp,
-                     [fb for fb in codec.feedback if fb in allowed])
+    feedback = [fb for fb in codec.feedback if fb in allowed]
+    if codec.name.lower() == "opus":
+        feedback += [fb for fb in AUDIO_NACK if fb not in feedback]
+    return sdp.Codec(codec.pt, codec.name, codec.clock, codec.channels, codec.fmtp, feedback)
 
 
-def choose_publish_codec(media: sdp.Media) -> PublishCodec | None:
-    """The codec a publisher's m-line will use: the first offered one the node forwards, and its RTX."""
+def choose_publish_codec(media: sdp.Media, allow_red: bool = True) -> PublishCodec | None:
+    """The codec a publisher's m-line will use: the first offered one the node forwards, and its RTX. Audio RED
+    (over an offered Opus) is preferred whenever offered, unless the track disables it (LiveKit's preference)."""
     wanted = AUDIO_CODECS if media.kind == "audio" else VIDEO_CODECS
     wanted_upper = [w.upper() for w in wanted]
+    offered_red = next((c for c in media.codecs if red.is_red(c)), None) if media.kind == "audio" else None
+    if allow_red and offered_red is not None:
+        inner = media.codec(red.inner_pt(offered_red) or -1)
+        if inner is not None and inner.name.lower() == "opus":
+            return PublishCodec(offered_red, None)
     for codec in media.codecs:
         if codec.name.upper() not in wanted_upper:
             continue
@@ -70,6 +83,11 @@ def choose_publish_codec(media: sdp.Media) -> PublishCodec | None:
 def publish_section(media: sdp.Media, chosen: PublishCodec) -> sdp.Section:
     """Answer to a publisher's sendonly m-line: we receive, with its rids if it sends simulcast."""
     codecs = [_with_feedback(chosen.codec, PUBLISH_FEEDBACK[media.kind])]
+    if red.is_red(chosen.codec):  # its blocks' codec is negotiated too (and carries the NACK feedback)
+        inner = media.codec(red.inner_pt(chosen.codec) or -1)
+        if inner is not None:
+            codecs.append(_with_feedback(inner, PUBLISH_FEEDBACK[media.kind]))
+    codecs = [opus_params(c, chosen.stereo, chosen.dtx) for c in codecs]
     if chosen.rtx is not None:
         codecs.append(sdp.Codec(chosen.rtx.pt, chosen.rtx.name, chosen.rtx.clock, 0, chosen.rtx.fmtp))
     rids = [sdp.Rid(r.rid, "recv", r.params) for r in media.rids if r.direction == "send"]
@@ -83,7 +101,14 @@ def publish_section(media: sdp.Media, chosen: PublishCodec) -> sdp.Section:
 
 
 def match_subscribe_codec(media: sdp.Media, track_codec: sdp.Codec) -> sdp.Codec | None:
-    """The subscriber's payload type for a track's codec on one of its m-lines (None: it cannot receive it)."""
+    """The subscriber's payload type for a track's codec on one of its m-lines (None: it cannot receive it).
+    A RED track goes as RED to a subscriber that offers it over Opus, else as plain Opus."""
+    if red.is_red(track_codec):
+        offered = next((c for c in media.codecs if red.is_red(c)), None)
+        inner = media.codec(red.inner_pt(offered) or -1) if offered is not None else None
+        if inner is not None and inner.name.lower() == "opus":
+            return offered
+        track_codec = red.opus_of(track_codec)
     name = track_codec.name.upper()
     candidates = [c for c in media.codecs if c.name.upper() == name and c.clock == track_codec.clock]
     if not candidates:
@@ -99,13 +124,38 @@ def match_subscribe_codec(media: sdp.Media, track_codec: sdp.Codec) -> sdp.Codec
     return candidates[0]
 
 
-def send_section(media: sdp.Media, codec: sdp.Codec, outgoing: sdp.Outgoing) -> sdp.Section:
-    """Answer to a subscriber's recvonly m-line that carries one of our tracks."""
+def send_section(media: sdp.Media, codec: sdp.Codec, outgoing: sdp.Outgoing, stereo: bool = False) -> sdp.Section:
+    """Answer to a subscriber's recvonly m-line that carries one of our tracks (a stereo Opus track says so)."""
+    codecs = [_with_feedback(codec, SUBSCRIBE_FEEDBACK[media.kind])]
+    if red.is_red(codec):
+        inner = media.codec(red.inner_pt(codec) or -1)
+        if inner is not None:
+            codecs.append(_with_feedback(inner, SUBSCRIBE_FEEDBACK[media.kind]))
+    if stereo:
+        codecs = [opus_params(c, stereo=True) for c in codecs]
     return sdp.Section(
         kind=media.kind, mid=media.mid, direction="sendonly", proto=media.proto,
-        codecs=[_with_feedback(codec, SUBSCRIBE_FEEDBACK[media.kind])], outgoing=outgoing,
-        extmaps=_extensions(media), rtcp_rsize=media.rtcp_rsize,
+        codecs=codecs, outgoing=outgoing, extmaps=_extensions(media), rtcp_rsize=media.rtcp_rsize,
     )
+
+
+def opus_params(codec: sdp.Codec, stereo: bool | None = None, dtx: bool | None = None) -> sdp.Codec:
+    """`codec` with Opus stereo (`stereo`, `sprop-stereo`) and DTX (`usedtx`) set as the track wants; other
+    codecs unchanged."""
+    if codec.name.lower() != "opus":
+        return codec
+    params = codec.params()
+    if stereo is not None:
+        for key in ("stereo", "sprop-stereo"):
+            params.pop(key, None)
+            if stereo:
+                params[key] = "1"
+    if dtx is not None:
+        params.pop("usedtx", None)
+        if dtx:
+            params["usedtx"] = "1"
+    fmtp = ";".join(f"{k}={v}" if v else k for k, v in params.items())
+    return sdp.Codec(codec.pt, codec.name, codec.clock, codec.channels, fmtp, list(codec.feedback))
 
 
 def inactive_section(media: sdp.Media) -> sdp.Section:

@@ -127,18 +127,22 @@ class Publisher:
         """Answer a sendonly/sendrecv m-line: bind it to a pending track, or refuse it (inactive)."""
         bound = self.by_mid.get(media.mid)
         if bound is not None:
-            return negotiation.publish_section(media, negotiation.PublishCodec(bound.codec, bound.rtx))
+            return negotiation.publish_section(media, negotiation.PublishCodec(
+                bound.codec, bound.rtx, bound.info.stereo, not bound.info.disable_dtx))
         req = self._match_pending(media)
         if req is None:
             log.info("%s: offered m-line %s sends an unannounced track; answering inactive", self.p, media.mid)
             return negotiation.inactive_section(media)
-        chosen = negotiation.choose_publish_codec(media)
+        chosen = negotiation.choose_publish_codec(media, allow_red=not req.disable_red)
         if chosen is None:
             log.info("%s: no forwardable codec on m-line %s", self.p, media.mid)
             self.pending.pop(req.cid, None)
             self.p.send_request_response(rtc_pb.RequestResponse(
                 reason=rtc_pb.RequestResponse.UNSUPPORTED_TYPE, message="codec not supported", add_track=req))
             return negotiation.inactive_section(media)
+        if media.kind == "audio":  # what the publisher encodes follows our answer: the track's stereo and DTX
+            chosen.stereo, chosen.dtx = req.stereo, not req.disable_dtx
+            chosen.codec = negotiation.opus_params(chosen.codec, chosen.stereo, chosen.dtx)
         del self.pending[req.cid]
         sid = self.pending_sids.pop(req.cid)
         info = self._track_info(req, sid)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-from . import negotiation, rtcp, sdp
-from .forward import DownTrack
+from . import negotiation, red, rtcp, sdp
+from .forward import DownTrack, down_track
 from .interfaces import Participant
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class Subscriber:
 
     def _bind(self, sub: Subscription, mid: str, codec: sdp.Codec, bound: bool = True) -> None:
         pc = self.p.sub_pc
-        sub.down = DownTrack(sub.track.up, pc.send_rtp, codec.pt, output=pc.output)
+        sub.down = down_track(sub.track.up, pc.send_rtp, sub.track.codec, codec, output=pc.output)
         sub.down.bound = bound
         sub.offer_id = self.offer_id + 1
         while sub.down.ssrc in self.down_by_ssrc:
@@ -198,7 +198,7 @@ class Subscriber:
     def answer_slot(self, media: sdp.Media) -> sdp.Section:
         bound = next((s for s in self.subs.values() if s.mid == media.mid and s.down is not None), None)
         if bound is not None and bound.codec is not None:
-            return negotiation.send_section(media, bound.codec, self.outgoing(bound))
+            return negotiation.send_section(media, bound.codec, self.outgoing(bound), bound.track.info.stereo)
         if media.mid in self.used_mids or media.kind not in self.free_mids:
             return negotiation.inactive_section(media)
         for sub in self.subs.values():
@@ -210,7 +210,7 @@ class Subscriber:
                 continue
             self.used_mids.add(media.mid)
             self._bind(sub, media.mid, codec)
-            return negotiation.send_section(media, codec, self.outgoing(sub))
+            return negotiation.send_section(media, codec, self.outgoing(sub), sub.track.info.stereo)
         self.free_mids[media.kind].append(media.mid)
         return negotiation.inactive_section(media)
 
@@ -262,9 +262,11 @@ class Subscriber:
             self.app_mid = str(len(self.slots))
         for sub in self.subs.values():
             if sub.down is None:
-                slot = Slot(str(len(self.slots) + 1), sub.kind, sub.track.codec, sub)
+                # Our own offer names one codec: a RED track goes as plain Opus to a v0 subscriber.
+                codec = red.opus_of(sub.track.codec) if red.is_red(sub.track.codec) else sub.track.codec
+                slot = Slot(str(len(self.slots) + 1), sub.kind, codec, sub)
                 self.slots.append(slot)
-                self._bind(sub, slot.mid, sub.track.codec, bound=False)  # sent once the client answered
+                self._bind(sub, slot.mid, codec, bound=False)  # sent once the client answered
         sections = [negotiation.offer_application_section(self.app_mid)]
         for slot in self.slots:
             outgoing = self.outgoing(slot.sub) if slot.sub is not None and slot.sub.down is not None else None
