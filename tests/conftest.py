@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from .impairment import RELAY_IP, UdpImpairmentRelay, behind_relay_env, free_port_block
+from .impairment import RELAY_IP, UdpImpairmentRelay, behind_relay_env, can_isolate, free_port_block
 from .servers import RedisProcess, ServerProcess, WebhookSink, start_redis, start_server, start_webhook_sink
 
 
@@ -60,6 +60,8 @@ def redis_server(tmp_path) -> RedisProcess:
 async def impaired_server_factory(server_factory):
     """Dev servers whose media ports are reached only through a UDP impairment relay (tests/impairment.py):
     `await start(env)` → (server, relay)."""
+    if not can_isolate():
+        pytest.skip("the impairment relay needs root and iptables to keep the media node behind it")
     relays: list[UdpImpairmentRelay] = []
 
     async def start(env: dict[str, str] | None = None):

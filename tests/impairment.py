@@ -2,7 +2,10 @@
 direction and per client flow, changeable while media flows.
 
 The media node listens on `target_host` (rtc.bind_ip) but announces `listen_host` (rtc.node_ip) in its ICE
-candidates, so clients send to the relay, which listens on the same ports. Each client address gets its own
+candidates, so clients send to the relay, which listens on the same ports. The node's own connectivity checks
+towards the clients' host candidates would find a direct path around the relay, so `start()` drops, with one
+iptables rule scoped to the node's ports, whatever those sockets send anywhere but the relay (needs root, as CI
+runs; elsewhere the tests that need it are skipped). Each client address gets its own
 upstream socket (the node sees one peer per client, as behind a NAT) and its own impairment, so a test can
 degrade one subscriber and leave the publisher alone: `flows_since(mark)` are the flows of clients that joined
 after `mark`.
@@ -11,8 +14,11 @@ after `mark`.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -109,7 +115,13 @@ class UdpImpairmentRelay:
         self._listeners: list[_Listener] = []
         self._pending: dict[tuple[int, tuple[str, int]], list[bytes]] = {}
 
+    def _rule(self) -> list[str]:
+        return ["OUTPUT", "-p", "udp", "-s", self.target_host, "--sport", f"{self.ports.start}:{self.ports.stop - 1}",
+                "!", "-d", self.target_host, "-j", "DROP"]
+
     async def start(self) -> UdpImpairmentRelay:
+        subprocess.run(["iptables", "-w", "-I", *self._rule()], check=True, capture_output=True)
+        self._isolated = True
         loop = asyncio.get_running_loop()
         for port in self.ports:
             _, listener = await loop.create_datagram_endpoint(lambda port=port: _Listener(self, port),
@@ -149,6 +161,9 @@ class UdpImpairmentRelay:
             flow.up.push(data)
 
     def close(self) -> None:
+        if getattr(self, "_isolated", False):
+            subprocess.run(["iptables", "-w", "-D", *self._rule()], capture_output=True)
+            self._isolated = False
         for listener in self._listeners:
             if listener.transport is not None:
                 listener.transport.close()
@@ -186,3 +201,10 @@ def behind_relay_env(ports: range) -> dict[str, str]:
     """Media node settings that put it behind a relay listening on RELAY_IP and `ports`."""
     return {"BRAID_RTC__NODE_IP": RELAY_IP, "BRAID_RTC__BIND_IP": "127.0.0.1",
             "BRAID_RTC__PORT_RANGE_START": str(ports.start), "BRAID_RTC__PORT_RANGE_END": str(ports.stop - 1)}
+
+
+def can_isolate() -> bool:
+    """Whether this process may add the iptables rule that keeps a media node behind the relay."""
+    if os.geteuid() != 0 or shutil.which("iptables") is None:
+        return False
+    return subprocess.run(["iptables", "-w", "-L", "OUTPUT", "-n"], capture_output=True).returncode == 0

@@ -32,7 +32,9 @@ async def test_quality_falls_to_poor_at_ten_percent_loss_and_recovers(impaired_s
         assert bob_flows, relay.flows
         for flow in bob_flows:
             flow.impair(down=Impairment(loss=0.10))
-        assert await wait_until(lambda: bob.quality_of("bob") == "QUALITY_POOR", 20), bob.events
+        assert await wait_until(lambda: bob.quality_of("bob") == "QUALITY_POOR", 30), (
+            [e for e in bob.events if e[0] == "connection_quality"],
+            [(f.port, f.client, f.down.passed, f.down.dropped, f.up.passed) for f in relay.flows.values()])
         assert alice.quality_of("alice") == "QUALITY_EXCELLENT", alice.events  # her own link is clean
         assert bob.quality_of("alice") == "QUALITY_EXCELLENT"  # and bob hears it so
 

@@ -10,6 +10,7 @@ runs per packet: it reads the counters the forwarding path keeps anyway.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
@@ -27,6 +28,7 @@ EXCELLENT_ABOVE, GOOD_ABOVE, POOR_ABOVE = 80.0, 40.0, 20.0
 LOST_SCORE = 20.0
 INCREASE, DECREASE = 0.4, 0.8  # recover conservatively, fall quickly
 Quality = models.ConnectionQuality
+log = logging.getLogger(__name__)
 
 
 def loss_weight(mime: str, fec: bool) -> float:
@@ -177,8 +179,9 @@ class DownstreamScore:
         # Retransmissions go on the stream itself, so a report counts a repaired packet as received: what the
         # subscriber asked for again is the loss on its link.
         lost = max(report[1] - prior[1], report[2] - prior[2])
-        self.scorer.update(Window(duration, expected, lost, rtt_ms=d.rtt * 1000.0,
-                                  jitter_ms=d.rr_jitter * 1000.0 / d.clock_rate))
+        window = Window(duration, expected, lost, rtt_ms=d.rtt * 1000.0, jitter_ms=d.rr_jitter * 1000.0 / d.clock_rate)
+        self.scorer.update(window)
+        log.debug("%s -> %s: %s score %.1f", d.up.track_sid, d.ssrc, window, self.scorer.score)
 
 
 class ParticipantQuality:
