@@ -199,7 +199,8 @@ def free_port_block(count: int, hosts=("127.0.0.1", RELAY_IP)) -> range:
 
 def behind_relay_env(ports: range) -> dict[str, str]:
     """Media node settings that put it behind a relay listening on RELAY_IP and `ports`."""
-    return {"BRAID_RTC__NODE_IP": RELAY_IP, "BRAID_RTC__BIND_IP": "127.0.0.1",
+    return {"BRAID_RTC__NODE_IP": RELAY_IP, "BRAID_RTC__BIND_IP": "127.0.0.1", "BRAID_RTC__UDP_PORT": "0",
+            "BRAID_RTC__TCP_PORT": "0",  # a socket per participant from the range, and no ICE-TCP around the relay
             "BRAID_RTC__PORT_RANGE_START": str(ports.start), "BRAID_RTC__PORT_RANGE_END": str(ports.stop - 1)}
 
 
