@@ -308,6 +308,51 @@ async def test_burst_endpoint_drains_every_ready_datagram_per_wake_up(compiled):
     peer.close()
 
 
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["recvmmsg", "recvfrom"])
+async def test_a_datagram_the_protocol_cannot_handle_never_stops_the_shared_socket(compiled):
+    """The node's one UDP port serves every participant: a protocol error on one datagram (a stranger's malformed
+    STUN, say) is logged and the socket keeps reading the rest of the burst and everything after it."""
+    from braid.services.media.fastpath.endpoint import create_endpoint
+
+    class Fragile(asyncio.DatagramProtocol):
+        def __init__(self):
+            self.got = []
+
+        def datagram_received(self, data, addr):
+            if data == b"poison":
+                raise ValueError("cannot parse")
+            self.got.append(data)
+
+    transport, proto = await create_endpoint(Fragile, ("127.0.0.1", 0), compiled=compiled)
+    port = transport.get_extra_info("sockname")[1]
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for data in (b"a", b"poison", b"b"):
+            peer.sendto(data, ("127.0.0.1", port))
+        await asyncio.sleep(0.05)
+        peer.sendto(b"later", ("127.0.0.1", port))
+        for _ in range(100):
+            if b"later" in proto.got:
+                break
+            await asyncio.sleep(0.005)
+        assert proto.got == [b"a", b"b", b"later"]
+    finally:
+        transport.close()
+        peer.close()
+
+
+def test_a_strangers_malformed_stun_is_dropped_not_raised():
+    """aioice raises struct.error on a short attribute; the mux counts such a datagram as dropped."""
+    import struct
+
+    from braid.services.media.icemux import _parse_stun
+
+    attribute = struct.pack("!HH", 0x8028, 2) + b"\x00\x00\x00\x00"  # FINGERPRINT claiming 2 bytes
+    header = struct.pack("!HHI", 0x0001, len(attribute), 0x2112A442) + os.urandom(12)
+    assert _parse_stun(header + attribute) is None
+
+
 def _simulcast_stream(rng: random.Random):
     """Packets of a 3-layer VP8 track: (layer index, packet), keyframes every 40 packets per layer, a wrap."""
     seqs = [65000, 100, 30000]

@@ -18,6 +18,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 from typing import Any, Callable
 
 from aioice import stun
@@ -26,6 +27,14 @@ from aioice.candidate import Candidate
 from .ice import SOCKET_BUFFER, IceHost, MediaProtocol, NodeIceConnection, OwnSocket, PortRange, UfragTable, host_candidate
 
 log = logging.getLogger(__name__)
+
+
+def _parse_stun(data: bytes) -> stun.Message | None:
+    """A stranger's STUN message, or None: aioice raises struct.error (not ValueError) on short attributes."""
+    try:
+        return stun.parse_message(data)
+    except (ValueError, struct.error, IndexError):
+        return None
 
 Address = tuple[Any, ...]
 
@@ -154,9 +163,8 @@ class UdpMux(asyncio.DatagramProtocol):
         if len(data) < 20 or data[0] > 1:  # only STUN (RFC 7983: first byte 0-3; requests and responses 0-1)
             self.dropped += 1
             return
-        try:
-            message = stun.parse_message(data)
-        except ValueError:
+        message = _parse_stun(data)
+        if message is None:
             self.dropped += 1
             return
         share: SharedProtocol | None
@@ -263,9 +271,8 @@ class IceTcpStream(asyncio.Protocol):
                 return
 
     def _identify(self, frame: bytes) -> bool:
-        try:
-            message = stun.parse_message(frame)
-        except ValueError:
+        message = _parse_stun(frame)
+        if message is None:
             return False
         if message.message_class != stun.Class.REQUEST:
             return False

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from typing import Any, Callable
 
 from . import _fastpath
+
+log = logging.getLogger(__name__)
 
 PACE = 0.001
 MAX_DATAGRAM = 4096  # larger than any packet a WebRTC peer sends (it keeps them under the path MTU)
@@ -69,7 +72,10 @@ class BurstDatagramTransport(asyncio.DatagramTransport):
         for data, addr in datagrams:
             if self._closing:
                 break
-            received(data, addr)
+            try:
+                received(data, addr)
+            except Exception:  # one peer's bad datagram must never stop the socket every participant shares
+                log.exception("datagram from %s not handled", addr)
         return len(datagrams)
 
     def _on_readable(self) -> None:
