@@ -180,7 +180,7 @@ def free_port_block(count: int, hosts=("127.0.0.1", RELAY_IP)) -> range:
     """`count` consecutive UDP ports free on every one of `hosts`."""
     rng = random.Random()
     for _ in range(200):
-        start = rng.randint(20000, 39000)
+        start = rng.randint(32000, 32700 - count)  # beside free_port's range, below the ephemeral one
         socks = []
         try:
             for port in range(start, start + count):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,10 +19,28 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV_KEY, DEV_SECRET = "devkey", "secret"
 
 
+# Ports handed to servers come from below the kernel's ephemeral range (32768-60999 on Linux): a port the kernel
+# picked and we released is soon taken again by some client's outgoing connection, before the server binds it.
+_TEST_PORTS = range(12000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 free for both TCP and UDP, outside the ephemeral range, not handed out before."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.choice(_TEST_PORTS)
+        if port in _handed_out:
+            continue
+        try:
+            for sock_kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, sock_kind) as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def media_ports() -> dict[str, str]:
