@@ -354,14 +354,22 @@ def test_a_strangers_malformed_stun_is_dropped_not_raised():
 
 
 def _simulcast_stream(rng: random.Random):
-    """Packets of a 3-layer VP8 track: (layer index, packet), keyframes every 40 packets per layer, a wrap."""
+    """Packets of a 3-layer VP8 track: (layer index, packet), keyframes every 40 packets per layer, a sequence
+    wrap, and each layer numbering its pictures on its own (15-bit picture ids and TL0PICIDX from a random start,
+    7-bit ones on the top layer; every 50th packet a truncated descriptor)."""
     seqs = [65000, 100, 30000]
+    pids = [rng.randrange(0x8000) for _ in seqs]
+    tl0s = [rng.randrange(256) for _ in seqs]
     for i in range(400):
         for index in range(3):
             seq = (seqs[index] + i) & 0xFFFF
             keyframe = i % 40 == 0
-            descriptor = bytes([0x10, 0x00 if keyframe else 0x01]) if True else b""
-            body = descriptor + rng.randbytes(rng.randint(20, 1100))
+            pid, tl0 = pids[index] + i // 4, (tl0s[index] + i // 4) & 0xFF
+            picture = bytes([pid & 0x7F]) if index == 2 else bytes([0x80 | (pid >> 8) & 0x7F, pid & 0xFF])
+            descriptor = bytes([0x90 | (0x10 if i % 4 == 0 else 0), 0xC0]) + picture + bytes([tl0])
+            if i % 50 == 7:
+                descriptor = descriptor[:3]
+            body = descriptor + bytes([0x00 if keyframe else 0x01]) + rng.randbytes(rng.randint(20, 1100))
             marker = 1 if i % 4 == 3 else 0
             yield index, rtp.HEADER.pack(0x80, (marker << 7) | 96, seq, (i // 4) * 3000 + index, 0x100 + index) + body
 
@@ -444,6 +452,7 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
             rx.recv(4096)  # nothing more than the reference sent
         f, r = fast_downs[i], ref_downs[i]
         assert (f.packets, f.octets, f.last_seq, f.last_ts) == (r.packets, r.octets, r.last_seq, r.last_ts)
+        assert (f.pid_off, f.tl0_off, f.last_pid, f.last_tl0) == (r.pid_off, r.tl0_off, r.last_pid, r.last_tl0)
         fsr, rsr = f.sender_report(clock[0]), r.sender_report(clock[0])
         assert fsr[:8] + fsr[16:] == rsr[:8] + rsr[16:]  # all but the NTP time (wall clock, read twice)
         rx.close()

@@ -218,6 +218,33 @@ def test_layer_switch_happens_on_a_keyframe_and_keeps_sequence_continuity():
     assert t.down.current is high
 
 
+def _vp8(pid: int, tl0: int, key: bool) -> bytes:
+    """A VP8 packet starting a frame, with a 15-bit picture id and TL0PICIDX, as Chrome sends."""
+    return bytes([0x90, 0xC0, 0x80 | (pid >> 8), pid & 0xFF, tl0, 0x00 if key else 0x01, 0x9D])
+
+
+def test_layer_switch_continues_the_subscribers_vp8_picture_ids():
+    """Each simulcast layer numbers its pictures from its own random start; a subscriber whose picture ids jumped
+    back on a switch would drop every frame as already decoded, so they continue across it (and in resends)."""
+    t = _Track()
+    low, high = t.up.add_layer(2000, "q"), t.up.add_layer(3000, "f")
+    t.down.set_max_quality(0)
+    t.feed(low, _packet(50, 1000, 2000, _vp8(20000, 7, True)))
+    t.feed(low, _packet(51, 4000, 2000, _vp8(20001, 8, False)))
+    t.down.set_max_quality(2)
+    high.last_at, high.packets = low.last_at, 1
+    t.up.reassign()
+    t.feed(high, _packet(901, 780000, 3000, _vp8(32767, 250, True)))  # switch: picture ids from 20002, 9
+    t.feed(high, _packet(902, 783000, 3000, _vp8(0, 251, False)))  # the high layer's ids wrap
+    seen = [rtp.vp8_ids(p[12:]) for p in t.sent]
+    assert [(i.picture_id, i.tl0) for i in seen] == [(20000, 7), (20001, 8), (20002, 9), (20003, 10)]
+    assert all(p.endswith(b"\x9d") and len(p) == 12 + 7 for p in t.sent)
+    t.sent.clear()
+    t.down.on_nack([t.down.last_seq])
+    assert [(rtp.vp8_ids(p[12:]).picture_id, rtp.vp8_ids(p[12:]).tl0) for p in t.sent] == [(20003, 10)]
+    assert rtp.vp8_ids(bytes([0x90, 0x80])) is None and rtp.vp8_ids(bytes([0x10, 0x00])) is None  # truncated; none
+
+
 def test_mute_stops_forwarding_and_rtx_is_restored():
     t = _Track()
     layer = t.up.add_layer(1000)

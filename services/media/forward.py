@@ -443,6 +443,9 @@ class DownTrack(DownTrackBase):
         self.ssrc = ssrc or random.randint(1, 0xFFFFFFFF)
         self.clock_rate = up.clock_rate
         self.video = up.video
+        self.vp8 = up.mime == "video/VP8"  # picture ids and TL0PICIDX are renumbered across layer switches
+        self.pid_off = self.tl0_off = 0
+        self.last_pid = self.last_tl0 = -1  # the last sent, as the subscriber saw them; -1: none yet
         self.requested_quality = 2  # what the subscriber asked for (track_setting quality or size)
         self.loss = LossAdapter()  # what its link carries, from its receiver reports
         self.current: Layer | None = None
@@ -476,22 +479,26 @@ class DownTrack(DownTrackBase):
             if (seq - self.switch_seq) & 0x8000:
                 return  # older than the point this layer was joined at
         elif layer is self.target and (keyframe or not self.video):
-            self._anchor(layer, seq, ts)
+            self._anchor(layer, seq, ts, payload)
         else:
             return  # another layer's packet, or still waiting for a keyframe
         out_seq = (seq + self.seq_off) & 0xFFFF
         out_ts = (ts + self.ts_off) & 0xFFFFFFFF
+        newest = (out_seq - self.last_seq) & 0xFFFF < 0x8000
+        if self.vp8:
+            payload = self._renumber(payload, newest)
         self.send(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc) + payload)
         self.packets += 1
         self.octets += len(payload)
-        if (out_seq - self.last_seq) & 0xFFFF < 0x8000:
+        if newest:
             self.last_seq = out_seq
             if out_ts != self.last_ts:
                 self.last_ts = out_ts
                 self.last_ts_at = time.monotonic()
 
-    def _anchor(self, layer: Layer, seq: int, ts: int) -> None:
-        """Continue the outgoing stream from `seq`/`ts` of `layer` (first packet, layer switch, or resume)."""
+    def _anchor(self, layer: Layer, seq: int, ts: int, payload: bytes) -> None:
+        """Continue the outgoing stream from `seq`/`ts` (and a VP8 `payload`'s picture ids) of `layer` (first
+        packet, layer switch, or resume)."""
         now = time.monotonic()
         if self.last_ts_at:
             advance = max(1, int((now - self.last_ts_at) * self.clock_rate))
@@ -499,6 +506,12 @@ class DownTrack(DownTrackBase):
             advance = 0
         self.seq_off = (self.last_seq + 1 - seq) & 0xFFFF
         self.ts_off = (self.last_ts + advance - ts) & 0xFFFFFFFF
+        ids = rtp.vp8_ids(payload) if self.vp8 else None
+        if ids is not None:
+            if ids.pid_mask and self.last_pid >= 0:
+                self.pid_off = (self.last_pid + 1 - ids.picture_id) & ids.pid_mask
+            if ids.tl0 >= 0 and self.last_tl0 >= 0:
+                self.tl0_off = (self.last_tl0 + 1 - ids.tl0) & 0xFF
         if self.video and not self.packets:
             self.followup_keyframe = True
         self.switch_seq = seq
@@ -511,6 +524,20 @@ class DownTrack(DownTrackBase):
     def convert(self, payload: bytes) -> bytes:
         """The payload as this subscriber receives it (see the RED down-tracks below)."""
         return payload
+
+    def _renumber(self, payload: bytes, newest: bool) -> bytes:
+        """A VP8 payload with this down-track's picture id and TL0PICIDX; `newest`: remember them as the last."""
+        ids = rtp.vp8_ids(payload)
+        if ids is None:
+            return payload
+        if newest:
+            if ids.pid_mask:
+                self.last_pid = (ids.picture_id + self.pid_off) & ids.pid_mask
+            if ids.tl0 >= 0:
+                self.last_tl0 = (ids.tl0 + self.tl0_off) & 0xFF
+        if not (self.pid_off or self.tl0_off):
+            return payload
+        return rtp.vp8_renumbered(payload, ids, self.pid_off, self.tl0_off)
 
     def pause(self) -> None:
         if not self.paused:
@@ -554,8 +581,11 @@ class DownTrack(DownTrackBase):
             if header is None:
                 continue
             _, _, _, ts, marker, off, _ = header
+            body = self.convert(packet[off:])
+            if self.vp8:
+                body = self._renumber(body, newest=False)
             self.send(_pack(0x80 | (packet[0] & 0x20), (marker << 7) | self.pt, out_seq,
-                            (ts + self.ts_off) & 0xFFFFFFFF, self.ssrc) + self.convert(packet[off:]))
+                            (ts + self.ts_off) & 0xFFFFFFFF, self.ssrc) + body)
             self.retransmits += 1
         if missing:
             self.up.nack_upstream(layer, missing)

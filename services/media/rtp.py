@@ -6,6 +6,7 @@ Everything here works on the decrypted packet bytes and never decodes media.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 _FIXED = struct.Struct("!BBHII")
 HEADER = _FIXED  # (b0, b1, seq, ts, ssrc)
@@ -112,6 +113,63 @@ def _vp8_keyframe(p: bytes | memoryview) -> bool:
         if x & 0x30:  # T or K
             off += 1
     return len(p) > off and not p[off] & 0x01  # P bit of the VP8 frame tag: 0 = key frame
+
+
+@dataclass(frozen=True, slots=True)
+class Vp8Ids:
+    """Where a VP8 payload descriptor (RFC 7741) keeps its picture id and TL0PICIDX, and their values.
+
+    A subscriber's decoder orders frames by picture id: simulcast layers number their pictures independently,
+    so a down-track switching layers renumbers them to continue its own sequence (a jump back makes the receiver
+    drop every frame as already seen)."""
+
+    picture_id: int
+    pid_mask: int  # 0x7F or 0x7FFF: the field's width; 0 when the descriptor has no picture id
+    pid_pos: int
+    tl0: int  # -1 when absent
+    tl0_pos: int
+
+
+def vp8_ids(p: bytes | memoryview) -> Vp8Ids | None:
+    """The picture id and TL0PICIDX of a VP8 payload, or None when it carries neither (or is truncated)."""
+    if len(p) < 2 or not p[0] & 0x80:
+        return None
+    x = p[1]
+    pos = 2
+    pid, mask, pid_pos = 0, 0, 0
+    if x & 0x80:
+        if len(p) <= pos:
+            return None
+        pid_pos = pos
+        if p[pos] & 0x80:
+            if len(p) <= pos + 1:
+                return None
+            pid, mask = ((p[pos] & 0x7F) << 8) | p[pos + 1], 0x7FFF
+            pos += 2
+        else:
+            pid, mask = p[pos], 0x7F
+            pos += 1
+    tl0, tl0_pos = -1, 0
+    if x & 0x40:
+        if len(p) <= pos:
+            return None
+        tl0, tl0_pos = p[pos], pos
+    if not mask and tl0 < 0:
+        return None
+    return Vp8Ids(pid, mask, pid_pos, tl0, tl0_pos)
+
+
+def vp8_renumbered(p: bytes, ids: Vp8Ids, pid_off: int, tl0_off: int) -> bytes:
+    """The payload with its picture id and TL0PICIDX moved on by the given offsets (each wraps in its width)."""
+    out = bytearray(p)
+    if ids.pid_mask == 0x7FFF:
+        pid = (ids.picture_id + pid_off) & 0x7FFF
+        out[ids.pid_pos], out[ids.pid_pos + 1] = 0x80 | (pid >> 8), pid & 0xFF
+    elif ids.pid_mask:
+        out[ids.pid_pos] = (ids.picture_id + pid_off) & 0x7F
+    if ids.tl0 >= 0:
+        out[ids.tl0_pos] = (ids.tl0 + tl0_off) & 0xFF
+    return bytes(out)
 
 
 def _h264_keyframe(p: bytes | memoryview) -> bool:

@@ -846,9 +846,9 @@ static PyTypeObject OutputType = {
 typedef struct {
     PyObject_HEAD
     PyObject *output, *current, *target;
-    char paused, bound, waiting_keyframe, video;
-    int pt;
-    unsigned int ssrc, seq_off, ts_off, switch_seq, last_seq, last_ts;
+    char paused, bound, waiting_keyframe, video, vp8;
+    int pt, last_pid, last_tl0;
+    unsigned int ssrc, seq_off, ts_off, switch_seq, last_seq, last_ts, pid_off, tl0_off;
     double last_ts_at;
     unsigned long long packets, octets;
 } DownState;
@@ -875,8 +875,10 @@ static void DownState_dealloc(DownState *self) {
 
 static PyObject *DownState_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     DownState *self = (DownState *)type->tp_alloc(type, 0);
-    if (self != NULL)
+    if (self != NULL) {
         self->bound = 1;
+        self->last_pid = self->last_tl0 = -1;
+    }
     return (PyObject *)self;
 }
 
@@ -888,6 +890,11 @@ static PyMemberDef DownState_members[] = {
     {"bound", T_BOOL, offsetof(DownState, bound), 0, NULL},
     {"waiting_keyframe", T_BOOL, offsetof(DownState, waiting_keyframe), 0, NULL},
     {"video", T_BOOL, offsetof(DownState, video), 0, NULL},
+    {"vp8", T_BOOL, offsetof(DownState, vp8), 0, NULL},
+    {"pid_off", T_UINT, offsetof(DownState, pid_off), 0, NULL},
+    {"tl0_off", T_UINT, offsetof(DownState, tl0_off), 0, NULL},
+    {"last_pid", T_INT, offsetof(DownState, last_pid), 0, NULL},
+    {"last_tl0", T_INT, offsetof(DownState, last_tl0), 0, NULL},
     {"pt", T_INT, offsetof(DownState, pt), 0, NULL},
     {"ssrc", T_UINT, offsetof(DownState, ssrc), 0, NULL},
     {"seq_off", T_UINT, offsetof(DownState, seq_off), 0, NULL},
@@ -912,6 +919,47 @@ static PyTypeObject DownStateType = {
     .tp_dealloc = (destructor)DownState_dealloc,
     .tp_members = DownState_members,
 };
+
+/* DownTrack._renumber on the copied payload `p`: the VP8 picture id and TL0PICIDX moved on by the down-track's
+ * offsets; a truncated descriptor is left alone, as rtp.vp8_ids does. */
+static void vp8_renumber(DownState *d, uint8_t *p, Py_ssize_t n, int newest) {
+    if (n < 2 || !(p[0] & 0x80))
+        return;
+    Py_ssize_t pos = 2, pid_pos = -1, tl0_pos = -1;
+    int wide = 0;
+    if (p[1] & 0x80) {
+        if (n <= pos)
+            return;
+        wide = (p[pos] & 0x80) != 0;
+        if (wide && n <= pos + 1)
+            return;
+        pid_pos = pos;
+        pos += wide ? 2 : 1;
+    }
+    if (p[1] & 0x40) {
+        if (n <= pos)
+            return;
+        tl0_pos = pos;
+    }
+    if (pid_pos >= 0) {
+        unsigned int pid;
+        if (wide) {
+            pid = ((((unsigned int)(p[pid_pos] & 0x7F) << 8) | p[pid_pos + 1]) + d->pid_off) & 0x7FFF;
+            p[pid_pos] = (uint8_t)(0x80 | (pid >> 8)), p[pid_pos + 1] = (uint8_t)pid;
+        } else {
+            pid = (p[pid_pos] + d->pid_off) & 0x7F;
+            p[pid_pos] = (uint8_t)pid;
+        }
+        if (newest)
+            d->last_pid = (int)pid;
+    }
+    if (tl0_pos >= 0) {
+        unsigned int tl0 = (p[tl0_pos] + d->tl0_off) & 0xFF;
+        p[tl0_pos] = (uint8_t)tl0;
+        if (newest)
+            d->last_tl0 = (int)tl0;
+    }
+}
 
 /* fanout(subs, layer, data, off, marker, seq, ts, keyframe, now): forward.UpTrack's loop over a layer's
  * subscribers, `down.write(layer, data[0], marker, seq, ts, data[off:], keyframe)` for each; `now` is the
@@ -967,6 +1015,9 @@ static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t narg
                     buf[8] = (uint8_t)(d->ssrc >> 24), buf[9] = (uint8_t)(d->ssrc >> 16);
                     buf[10] = (uint8_t)(d->ssrc >> 8), buf[11] = (uint8_t)d->ssrc;
                     memcpy(buf + 12, src + off, size - off);
+                    int newest = ((out_seq - d->last_seq) & 0xFFFF) < 0x8000;
+                    if (d->vp8)
+                        vp8_renumber(d, buf + 12, size - off, newest);
                     PyObject *ok = queue(out, e, buf, 12 + size - off);
                     if (ok == NULL) {
                         PyErr_Clear();  /* counted in out->errors, as send_rtp counts SRTP failures */
@@ -975,7 +1026,7 @@ static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t narg
                     Py_DECREF(ok);
                     d->packets++;
                     d->octets += size - off;
-                    if (((out_seq - d->last_seq) & 0xFFFF) < 0x8000) {
+                    if (newest) {
                         d->last_seq = out_seq;
                         if (out_ts != d->last_ts) {
                             d->last_ts = out_ts;
