@@ -214,10 +214,6 @@ def token_for(signal_node):
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "known defect, issue 10 open: about half the runs on an idle machine, a cross-node viewer's Chrome decodes "
-    "nothing for ~3 s (until its own keyframe request) while the server delivers a gap-free layer; the relay "
-    "byte and layer assertions before the freeze check hold"))
 async def test_browsers_on_two_nodes_keep_video_and_a_small_tile_takes_the_low_layer(simulcast_cluster, browser,
                                                                                      room_name):
     """Two pages with livekit-client's defaults (720p simulcast, dynacast, adaptive stream), one per media node,

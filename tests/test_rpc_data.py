@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Callable
 
 import pytest
 from livekit import api, rtc
@@ -160,4 +161,54 @@ async def test_frame_metadata_features_round_trip_also_after_rejoin(dev_server, 
             await sender.close()
         await wait_until(lambda: "camera" not in {p.identity for p in viewer.room.remote_participants.values()}, 10)
     await lk.aclose()
+    await viewer.close()
+
+
+def _collect_metadata(viewer: Observer, into: list[tuple[int, int]]) -> tuple[list[asyncio.Task], Callable]:
+    """Reads every video track `viewer` subscribes to from now on and keeps the (user_timestamp, frame_id) of each
+    frame that carried frame metadata; returns the readers and the handler to turn off."""
+    tasks: list[asyncio.Task] = []
+
+    async def read(track: rtc.Track) -> None:
+        stream = rtc.VideoStream(track)
+        try:
+            async for event in stream:
+                if event.metadata is not None and event.metadata.HasField("frame_id"):
+                    into.append((event.metadata.user_timestamp, event.metadata.frame_id))
+        finally:
+            await stream.aclose()
+
+    def subscribed(track: rtc.Track, pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+        if track.kind == rtc.TrackKind.KIND_VIDEO:
+            tasks.append(asyncio.create_task(read(track)))
+
+    viewer.room.on("track_subscribed", subscribed)
+    return tasks, subscribed
+
+
+async def test_frame_metadata_reaches_the_subscriber_also_after_a_full_reconnect(dev_server, room_name):
+    """The subscriber's decoded frames carry the publisher's user timestamp and frame id (the SDK's packet trailer),
+    for a first publication and again after the publisher disconnected and joined through a new connection."""
+    viewer = await _join(dev_server, room_name, "viewer")
+    for attempt in range(2):
+        seen: list[tuple[int, int]] = []
+        readers, handler = _collect_metadata(viewer, seen)
+        sender = await _join(dev_server, room_name, "camera")
+        stop = asyncio.Event()
+        source, _ = await _publish_with_metadata(sender)
+        pumping = asyncio.create_task(_send_frames(source, stop))
+        try:
+            assert await wait_until(lambda: len(seen) >= 20, 20), f"attempt {attempt}: metadata of {seen[:5]}"
+            ids = [frame_id for _, frame_id in seen]
+            assert ids == sorted(ids) and len(set(ids)) == len(ids), f"attempt {attempt}: frame ids {ids}"
+            assert all(stamp == 1_000_000 + frame_id for stamp, frame_id in seen), f"attempt {attempt}: {seen}"
+        finally:
+            stop.set()
+            await pumping
+            await sender.close()
+            viewer.room.off("track_subscribed", handler)
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        await wait_until(lambda: "camera" not in {p.identity for p in viewer.room.remote_participants.values()}, 10)
     await viewer.close()
