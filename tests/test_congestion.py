@@ -37,7 +37,8 @@ def test_a_subscriber_cap_follows_its_link(monkeypatch):
 
     reassigned = []
     layers = [SimpleNamespace(quality=q) for q in range(3)]
-    up = SimpleNamespace(clock_rate=90000, video=True, layers=layers, reassign=lambda: reassigned.append(1))
+    up = SimpleNamespace(clock_rate=90000, video=True, mime="video/VP8", layers=layers,
+                         reassign=lambda: reassigned.append(1))
     down = DownTrack(up, send=lambda packet: None, pt=96)
     down.current = layers[2]
     assert down.max_quality == 2

@@ -42,6 +42,9 @@ class Observer:
     data: list[rtc.DataPacket] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)  # (event, detail)
     disconnect_reason: object = None
+    # Off: no stream of ours on subscribed video/audio, for a test that reads them itself (the SDK hands a frame's
+    # packet-trailer metadata to the first of a track's streams only; a second one gets none).
+    collect_media: bool = True
     connect_seconds: float = 0.0
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -72,6 +75,8 @@ class Observer:
 
     def _on_track(self, track: rtc.Track, pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant):
         self.events.append(("track_subscribed", pub.sid))
+        if not self.collect_media:
+            return
         got = self.received.setdefault(participant.identity, Received())
         if track.kind == rtc.TrackKind.KIND_AUDIO:
             self._tasks.append(asyncio.create_task(collect_audio(track, got, self._stop)))
