@@ -13,6 +13,7 @@ from livekit import api
 from livekit.protocol import agent as agent_pb
 
 from braid.clients.harness import Observer, join_token, wait_until
+from braid.clients.media import DemoMedia
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -20,9 +21,11 @@ pytestmark = pytest.mark.timeout(90)
 class FakeWorker:
     """A worker that registers, answers availability as told and records what the server sends."""
 
-    def __init__(self, server, agent_name: str = "", accept: bool = True, load: float = 0.0):
+    def __init__(self, server, agent_name: str = "", accept: bool = True, load: float = 0.0,
+                 job_type: int = agent_pb.JT_ROOM):
         self.server = server
         self.agent_name = agent_name
+        self.job_type = job_type
         self.accept = accept
         self.load = load
         self.messages: list[agent_pb.ServerMessage] = []
@@ -42,7 +45,7 @@ class FakeWorker:
         self._ws = await self._session.ws_connect(f"{self.server.ws_url}/agent",
                                                   headers={"Authorization": f"Bearer {token}"})
         await self.send(agent_pb.WorkerMessage(register=agent_pb.RegisterWorkerRequest(
-            type=agent_pb.JT_ROOM, agent_name=self.agent_name, version="test")))
+            type=self.job_type, agent_name=self.agent_name, version="test")))
         first = agent_pb.ServerMessage.FromString(await self._ws.receive_bytes(timeout=5))
         assert first.WhichOneof("message") == "register"
         self.worker_id, self.server_info = first.register.worker_id, first.register.server_info
@@ -193,3 +196,52 @@ async def test_token_dispatch_automatic_dispatch_and_redispatch(dev_server, room
         await user.close()
         await anonymous.close()
         await first.close()
+
+
+async def test_participant_and_publisher_jobs(dev_server, room_name):
+    """Workers registered for JT_PARTICIPANT get a job per participant that joins, for JT_PUBLISHER one per
+    participant that first publishes (LiveKit's job types); a dispatch created later covers those present."""
+    per_participant = FakeWorker(dev_server, "helper", job_type=agent_pb.JT_PARTICIPANT)
+    per_publisher = FakeWorker(dev_server, "helper", job_type=agent_pb.JT_PUBLISHER)
+    late = FakeWorker(dev_server, "late", job_type=agent_pb.JT_PUBLISHER)
+    lk = api.LiveKitAPI(dev_server.http_url, dev_server.api_key, dev_server.api_secret)
+    alice, bob = Observer("alice"), Observer("bob")
+    media = DemoMedia(frequency=440)
+
+    def jobs(worker: FakeWorker) -> list[tuple[int, str]]:
+        return sorted((a.job.type, a.job.participant.identity) for a in worker.of("assignment"))
+
+    def token(identity: str) -> str:
+        return (api.AccessToken(dev_server.api_key, dev_server.api_secret).with_identity(identity)
+                .with_grants(api.VideoGrants(room_join=True, room=room_name))
+                .with_room_config(api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name="helper")]))
+                .to_jwt())
+    try:
+        for worker in (per_participant, per_publisher, late):
+            await worker.connect()
+        await alice.connect(dev_server.ws_url, token("alice"))
+        await bob.connect(dev_server.ws_url, token("bob"))
+        assert await wait_until(lambda: len(jobs(per_participant)) == 2, 10), per_participant.messages
+        assert jobs(per_participant) == [(agent_pb.JT_PARTICIPANT, "alice"), (agent_pb.JT_PARTICIPANT, "bob")]
+        await asyncio.sleep(1)
+        assert not per_publisher.of("availability")  # nobody has published yet
+
+        await media.start(alice.room)  # audio and video: one publisher job, on the first publication
+        assert await wait_until(lambda: jobs(per_publisher), 10)
+        await asyncio.sleep(1)
+        assert jobs(per_publisher) == [(agent_pb.JT_PUBLISHER, "alice")]
+        assert per_publisher.of("assignment")[0].job.room.name == room_name
+
+        dispatch = await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
+            agent_name="late", room=room_name))
+        assert await wait_until(lambda: jobs(late), 10)
+        assert jobs(late) == [(agent_pb.JT_PUBLISHER, "alice")]
+        listed = await lk.agent_dispatch.list_dispatch(room_name)
+        assert [(j.type, j.participant.identity) for d in listed if d.id == dispatch.id for j in d.state.jobs] == [
+            (agent_pb.JT_PUBLISHER, "alice")]
+        assert len(jobs(per_participant)) == 2  # the room job of "late" went to no one: no room worker has its name
+    finally:
+        await media.stop()
+        await lk.aclose()
+        for closing in (alice, bob, per_participant, per_publisher, late):
+            await closing.close()

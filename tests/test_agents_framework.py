@@ -35,10 +35,12 @@ def agent_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, agent_server) -> dict[str, list[AgentWorker]]:
     """The module's workers, started together (each takes seconds to import the framework): one named for
-    token dispatch, one without a name, two sharing a name for the dispatch API and the kill."""
+    token dispatch, one without a name, two sharing a name for the dispatch API and the kill, one publisher
+    worker (a job per participant that publishes)."""
     tmp = tmp_path_factory.mktemp("agent-workers")
-    names = {"token": ["echo-token"], "unnamed": [""], "api": ["echo-api", "echo-api"]}
-    started = {role: [start_worker(tmp, agent_server.ws_url, agent_server.api_key, agent_server.api_secret, name)
+    names = {"token": ["echo-token"], "unnamed": [""], "api": ["echo-api", "echo-api"], "publisher": ["echo-pub"]}
+    started = {role: [start_worker(tmp, agent_server.ws_url, agent_server.api_key, agent_server.api_secret, name,
+                                   "publisher" if role == "publisher" else "room")
                       for name in agent_names] for role, agent_names in names.items()}
     try:
         for workers in started.values():
@@ -82,6 +84,18 @@ def _hears_echo(obs: Observer, identity: str, freq: float, after: int = 0) -> bo
 async def _status(obs: Observer, agent: str, payload: str = "") -> dict:
     return json.loads(await obs.room.local_participant.perform_rpc(
         destination_identity=agent, method="status", payload=payload, response_timeout=5))
+
+
+async def _status_once_ready(obs: Observer, agent: str, timeout: float = 10) -> dict:
+    """The agent's status, once it has registered its RPC method (it joins the room a moment before)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await _status(obs, agent)
+        except rtc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
 
 
 async def _talk_to_agent(obs: Observer, freq: float, agent_name: str | None = None) -> tuple[str, dict]:
@@ -183,3 +197,31 @@ async def test_dispatch_api_and_job_moves_when_its_worker_is_killed(agent_server
         await media.stop()
         await lk.aclose()
         await user.close()
+
+
+async def test_a_publisher_worker_gets_a_job_per_publishing_participant(agent_server, fleet, room_name):
+    """A worker registered as WorkerType.PUBLISHER gets one job for each participant that publishes, naming that
+    participant, and none for a participant that only watches or for the agents' own publications."""
+    worker = fleet["publisher"][0]
+    dispatch = [api.RoomAgentDispatch(agent_name="echo-pub")]
+    watcher, alice, bob = Observer("watcher"), Observer("alice"), Observer("bob")
+    tones = [DemoMedia(frequency=440), DemoMedia(frequency=660)]
+    try:
+        await watcher.connect(agent_server.ws_url, _user_token(agent_server, room_name, "watcher", dispatch))
+        await asyncio.sleep(2)
+        assert not _agents(watcher), "a job before anyone published"
+        for user, tone in zip((alice, bob), tones):
+            await user.connect(agent_server.ws_url, _user_token(agent_server, room_name, user.identity, dispatch))
+            await tone.start(user.room)
+        assert await wait_until(lambda: len(_agents(watcher, "echo-pub")) == 2, 40), watcher.events
+        statuses = [await _status_once_ready(watcher, a.identity) for a in _agents(watcher, "echo-pub")]
+        assert sorted((s["job_type"], s["participant"]) for s in statuses) == [
+            ("JT_PUBLISHER", "alice"), ("JT_PUBLISHER", "bob")]
+        assert {s["pid"] for s in statuses} == {worker.proc.pid}
+        await asyncio.sleep(2)  # the agents published their echo: no job for those
+        assert len(_agents(watcher, "echo-pub")) == 2
+    finally:
+        for tone in tones:
+            await tone.stop()
+        for user in (watcher, alice, bob):
+            await user.close()

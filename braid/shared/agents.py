@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from livekit.protocol import agent as agent_pb
 from livekit.protocol import agent_dispatch as dispatch_pb
+from livekit.protocol import models
 
 WORKER_TTL = 6.0  # a worker record not refreshed this long belongs to a gone signal node
 ASSIGN_TIMEOUT = 10.0  # LiveKit's AssignJobTimeout: availability answer and assignment
@@ -27,6 +28,12 @@ def node_channel(node_id: str) -> str:
 def reply_channel(node_id: str) -> str:
     """Where a router receives the outcome of the offers it made."""
     return f"agents:reply:{node_id}"
+
+
+# Where media nodes tell the routers that a participant joined or first published: the events LiveKit launches
+# JT_PARTICIPANT and JT_PUBLISHER jobs on. Every router hears them; a claim in the store makes each job once.
+TARGETS_CHANNEL = "agents:targets"
+DEPENDENT_KINDS = (models.ParticipantInfo.Kind.AGENT, models.ParticipantInfo.Kind.EGRESS)  # get no jobs of their own
 
 
 @dataclass
@@ -93,6 +100,11 @@ class AgentStore(abc.ABC):
     async def rooms_with_jobs(self) -> list[str]: ...
 
     @abc.abstractmethod
+    async def claim_target(self, room: str, key: str) -> bool:
+        """True for the first caller only, cluster-wide, until the room is forgotten: one job per dispatch and
+        participant (or publisher) however many routers hear of it."""
+
+    @abc.abstractmethod
     async def forget_room(self, room: str) -> None:
         """Remove every dispatch and job of a room that finished."""
 
@@ -125,6 +137,7 @@ class MemoryAgentStore(AgentStore):
         self._workers: dict[str, WorkerRecord] = {}
         self._dispatches: dict[str, dict[str, dispatch_pb.AgentDispatch]] = {}
         self._jobs: dict[str, dict[str, agent_pb.Job]] = {}
+        self._targets: dict[str, set[str]] = {}
 
     async def put_worker(self, worker: WorkerRecord) -> None:
         worker.updated_at = time.time()
@@ -161,9 +174,17 @@ class MemoryAgentStore(AgentStore):
     async def rooms_with_jobs(self) -> list[str]:
         return [room for room, jobs in self._jobs.items() if jobs]
 
+    async def claim_target(self, room: str, key: str) -> bool:
+        claimed = self._targets.setdefault(room, set())
+        if key in claimed:
+            return False
+        claimed.add(key)
+        return True
+
     async def forget_room(self, room: str) -> None:
         self._dispatches.pop(room, None)
         self._jobs.pop(room, None)
+        self._targets.pop(room, None)
 
 
 # --- bus envelopes -------------------------------------------------------------------------------------------

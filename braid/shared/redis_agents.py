@@ -1,5 +1,5 @@
-"""The Redis `AgentStore`: worker records in one hash (stale ones skipped on read), and per room one hash of
-dispatches and one of jobs under the room's hash tag."""
+"""The Redis `AgentStore`: worker records in one hash (stale ones skipped on read), and per room one hash each of
+dispatches, jobs and claimed participant targets under the room's hash tag."""
 
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ class RedisAgentStore(AgentStore):
     async def rooms_with_jobs(self) -> list[str]:
         return sorted(r.decode() for r in await self.r.smembers(self._job_rooms))
 
+    async def claim_target(self, room: str, key: str) -> bool:
+        return bool(await self.r.hsetnx(self._room(room, "agent-targets"), key, 1))
+
     async def forget_room(self, room: str) -> None:
-        await self.r.delete(self._room(room, "dispatches"), self._room(room, "jobs"))
+        await self.r.delete(*(self._room(room, part) for part in ("dispatches", "jobs", "agent-targets")))
         await self.r.srem(self._job_rooms, room)

@@ -30,6 +30,7 @@ class Participant(Protocol):
     hidden: bool
     closed: bool
     moving: bool
+    migrated: bool  # joined here as a move from another node
 
     def info(self) -> models.ParticipantInfo: ...
 

@@ -23,6 +23,7 @@ from braid.shared.health import Refusals
 from braid.shared.store import NodeInfo, NodeRegistry, RoomStore
 from braid.shared.tracing import incoming_context, metadata_of, tracer
 
+from .agent_targets import AgentTargetHooks
 from .admin import Admin
 from .cluster import Cluster
 from . import fastpath
@@ -93,7 +94,8 @@ class MediaNode:
         self.ice: IceHost | None = None  # the ICE sockets, bound by start()
         self.certificate = RTCCertificate.generateCertificate()
         self.telemetry = TelemetryService.from_config(config.telemetry, notifier)
-        self.hooks: Hooks = TelemetryHooks(self.telemetry)
+        self.agent_targets = AgentTargetHooks(TelemetryHooks(self.telemetry), bus)
+        self.hooks: Hooks = self.agent_targets
         self.rooms: dict[str, Room] = {}
         self.refusals = Refusals()  # what the limits refused, for /metrics
         self.admin = Admin(self)
@@ -153,6 +155,7 @@ class MediaNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.agent_targets.close()
         try:
             await self.registry.remove(self.node_id)
         except Exception:

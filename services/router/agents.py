@@ -1,8 +1,11 @@
 """Agent dispatch, made once cluster-wide: which dispatches a room has, and which worker runs each of their jobs.
 
 A room's dispatches come from the token that created it (`RoomConfiguration.agents`, or one dispatch to workers
-registered without an agent name when it names none, as LiveKit does) or from AgentDispatchService. Each is
-offered to the registered workers that serve it, chosen at random weighted by their spare load, through the
+registered without an agent name when it names none, as LiveKit does) or from AgentDispatchService. Each gives the
+room a JT_ROOM job, every participant a JT_PARTICIPANT job and every publisher a JT_PUBLISHER job, for the
+workers registered with that job type (media nodes announce joins and first publications on TARGETS_CHANNEL; a
+claim in the store makes each target's job once however many routers hear it). Each job is offered to the
+registered workers that serve it, chosen at random weighted by their spare load, through the
 bus to the signal node holding the worker. The router that created the room or the dispatch makes the offer; a
 job whose worker is gone (its connection closed or its signal node died) is offered again, with `resuming`, by the
 router holding the `agent-jobs` lease, so it happens once even with several routers.
@@ -21,8 +24,8 @@ from livekit.protocol import models
 from livekit.protocol import room as room_pb
 
 from braid.shared import ids
-from braid.shared.agents import (ASSIGN_TIMEOUT, AgentStore, WorkerRecord, decode, encode, message_field,
-                                 node_channel, reply_channel)
+from braid.shared.agents import (ASSIGN_TIMEOUT, DEPENDENT_KINDS, TARGETS_CHANNEL, AgentStore, WorkerRecord, decode,
+                                 encode, message_field, node_channel, reply_channel)
 from braid.shared.bus import Bus
 from braid.shared.tasks import OwnedTasks
 from braid.shared.store import RoomStore
@@ -36,6 +39,7 @@ ORPHAN_GRACE = 1.5  # a worker that reconnects at once takes its jobs back (Migr
 OFFER_TIMEOUT = ASSIGN_TIMEOUT + 2.0
 ENDED = (agent_pb.JS_SUCCESS, agent_pb.JS_FAILED)
 MAX_DISPATCHES_PER_ROOM = 100
+TARGET_TYPES = (agent_pb.JT_PARTICIPANT, agent_pb.JT_PUBLISHER)
 
 
 class DispatchError(Exception):
@@ -69,13 +73,18 @@ class AgentDispatcher:
         self._resuming: set[str] = set()  # jobs this router is offering again
         self._tasks = OwnedTasks()
         self._subscription = None
+        self._targets = None
 
     async def start(self) -> None:
         self._subscription = await self.bus.subscribe(reply_channel(self.node_id))
+        self._targets = await self.bus.subscribe(TARGETS_CHANNEL)
         self._tasks.spawn(self._read_replies(), "agent-replies")
+        self._tasks.spawn(self._read_targets(), "agent-targets")
         self._tasks.spawn(self._sweep_loop(), "agent-sweep")
 
     async def stop(self) -> None:
+        if self._targets is not None:
+            await self._targets.close()
         if self._subscription is not None:
             await self._subscription.close()
         await self._tasks.cancel_all()
@@ -101,7 +110,51 @@ class AgentDispatcher:
         await self.agents.put_dispatch(dispatch)
         log.info("dispatch %s of agent %r in %s", dispatch.id, dispatch.agent_name, room.name)
         self._tasks.spawn(self._launch(room, dispatch), f"agent-launch-{dispatch.id}")
+        self._tasks.spawn(self._launch_for_present(room, dispatch), f"agent-targets-{dispatch.id}")
         return dispatch
+
+    # --- participant and publisher jobs ---------------------------------------------------------------------
+
+    async def _read_targets(self) -> None:
+        async for data in self._targets:
+            try:
+                event = decode(data)
+                info = message_field(event, "participant", models.ParticipantInfo)
+                room_name, job_type = str(event["room"]), int(event["job_type"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if info is not None and job_type in TARGET_TYPES:
+                self._tasks.spawn(self.target(room_name, info, job_type), f"agent-target-{info.sid}")
+
+    async def target(self, room_name: str, info: models.ParticipantInfo, job_type: int) -> None:
+        """A participant joined (JT_PARTICIPANT) or published (JT_PUBLISHER): each dispatch's job for it."""
+        try:
+            workers = [w for w in await self.agents.workers() if w.job_type == job_type]
+            if not workers or info.kind in DEPENDENT_KINDS:
+                return  # nobody takes such jobs (LiveKit launches none either)
+            room = await self.rooms.get_room(room_name)
+            if room is None:
+                return
+            for dispatch in await self.agents.dispatches(room_name):
+                if not any(w.serves(dispatch.agent_name, job_type, "", dispatch.deployment) for w in workers):
+                    continue
+                who = info.identity if job_type == agent_pb.JT_PUBLISHER else info.sid  # LiveKit: first publication
+                if await self.agents.claim_target(room_name, f"{dispatch.id}:{job_type}:{who}"):
+                    self._tasks.spawn(self._launch(room, dispatch, job_type, info), f"agent-launch-{dispatch.id}")
+        except Exception:
+            log.exception("launching agent jobs for %s in %s failed", info.identity, room_name)
+
+    async def _launch_for_present(self, room: models.Room, dispatch: dispatch_pb.AgentDispatch) -> None:
+        """A new dispatch in a room with participants: their participant and publisher jobs, as LiveKit does."""
+        try:
+            present = await self.rooms.list_participants(room.name)
+        except Exception:
+            log.exception("listing the participants of %s for dispatch %s failed", room.name, dispatch.id)
+            return
+        for info in present:
+            await self.target(room.name, info, agent_pb.JT_PARTICIPANT)
+            if info.tracks:
+                await self.target(room.name, info, agent_pb.JT_PUBLISHER)
 
     async def list(self, room: str, dispatch_id: str = "") -> list[dispatch_pb.AgentDispatch]:
         jobs = await self.agents.jobs(room)
@@ -141,9 +194,10 @@ class AgentDispatcher:
 
     # --- offering a job -----------------------------------------------------------------------------------
 
-    async def _launch(self, room: models.Room, dispatch: dispatch_pb.AgentDispatch) -> None:
+    async def _launch(self, room: models.Room, dispatch: dispatch_pb.AgentDispatch, job_type: int = agent_pb.JT_ROOM,
+                      participant: models.ParticipantInfo | None = None) -> None:
         job = agent_pb.Job(
-            id=ids.agent_job_id(), dispatch_id=dispatch.id, type=agent_pb.JT_ROOM, room=room,
+            id=ids.agent_job_id(), dispatch_id=dispatch.id, type=job_type, room=room, participant=participant,
             agent_name=dispatch.agent_name, metadata=dispatch.metadata, deployment=dispatch.deployment,
             attributes=dispatch.attributes)
         try:
@@ -231,7 +285,9 @@ class AgentDispatcher:
     async def _relaunch(self, room_name: str, job: agent_pb.Job) -> None:
         room = await self.rooms.get_room(room_name)
         dispatches = {d.id for d in await self.agents.dispatches(room_name)}
-        if room is None or job.dispatch_id not in dispatches:
+        gone = job.type != agent_pb.JT_ROOM and await self.rooms.get_participant(
+            room_name, job.participant.identity) is None  # a participant's job ends with the participant
+        if room is None or job.dispatch_id not in dispatches or gone:
             await self.agents.delete_job(room_name, job.id)
             return
         log.info("job %s in %s lost its worker %s; offering it again", job.id, room_name, job.state.worker_id)

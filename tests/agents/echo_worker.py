@@ -1,10 +1,11 @@
 """A stock livekit-agents worker with a small entrypoint and no cloud plugins, run by the agent tests in the
 separate .venv-agents (livekit-agents pins its own livekit rtc).
 
-    python echo_worker.py <ws_url> <api_key> <api_secret> [agent_name]
+    python echo_worker.py <ws_url> <api_key> <api_secret> [agent_name] [room|publisher]
 
 The agent joins the room, plays back to the room the first participant audio it hears (so a test proves it both
-receives and publishes audio), and answers the RPC method `status` with what it has seen.
+receives and publishes audio), and answers the RPC method `status` with what it has seen and which job it runs
+(a publisher worker gets one job per participant that publishes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import sys
 
 from livekit import rtc
-from livekit.agents import AgentServer, JobContext, JobExecutorType, WorkerOptions
+from livekit.agents import AgentServer, JobContext, JobExecutorType, WorkerOptions, WorkerType
+from livekit.protocol import agent
 
 SAMPLE_RATE = 48000
 
@@ -27,7 +29,8 @@ async def entrypoint(ctx: JobContext) -> None:
     async def status(data: rtc.RpcInvocationData) -> str:
         return json.dumps({"pid": os.getpid(), "job_id": ctx.job.id, "caller": data.caller_identity,
                            "metadata": ctx.job.metadata, "frames": heard["frames"], "from": heard["from"],
-                           "payload": data.payload})
+                           "payload": data.payload, "job_type": agent.JobType.Name(ctx.job.type),
+                           "participant": ctx.job.participant.identity})
 
     async def echo(track: rtc.Track, identity: str) -> None:
         stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
@@ -58,8 +61,10 @@ async def entrypoint(ctx: JobContext) -> None:
 async def main() -> None:
     url, key, secret = sys.argv[1:4]
     agent_name = sys.argv[4] if len(sys.argv) > 4 else ""
+    worker_type = WorkerType.PUBLISHER if sys.argv[5:6] == ["publisher"] else WorkerType.ROOM
     server = AgentServer.from_server_options(WorkerOptions(
-        entrypoint_fnc=entrypoint, agent_name=agent_name, ws_url=url, api_key=key, api_secret=secret,
+        entrypoint_fnc=entrypoint, agent_name=agent_name, worker_type=worker_type, ws_url=url, api_key=key,
+        api_secret=secret,
         job_executor_type=JobExecutorType.THREAD, num_idle_processes=0, port=0,
     ))
     server.on("worker_registered", lambda worker_id, info: print(

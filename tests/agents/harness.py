@@ -65,12 +65,13 @@ class AgentWorker:
                 self.kill()
 
 
-def start_worker(tmp: Path, url: str, api_key: str, api_secret: str, agent_name: str = "") -> AgentWorker:
+def start_worker(tmp: Path, url: str, api_key: str, api_secret: str, agent_name: str = "",
+                 worker_type: str = "room") -> AgentWorker:
     log_path = tmp / f"agent-worker-{agent_name or 'default'}-{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [str(agents_python()), str(WORKER_SCRIPT), url, api_key, api_secret, agent_name],
+            [str(agents_python()), str(WORKER_SCRIPT), url, api_key, api_secret, agent_name, worker_type],
             stdout=log_file, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
             cwd=tmp, start_new_session=True,
         )
