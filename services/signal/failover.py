@@ -76,14 +76,19 @@ class Routers:
 
     async def _refresh_loop(self) -> None:
         while True:
-            try:
-                nodes = await asyncio.wait_for(self.registry.nodes("router"), self.refresh)
-                self._registered = sorted(n.address for n in nodes if n.state == "SERVING")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the registry is away: keep the routers known so far
-                log.debug("router discovery failed: %r", exc)
+            await self._discover()
             await asyncio.sleep(self.refresh)
+
+    async def _discover(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            nodes = await asyncio.wait_for(self.registry.nodes("router"), self.refresh)
+            self._registered = sorted(n.address for n in nodes if n.state == "SERVING")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the registry is away: keep the routers known so far
+            log.debug("router discovery failed: %r", exc)
 
     def addresses(self) -> list[str]:
         """Routers to try, in order: the one in use, the others registered, the seed; failed ones last."""
@@ -95,18 +100,23 @@ class Routers:
     async def call(self, send: Callable[[router_pb2_grpc.RouterStub], Awaitable[T]]) -> T:
         """`send` to a router; one found unreachable is avoided for a while and the next is tried."""
         last: grpc.aio.AioRpcError | None = None
-        for address in self.addresses():
-            try:
-                result = await send(self.channels.router(address))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                log.warning("router %s unreachable: %s", address, exc.details())
-                self.failed.add(address)
-                last = exc
-                continue
-            self._current = address
-            return result
+        tried: set[str] = set()
+        for attempt in range(2):
+            if attempt:  # every router known failed: the registry may know one started since the last look
+                await self._discover()
+            for address in [a for a in self.addresses() if a not in tried]:
+                tried.add(address)
+                try:
+                    result = await send(self.channels.router(address))
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    log.warning("router %s unreachable: %s", address, exc.details())
+                    self.failed.add(address)
+                    last = exc
+                    continue
+                self._current = address
+                return result
         if last is None:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                        details="no router known")
