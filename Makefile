@@ -24,6 +24,7 @@ test: $(STAMP)
 	bash scripts/ensure-test-deps.sh
 	bash scripts/ensure-browser-deps.sh
 	bash scripts/ensure-agents-venv.sh
+	bash scripts/ensure-node-sdks.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## Redis, a router, 2 signal and 3 media nodes in 2 regions on 127.0.0.1
