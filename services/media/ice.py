@@ -275,6 +275,7 @@ class NodeIceConnection(Connection):
     _pending_remote: tuple[str, str] | None = None
     _previous_remote_username: str | None = None
     _previous_local: tuple[tuple[str, str], ...] = ()  # newest first; an unanswered restart keeps the older ones
+    _restarting = False  # a restart began and the nominated pair has not moved since
 
     def restart_remote(self, username: str, password: str) -> None:
         """The peer restarted ICE with new credentials; take them once its checks use them."""
@@ -282,10 +283,12 @@ class NodeIceConnection(Connection):
             return
         self._pending_remote = (username, password)
         self._remote_candidates_end = False  # the new generation trickles its own candidates
+        self._restarting = True
 
     def restart_local(self) -> None:
         """New local credentials for an ICE-restart offer."""
         generations = ((self._local_username, self._local_password), *self._previous_local)
+        self._restarting = True
         self._previous_local = generations[:3]
         if self._ufrags is not None:
             for dropped, _ in generations[3:]:
@@ -320,7 +323,10 @@ class NodeIceConnection(Connection):
         super().check_complete(pair)
         after = self._nominated.get(pair.component)
         if before is not None and after is not before:
-            log.info("ICE restart completed: media moves to %s -> %s", after.local_addr, after.remote_addr)
+            # Once per restart; the peer may then nominate better pairs of the new generation as they succeed.
+            what = "ICE restart completed" if self._restarting else "nominated pair changed"
+            self._restarting = False
+            log.info("%s: media moves to %s -> %s", what, after.local_addr, after.remote_addr)
             if self.on_pair_change is not None:
                 self.on_pair_change()
 
