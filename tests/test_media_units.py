@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from braid.services.media import negotiation, rtcp, rtp, sdp
@@ -291,3 +293,20 @@ def test_audio_level_and_speaker_changes():
     assert speakers.update({"PA_a": level, "PA_b": 0.0}) == []
     assert [(s.sid, s.active) for s in speakers.update({"PA_b": 0.0})] == [("PA_a", False)]
     assert speakers.current() == []
+
+
+def test_the_followup_keyframe_request_waits_out_the_throttle_instead_of_being_lost():
+    """A new subscriber asks once more shortly after its first keyframe; a tick inside the request throttle must
+    keep that follow-up for the next tick, not drop it (the subscriber would wait for its own PLI)."""
+    from braid.services.media.forward import KEYFRAME_REQUEST_INTERVAL
+
+    t = _Track()
+    layer = t.up.add_layer(1000)
+    t.feed(layer, _packet(11, 6000, 1000, KEY))
+    assert t.down.followup_keyframe
+    asked = len(t.plis)
+    t.up.tick(layer.keyframe_requested_at + 0.05)
+    assert len(t.plis) == asked and t.down.followup_keyframe, "throttled: kept for later"
+    layer.keyframe_requested_at -= KEYFRAME_REQUEST_INTERVAL  # the throttle has passed
+    t.up.tick(time.monotonic())
+    assert len(t.plis) == asked + 1 and not t.down.followup_keyframe

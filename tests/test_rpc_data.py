@@ -213,3 +213,15 @@ async def test_frame_metadata_reaches_the_subscriber_also_after_a_full_reconnect
             await asyncio.gather(*readers, return_exceptions=True)
         await wait_until(lambda: "camera" not in {p.identity for p in viewer.room.remote_participants.values()}, 10)
     await viewer.close()
+
+
+async def test_publishing_a_data_track_is_refused_at_once(dev_server, room_name):
+    """Data tracks are not implemented: the SDK gets LiveKit's refusal at once rather than waiting out a timeout."""
+    publisher = await _join(dev_server, room_name, "publisher")
+    try:
+        started = time.monotonic()
+        with pytest.raises(Exception, match="(?i)unauthorized|not allowed|not supported"):
+            await publisher.room.local_participant.publish_data_track(name="telemetry")
+        assert time.monotonic() - started < 3
+    finally:
+        await publisher.close()

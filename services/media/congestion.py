@@ -2,6 +2,9 @@
 
 Sustained loss on the layer a subscriber gets means its link cannot carry that layer: the cap drops one
 layer below it. Once reports have been clean for a while the cap is raised again, one layer at a time.
+Heavy loss on the lowest layer means the link cannot carry the video at all: the stream is paused (the subscriber
+is told, as LiveKit's allocator tells it) and tried again after a while, for twice as long each time it fails
+again at once (a paused stream sends nothing, so its reports say nothing of the link).
 Receiver reports arrive about once a second, so none of this touches the per-packet path.
 """
 
@@ -14,6 +17,8 @@ CLEAN = 0.02
 CONGESTED_REPORTS = 2  # consecutive congested reports before stepping down
 PROBE_AFTER = 6.0  # seconds of clean reports before stepping up again
 TOP = 2
+PAUSE_LOSS = 0.25  # the lowest layer losing this much: random loss does not, a link far below the stream does
+MAX_PAUSE = 30.0
 
 
 @dataclass
@@ -22,9 +27,25 @@ class LossAdapter:
     _congested: int = 0
     _clean_since: float | None = None
     _changed_at: float = 0.0
+    paused: bool = False
+    _heavy: int = 0
+    _pause_for: float = PROBE_AFTER
+    _resumed_at: float | None = None
 
-    def on_report(self, fraction_lost: float, current_quality: int, now: float) -> bool:
-        """Feed one receiver report; True when the cap changed."""
+    def on_report(self, fraction_lost: float, current_quality: int, now: float, lowest: bool = False) -> bool:
+        """Feed one receiver report (`lowest`: of the lowest layer there is); True when the cap or `paused`
+        changed."""
+        if self.paused:
+            return False
+        if lowest and fraction_lost >= PAUSE_LOSS:
+            self._heavy += 1
+            if self._heavy >= CONGESTED_REPORTS:
+                recently = self._resumed_at is not None and now - self._resumed_at < 2 * PROBE_AFTER
+                self._pause_for = min(MAX_PAUSE, self._pause_for * 2) if recently else PROBE_AFTER
+                self.paused, self._heavy, self._changed_at, self._clean_since = True, 0, now, None
+                return True
+        else:
+            self._heavy = 0
         if fraction_lost >= CONGESTED:
             self._clean_since = None
             self._congested += 1
@@ -43,5 +64,12 @@ class LossAdapter:
         if self.cap < TOP and now - max(self._clean_since, self._changed_at) >= PROBE_AFTER:
             self.cap += 1
             self._changed_at = now
+            return True
+        return False
+
+    def resume_due(self, now: float) -> bool:
+        """True once a paused stream has rested long enough to be tried again (it is then no longer paused)."""
+        if self.paused and now - self._changed_at >= self._pause_for:
+            self.paused, self._changed_at, self._resumed_at = False, now, now
             return True
         return False

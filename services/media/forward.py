@@ -24,6 +24,7 @@ KEYFRAME_REQUEST_INTERVAL = 0.5
 UPSTREAM_NACK_INTERVAL = 0.1
 LAYER_IDLE_AFTER = 1.5
 MAX_NACK_BURST = 32
+LOSS_WINDOW = 0.9  # seconds of receiver reports the congestion adapter judges at once
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
 RELAY_SWITCH_TIMEOUT = 4.0  # a relay switching layers stops the old one after this long even without a keyframe
 QUALITY_OF_RID = {"q": 0, "h": 1, "f": 2}
@@ -348,8 +349,9 @@ class UpTrack:
             if self.video and down.target is not None:
                 if down.waiting_keyframe:
                     self.request_keyframe(down.target)
-                elif down.followup_keyframe:
-                    down.followup_keyframe = False
+                elif down.followup_keyframe and down.current is not None and (
+                        now - down.current.keyframe_requested_at >= KEYFRAME_REQUEST_INTERVAL):
+                    down.followup_keyframe = False  # only once it can really be sent (requests are throttled)
                     self.request_keyframe(down.current)
 
     def close(self) -> None:
@@ -450,7 +452,9 @@ class DownTrack(DownTrackBase):
         self.loss = LossAdapter()  # what its link carries, from its receiver reports
         self.current: Layer | None = None
         self.target: Layer | None = None
-        self.paused = False
+        self.paused = False  # nothing is forwarded: the subscriber disabled it, or its link cannot carry it
+        self.user_paused = False  # the subscriber's track_setting disabled it
+        self.on_stream_state: Callable[[bool], None] | None = None  # told True when congestion pauses it
         self.bound = True  # False while the subscriber has not applied the description announcing this stream
         self.followup_keyframe = False  # ask once more shortly after starting, in case the first one was dropped
         self.waiting_keyframe = True
@@ -471,6 +475,7 @@ class DownTrack(DownTrackBase):
         self.rr_highest = self.rr_lost = self.rr_jitter = 0  # the subscriber's last receiver report of it
         self.nacked = 0  # sequence numbers it asked for again (its loss before repair)
         self.rr_at = 0.0
+        self._loss_window: tuple[int, int, float] | None = None  # (highest seq, cumulative lost, at) of a report
 
     def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
         if self.paused or not self.bound:
@@ -540,9 +545,8 @@ class DownTrack(DownTrackBase):
         return rtp.vp8_renumbered(payload, ids, self.pid_off, self.tl0_off)
 
     def pause(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self.up.demand_changed()
+        self.user_paused = True
+        self._gate()
 
     def bind(self) -> None:
         """The subscriber now knows this stream: start at the next keyframe (earlier packets would be dropped
@@ -554,20 +558,36 @@ class DownTrack(DownTrackBase):
                 self.up.request_keyframe(self.target, force=True)
 
     def resume(self) -> None:
-        if self.paused:
-            self.paused = False
-            if self.video:
-                self.waiting_keyframe = True
-                self.up.request_keyframe(self.target)
-            self.up.demand_changed()
+        self.user_paused = False
+        self._gate()
+
+    def _gate(self) -> None:
+        paused = self.user_paused or self.loss.paused
+        if paused == self.paused:
+            return
+        self.paused = paused
+        if not paused and self.video:
+            self.waiting_keyframe = True
+            self.up.request_keyframe(self.target)
+        self.up.demand_changed()
+
+    def congestion_changed(self) -> None:
+        """The loss adapter paused or resumed this stream: forward accordingly and tell the subscriber."""
+        self._gate()
+        if self.on_stream_state is not None:
+            self.on_stream_state(self.loss.paused)
+
+    def tick(self, now: float) -> None:
+        if self.loss.resume_due(now):
+            self.congestion_changed()
 
     def on_nack(self, seqs: list[int]) -> None:
         """Resend what the buffer still has; ask the publisher for the rest."""
         layer = self.current
         self.nacks += 1
         self.nacked += len(seqs)
-        if layer is None or layer.buffer is None:
-            return
+        if layer is None or layer.buffer is None or self.loss.paused:
+            return  # (paused for congestion: resends would fill the link the pause is clearing)
         missing = []
         for out_seq in seqs[:MAX_RETRANSMIT_PER_NACK]:
             seq = (out_seq - self.seq_off) & 0xFFFF
@@ -598,19 +618,39 @@ class DownTrack(DownTrackBase):
     def max_quality(self) -> int:
         return min(self.requested_quality, self.loss.cap)
 
-    def on_receiver_report(self, block: rtcp.ReportBlock) -> None:
+    def on_receiver_report(self, block: rtcp.ReportBlock, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         self.fraction_lost = block.fraction_lost
         self.rr_highest, self.rr_lost, self.rr_jitter = block.highest_seq, block.packets_lost, block.jitter
-        self.rr_at = time.monotonic()
-        if self.video and len(self.up.layers) > 1 and self.current is not None:
-            if self.loss.on_report(block.fraction_lost / 256, self.current.quality, time.monotonic()):
-                self.up.reassign()
+        self.rr_at = now
+        lost = self._windowed_loss(block, now)
+        if lost is not None and self.video and self.current is not None and not self.user_paused:
+            lowest = self.current.quality <= min(layer.quality for layer in self.up.layers)
+            if self.loss.on_report(lost, self.current.quality, now, lowest):
+                if self.loss.paused:
+                    self.congestion_changed()
+                else:
+                    self.up.reassign()
         if block.lsr:
             now_ntp = rtcp.ntp_now()
             middle = (now_ntp >> 16) & 0xFFFFFFFF
             rtt = ((middle - block.lsr - block.dlsr) & 0xFFFFFFFF) / 65536
             if rtt < 60:
                 self.rtt = rtt
+
+    def _windowed_loss(self, block: rtcp.ReportBlock, now: float) -> float | None:
+        """The fraction lost over the last LOSS_WINDOW or more, from the report's cumulative counters: receivers
+        also send a report with every NACK and PLI, whose own `fraction_lost` covers a few milliseconds."""
+        prior = self._loss_window
+        if prior is not None and now - prior[2] < LOSS_WINDOW:
+            return None
+        self._loss_window = (block.highest_seq, block.packets_lost, now)
+        if prior is None:
+            return None
+        expected = (block.highest_seq - prior[0]) & 0xFFFFFFFF
+        if not 0 < expected < 0x80000000:
+            return None
+        return min(1.0, max(0.0, (block.packets_lost - prior[1]) / expected))
 
     def sender_report(self, now: float) -> bytes | None:
         """An SR for this stream: the publisher's NTP↔RTP mapping when known (keeps lip-sync), else our clock."""

@@ -450,6 +450,18 @@ class Participant:
         self.send_request_response(rtc_pb.RequestResponse(request_id=req.request_id,
                                                           reason=rtc_pb.RequestResponse.OK))
 
+    async def _on_publish_data_track_request(self, req: rtc_pb.PublishDataTrackRequest) -> None:
+        # Data tracks are not implemented: a clear refusal at once, as LiveKit gives when they are disabled,
+        # instead of leaving the SDK to time out.
+        self.send_request_response(rtc_pb.RequestResponse(
+            reason=rtc_pb.RequestResponse.NOT_ALLOWED, message="data tracks are not supported by this server",
+            publish_data_track=req))
+
+    async def _on_unpublish_data_track_request(self, req: rtc_pb.UnpublishDataTrackRequest) -> None:
+        self.send_request_response(rtc_pb.RequestResponse(
+            reason=rtc_pb.RequestResponse.NOT_FOUND, message=f"no data track with handle {req.pub_handle}",
+            unpublish_data_track=req))
+
     async def _on_update_audio_track(self, req: rtc_pb.UpdateLocalAudioTrack) -> None:
         track = self.publisher.tracks.get(req.track_sid)
         if track is not None:

@@ -158,6 +158,7 @@ class Subscriber:
         pc = self.p.sub_pc
         sub.down = down_track(sub.track.up, pc.send_rtp, sub.track.codec, codec, output=pc.output)
         sub.down.bound = bound
+        sub.down.on_stream_state = lambda paused, sub=sub: self._stream_state(sub, paused)
         sub.offer_id = self.offer_id + 1
         while sub.down.ssrc in self.down_by_ssrc:
             sub.down.ssrc = random.randint(1, 0xFFFFFFFF)
@@ -167,6 +168,12 @@ class Subscriber:
         sub.track.up.add_down(sub.down)
         self._apply_settings(sub)
         self.p.on_subscribed(sub)
+
+    def _stream_state(self, sub: Subscription, paused: bool) -> None:
+        log.info("%s: %s %s", self.p, sub.track.sid, "paused: its link cannot carry it" if paused else "resumed")
+        state = rtc_pb.StreamState.PAUSED if paused else rtc_pb.StreamState.ACTIVE
+        self.p.send(rtc_pb.SignalResponse(stream_state_update=rtc_pb.StreamStateUpdate(stream_states=[
+            rtc_pb.StreamStateInfo(participant_sid=sub.publisher_sid, track_sid=sub.track.sid, state=state)])))
 
     def outgoing(self, sub: Subscription) -> sdp.Outgoing:
         assert sub.down is not None
@@ -341,6 +348,8 @@ class Subscriber:
                                  layer=d.current.quality if d.current is not None and d.video else -1)
 
     def tick(self, now: float) -> bytes | None:
+        for down in self.down_by_ssrc.values():
+            down.tick(now)
         reports = [r for r in (d.sender_report(now) for d in self.down_by_ssrc.values()) if r is not None]
         return b"".join(reports) if reports else None
 

@@ -79,6 +79,7 @@ class Cluster:
         endpoint = self.endpoint
         return {
             "braid_relay_bytes_sent_total": endpoint.bytes_out,
+            "braid_relay_video_bytes_sent_total": endpoint.video_bytes_out,
             "braid_relay_bytes_received_total": endpoint.bytes_in,
             "braid_relay_packets_sent_total": endpoint.packets_out,
             "braid_relay_packets_received_total": endpoint.packets_in,

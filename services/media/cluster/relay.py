@@ -71,6 +71,7 @@ class RelayEndpoint(asyncio.DatagramProtocol):
         self.unlatched_in: set[InboundLink] = set()
         self.unlatched_out: set[OutboundLink] = set()
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
+        self.video_bytes_out = 0  # RTP bytes of video tracks (before SRTP), of bytes_out
         self.errors = 0
 
     async def open(self, ports, host: str) -> None:
@@ -171,6 +172,8 @@ class RelaySink(LayerRelay):
         self.link.send_rtp(_pack(0x80 | (data[0] & 0x20), (marker << 7) | pt, seq, ts, ssrc) + data[off:])
         self.packets += 1
         self.bytes += len(data)
+        if self.up.video:
+            self.link.endpoint.video_bytes_out += len(data)
         if self.awaiting:
             self.passed(layer, data[off:off + 24])
 
