@@ -3,7 +3,7 @@ separate .venv-agents (livekit-agents pins its own livekit rtc).
 
     python echo_worker.py <ws_url> <api_key> <api_secret> [agent_name] [room|publisher]
 
-The agent joins the room, plays back to the room the first participant audio it hears (so a test proves it both
+The agent joins the room, plays back to the room the first (non-agent) participant audio it hears (so a test proves it both
 receives and publishes audio), and answers the RPC method `status` with what it has seen and which job it runs
 (a publisher worker gets one job per participant that publishes).
 """
@@ -42,6 +42,8 @@ async def entrypoint(ctx: JobContext) -> None:
     tasks: list[asyncio.Task] = []
 
     def on_track(track: rtc.Track, pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+        if participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            return  # another agent's echo (a room can have several agents): echo the people
         if track.kind == rtc.TrackKind.KIND_AUDIO and not tasks:
             tasks.append(asyncio.create_task(echo(track, participant.identity)))
 
