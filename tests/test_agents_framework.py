@@ -210,11 +210,13 @@ async def test_a_publisher_worker_gets_a_job_per_publishing_participant(agent_se
         await watcher.connect(agent_server.ws_url, _user_token(agent_server, room_name, "watcher", dispatch))
         await asyncio.sleep(2)
         assert not _agents(watcher), "a job before anyone published"
-        for user, tone in zip((alice, bob), tones):
+        for count, (user, tone) in enumerate(zip((alice, bob), tones), start=1):
             await user.connect(agent_server.ws_url, _user_token(agent_server, room_name, user.identity, dispatch))
             await tone.start(user.room)
-        assert await wait_until(lambda: len(_agents(watcher, "echo-pub")) == 2, 40), watcher.events
-        statuses = [await _status_once_ready(watcher, a.identity) for a in _agents(watcher, "echo-pub")]
+            assert await wait_until(lambda: len(_agents(watcher, "echo-pub")) == count, 40), watcher.events
+            for agent in _agents(watcher, "echo-pub"):  # each job's agent is up before the next publisher comes
+                await _status_once_ready(watcher, agent.identity, timeout=40)
+        statuses = [await _status(watcher, a.identity) for a in _agents(watcher, "echo-pub")]
         assert sorted((s["job_type"], s["participant"]) for s in statuses) == [
             ("JT_PUBLISHER", "alice"), ("JT_PUBLISHER", "bob")]
         assert {s["pid"] for s in statuses} == {worker.proc.pid}
