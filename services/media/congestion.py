@@ -19,6 +19,7 @@ PROBE_AFTER = 6.0  # seconds of clean reports before stepping up again
 TOP = 2
 PAUSE_LOSS = 0.25  # the lowest layer losing this much: random loss does not, a link far below the stream does
 MAX_PAUSE = 30.0
+LOSS_WINDOW = 0.9  # seconds of receiver reports judged at once
 
 
 @dataclass
@@ -31,6 +32,22 @@ class LossAdapter:
     _heavy: int = 0
     _pause_for: float = PROBE_AFTER
     _resumed_at: float | None = None
+    _window: tuple[int, int, float] | None = None  # (highest seq, cumulative lost, at) of a report
+
+    def windowed(self, highest_seq: int, packets_lost: int, now: float) -> float | None:
+        """The fraction lost over the last LOSS_WINDOW or more, from a report's cumulative counters (None until a
+        window is complete): receivers also report with every NACK and PLI, and those reports' own fraction
+        covers a few milliseconds."""
+        prior = self._window
+        if prior is not None and now - prior[2] < LOSS_WINDOW:
+            return None
+        self._window = (highest_seq, packets_lost, now)
+        if prior is None:
+            return None
+        expected = (highest_seq - prior[0]) & 0xFFFFFFFF
+        if not 0 < expected < 0x80000000:
+            return None
+        return min(1.0, max(0.0, (packets_lost - prior[1]) / expected))
 
     def on_report(self, fraction_lost: float, current_quality: int, now: float, lowest: bool = False) -> bool:
         """Feed one receiver report (`lowest`: of the lowest layer there is); True when the cap or `paused`

@@ -24,7 +24,6 @@ KEYFRAME_REQUEST_INTERVAL = 0.5
 UPSTREAM_NACK_INTERVAL = 0.1
 LAYER_IDLE_AFTER = 1.5
 MAX_NACK_BURST = 32
-LOSS_WINDOW = 0.9  # seconds of receiver reports the congestion adapter judges at once
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
 RELAY_SWITCH_TIMEOUT = 4.0  # a relay switching layers stops the old one after this long even without a keyframe
 QUALITY_OF_RID = {"q": 0, "h": 1, "f": 2}
@@ -475,7 +474,6 @@ class DownTrack(DownTrackBase):
         self.rr_highest = self.rr_lost = self.rr_jitter = 0  # the subscriber's last receiver report of it
         self.nacked = 0  # sequence numbers it asked for again (its loss before repair)
         self.rr_at = 0.0
-        self._loss_window: tuple[int, int, float] | None = None  # (highest seq, cumulative lost, at) of a report
 
     def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
         if self.paused or not self.bound:
@@ -623,7 +621,7 @@ class DownTrack(DownTrackBase):
         self.fraction_lost = block.fraction_lost
         self.rr_highest, self.rr_lost, self.rr_jitter = block.highest_seq, block.packets_lost, block.jitter
         self.rr_at = now
-        lost = self._windowed_loss(block, now)
+        lost = self.loss.windowed(block.highest_seq, block.packets_lost, now)
         if lost is not None and self.video and self.current is not None and not self.user_paused:
             lowest = self.current.quality <= min(layer.quality for layer in self.up.layers)
             if self.loss.on_report(lost, self.current.quality, now, lowest):
@@ -637,20 +635,6 @@ class DownTrack(DownTrackBase):
             rtt = ((middle - block.lsr - block.dlsr) & 0xFFFFFFFF) / 65536
             if rtt < 60:
                 self.rtt = rtt
-
-    def _windowed_loss(self, block: rtcp.ReportBlock, now: float) -> float | None:
-        """The fraction lost over the last LOSS_WINDOW or more, from the report's cumulative counters: receivers
-        also send a report with every NACK and PLI, whose own `fraction_lost` covers a few milliseconds."""
-        prior = self._loss_window
-        if prior is not None and now - prior[2] < LOSS_WINDOW:
-            return None
-        self._loss_window = (block.highest_seq, block.packets_lost, now)
-        if prior is None:
-            return None
-        expected = (block.highest_seq - prior[0]) & 0xFFFFFFFF
-        if not 0 < expected < 0x80000000:
-            return None
-        return min(1.0, max(0.0, (block.packets_lost - prior[1]) / expected))
 
     def sender_report(self, now: float) -> bytes | None:
         """An SR for this stream: the publisher's NTP↔RTP mapping when known (keeps lip-sync), else our clock."""

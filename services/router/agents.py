@@ -129,18 +129,9 @@ class AgentDispatcher:
     async def target(self, room_name: str, info: models.ParticipantInfo, job_type: int) -> None:
         """A participant joined (JT_PARTICIPANT) or published (JT_PUBLISHER): each dispatch's job for it."""
         try:
-            workers = [w for w in await self.agents.workers() if w.job_type == job_type]
-            if not workers or info.kind in DEPENDENT_KINDS:
-                return  # nobody takes such jobs (LiveKit launches none either)
             room = await self.rooms.get_room(room_name)
-            if room is None:
-                return
-            for dispatch in await self.agents.dispatches(room_name):
-                if not any(w.serves(dispatch.agent_name, job_type, "", dispatch.deployment) for w in workers):
-                    continue
-                who = info.identity if job_type == agent_pb.JT_PUBLISHER else info.sid  # LiveKit: first publication
-                if await self.agents.claim_target(room_name, f"{dispatch.id}:{job_type}:{who}"):
-                    self._tasks.spawn(self._launch(room, dispatch, job_type, info), f"agent-launch-{dispatch.id}")
+            if room is not None:
+                await self._launch_targets(room, await self.agents.dispatches(room_name), [(info, job_type)])
         except Exception:
             log.exception("launching agent jobs for %s in %s failed", info.identity, room_name)
 
@@ -148,13 +139,26 @@ class AgentDispatcher:
         """A new dispatch in a room with participants: their participant and publisher jobs, as LiveKit does."""
         try:
             present = await self.rooms.list_participants(room.name)
+            wanted = [(info, agent_pb.JT_PARTICIPANT) for info in present]
+            wanted += [(info, agent_pb.JT_PUBLISHER) for info in present if info.tracks]
+            await self._launch_targets(room, [dispatch], wanted)
         except Exception:
-            log.exception("listing the participants of %s for dispatch %s failed", room.name, dispatch.id)
-            return
-        for info in present:
-            await self.target(room.name, info, agent_pb.JT_PARTICIPANT)
-            if info.tracks:
-                await self.target(room.name, info, agent_pb.JT_PUBLISHER)
+            log.exception("launching the jobs of dispatch %s for those in %s failed", dispatch.id, room.name)
+
+    async def _launch_targets(self, room: models.Room, dispatches: list[dispatch_pb.AgentDispatch],
+                              wanted: list[tuple[models.ParticipantInfo, int]]) -> None:
+        """Each dispatch's job for each (participant, job type), where a worker of that type serves it (LiveKit
+        launches none otherwise) and no router has claimed it yet."""
+        workers = await self.agents.workers()
+        for info, job_type in wanted:
+            if info.kind in DEPENDENT_KINDS:
+                continue
+            who = info.identity if job_type == agent_pb.JT_PUBLISHER else info.sid  # LiveKit: first publication
+            for dispatch in dispatches:
+                if not any(w.serves(dispatch.agent_name, job_type, "", dispatch.deployment) for w in workers):
+                    continue
+                if await self.agents.claim_target(room.name, f"{dispatch.id}:{job_type}:{who}"):
+                    self._tasks.spawn(self._launch(room, dispatch, job_type, info), f"agent-launch-{dispatch.id}")
 
     async def list(self, room: str, dispatch_id: str = "") -> list[dispatch_pb.AgentDispatch]:
         jobs = await self.agents.jobs(room)
