@@ -140,6 +140,48 @@ async def test_python_sdk_simulcast_with_dynacast_reaches_a_viewer_on_another_no
         await bob.close()
 
 
+SVC_SIZES = ((rtc.VideoQuality.VIDEO_QUALITY_LOW, (320, 180)), (rtc.VideoQuality.VIDEO_QUALITY_MEDIUM, (640, 360)),
+             (rtc.VideoQuality.VIDEO_QUALITY_HIGH, (1280, 720)))
+
+
+@pytest.mark.parametrize("codec", ["vp9", "av1"])
+async def test_svc_layers_are_chosen_per_viewer_on_each_node(simulcast_cluster, room_name, codec):
+    """VP9 and AV1 SVC (L3T3_KEY: one stream carrying 3 spatial layers, as the SDKs publish them): each viewer
+    gets the spatial layer its quality asks for, picked out on its own node. A viewer on the other node goes low,
+    medium and high again without a freeze over 1 s, while one on the publisher's node keeps the top layer."""
+    cluster = simulcast_cluster
+    eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
+    alice, bob, carol = Observer("alice"), Observer("bob"), Observer("carol")
+    media = DemoMedia(width=1280, height=720, fps=15, simulcast=True, codec=codec, audio=False)
+    try:
+        await alice.connect(eu.server.ws_url, join_token(KEY, SECRET, room_name, "alice"), dynacast=True)
+        await bob.connect(us.server.ws_url, join_token(KEY, SECRET, room_name, "bob"))
+        await carol.connect(eu.server.ws_url, join_token(KEY, SECRET, room_name, "carol"))
+        assert cluster.media_hosting() == {"media-1": 2, "media-2": 1}, cluster.media_hosting()
+        await media.start(alice.room)
+        for viewer in (bob, carol):
+            assert await wait_until(lambda v=viewer: "alice" in v.received and v.received["alice"].size == (
+                1280, 720), 30), f"{viewer.identity}: no 720p {codec} from alice"
+        publication = next(p for p in bob.room.remote_participants["alice"].track_publications.values()
+                           if p.kind == rtc.TrackKind.KIND_VIDEO)
+        assert publication.mime_type == f"video/{codec.upper()}"
+        for quality, size in SVC_SIZES:
+            publication.set_video_quality(quality)
+            assert await wait_until(lambda s=size: bob.received["alice"].size == s, 15), (
+                quality, bob.received["alice"].size)
+            clock = FrameClock(bob, "alice")
+            await clock.watch(3)
+            assert clock.longest_freeze() < 1.0 and clock.rate() > 8, (size, clock.freeze(), clock.rate())
+            assert carol.received["alice"].size == (1280, 720), carol.received["alice"].size
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        await media.stop()
+        for viewer in (alice, bob, carol):
+            await viewer.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # livekit-client in Chromium, with the SDK's defaults
 

@@ -37,7 +37,10 @@ def add_join_room_command(subparsers) -> None:
     parser.add_argument("--frequency", type=positive_float, default=440.0, help="demo tone in Hz (default 440)")
     parser.add_argument("--size", default="640x360", help="demo video size WxH (default 640x360)")
     parser.add_argument("--fps", type=positive_float, default=15.0, help="demo video frame rate (default 15)")
-    parser.add_argument("--simulcast", action="store_true", help="publish the demo video with simulcast layers")
+    parser.add_argument("--simulcast", action="store_true",
+                        help="publish the demo video with simulcast layers (SVC layers for vp9 and av1)")
+    parser.add_argument("--codec", choices=("vp8", "h264", "vp9", "av1"),
+                        help="demo video codec (default: the SDK's, vp8)")
     parser.add_argument("--duration", type=float, default=0.0, help="leave after this many seconds (default: "
                                                                     "stay until Ctrl-C)")
     parser.set_defaults(handler=run_join_room, prog=parser.prog)
@@ -128,7 +131,7 @@ async def _session(url: str, token: str, identity: str, args: argparse.Namespace
     try:
         if args.publish_demo:
             media = DemoMedia(frequency=args.frequency, width=width, height=height, fps=args.fps,
-                              simulcast=args.simulcast)
+                              simulcast=args.simulcast, codec=args.codec or "")
             await media.start(room)
             _say(f"publishing a {args.frequency:g} Hz tone and a {width}x{height}@{args.fps:g} test pattern"
                  " (Ctrl-C to leave)")

@@ -16,6 +16,9 @@ import numpy as np
 from livekit import rtc
 
 SAMPLE_RATE = 48000
+VIDEO_CODECS = {"vp8": rtc.VideoCodec.VP8, "h264": rtc.VideoCodec.H264, "vp9": rtc.VideoCodec.VP9,
+                "av1": rtc.VideoCodec.AV1}
+SVC_MODE = "L3T3_KEY"  # what livekit-client publishes VP9/AV1 with by default: 3 spatial x 3 temporal layers
 QUADRANTS = ((230, 30, 30), (30, 200, 30), (30, 30, 230), (235, 235, 235))  # TL, TR, BL, BR
 
 
@@ -65,7 +68,8 @@ class DemoMedia:
     width: int = 320
     height: int = 240
     fps: float = 15.0
-    simulcast: bool = False
+    simulcast: bool = False  # for VP9 and AV1: SVC layers (SVC_MODE) in one stream
+    codec: str = ""  # a VIDEO_CODECS key; "": the SDK's default (VP8)
     audio: bool = True
     video: bool = True
     tasks: list[asyncio.Task] = field(default_factory=list)
@@ -83,8 +87,12 @@ class DemoMedia:
         if self.video:
             source = rtc.VideoSource(self.width, self.height)
             track = rtc.LocalVideoTrack.create_video_track("demo-pattern", source)
-            self.publications.append(await lp.publish_track(
-                track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA, simulcast=self.simulcast)))
+            options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA, simulcast=self.simulcast)
+            if self.codec:
+                options.video_codec = VIDEO_CODECS[self.codec]
+                if self.simulcast and self.codec in ("vp9", "av1"):
+                    options.scalability_mode = SVC_MODE
+            self.publications.append(await lp.publish_track(track, options))
             self.tasks.append(asyncio.create_task(self._pattern(source), name="demo-video"))
 
     async def _tone(self, source: rtc.AudioSource) -> None:

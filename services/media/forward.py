@@ -13,7 +13,7 @@ import random
 import time
 from typing import Callable
 
-from . import red, rtcp, rtp, sdp
+from . import rtcp, rtp
 from .congestion import LossAdapter
 from .fastpath import DownTrackBase, fan_out
 
@@ -588,8 +588,8 @@ class DownTrack(DownTrackBase):
             return  # (paused for congestion: resends would fill the link the pause is clearing)
         missing = []
         for out_seq in seqs[:MAX_RETRANSMIT_PER_NACK]:
-            seq = (out_seq - self.seq_off) & 0xFFFF
-            if (seq - self.switch_seq) & 0x8000:
+            seq = self.original_seq(out_seq)
+            if seq is None:
                 continue
             packet = layer.buffer.get(seq)
             if packet is None:
@@ -602,15 +602,30 @@ class DownTrack(DownTrackBase):
             body = self.convert(packet[off:])
             if self.vp8:
                 body = self._renumber(body, newest=False)
-            self.send(_pack(0x80 | (packet[0] & 0x20), (marker << 7) | self.pt, out_seq,
+            self.send(_pack(0x80 | (packet[0] & 0x20), (self.resent_marker(layer, seq, marker, body) << 7) | self.pt, out_seq,
                             (ts + self.ts_off) & 0xFFFFFFFF, self.ssrc) + body)
             self.retransmits += 1
         if missing:
             self.up.nack_upstream(layer, missing)
 
+    def original_seq(self, out_seq: int) -> int | None:
+        """The publisher's sequence number of a packet this subscriber got as `out_seq` (None: not one it got)."""
+        seq = (out_seq - self.seq_off) & 0xFFFF
+        return None if (seq - self.switch_seq) & 0x8000 else seq
+
+    def resent_marker(self, layer: Layer, seq: int, marker: int, payload: bytes) -> int:
+        return marker
+
     def on_keyframe_request(self) -> None:
         self.plis += 1
         self.up.request_keyframe(self.current or self.target)
+
+    def quality_now(self) -> int:
+        """The quality (simulcast layer) it gets now; only called once it gets one."""
+        return self.current.quality
+
+    def lowest_quality(self) -> int:
+        return min(layer.quality for layer in self.up.layers)
 
     @property
     def max_quality(self) -> int:
@@ -623,8 +638,8 @@ class DownTrack(DownTrackBase):
         self.rr_at = now
         lost = self.loss.windowed(block.highest_seq, block.packets_lost, now)
         if lost is not None and self.video and self.current is not None and not self.user_paused:
-            lowest = self.current.quality <= min(layer.quality for layer in self.up.layers)
-            if self.loss.on_report(lost, self.current.quality, now, lowest):
+            quality = self.quality_now()
+            if self.loss.on_report(lost, quality, now, quality <= self.lowest_quality()):
                 if self.loss.paused:
                     self.congestion_changed()
                 else:
@@ -659,43 +674,3 @@ class DownTrack(DownTrackBase):
         if not self.closed:
             self.closed = True
             self.up.remove_down(self)
-
-
-class UnwrappingDownTrack(DownTrack):
-    """Sends a RED track as plain Opus: the primary block of each packet."""
-
-    def write(self, layer, b0, marker, seq, ts, payload, keyframe) -> None:
-        opus = red.primary(payload)
-        if opus:
-            super().write(layer, b0, marker, seq, ts, opus, keyframe)
-
-    def convert(self, payload: bytes) -> bytes:
-        return red.primary(payload)
-
-
-class RepayloadingDownTrack(DownTrack):
-    """Sends RED to a subscriber whose Opus payload type differs from the publisher's."""
-
-    def __init__(self, up: UpTrack, send: Callable[[bytes], None], pt: int, block_pt: int):
-        super().__init__(up, send, pt)
-        self.block_pt = block_pt
-
-    def write(self, layer, b0, marker, seq, ts, payload, keyframe) -> None:
-        super().write(layer, b0, marker, seq, ts, red.with_block_pt(payload, self.block_pt), keyframe)
-
-    def convert(self, payload: bytes) -> bytes:
-        return red.with_block_pt(payload, self.block_pt)
-
-
-def down_track(up: UpTrack, send: Callable[[bytes], None], track_codec: sdp.Codec, codec: sdp.Codec,
-               output=None) -> DownTrack:
-    """The down-track for a subscriber that negotiated `codec` for a track published as `track_codec`. Only plain
-    forwarding takes the compiled path (`output`); the RED conversions stay in their Python `write`."""
-    if not red.is_red(track_codec):
-        return DownTrack(up, send, codec.pt, output=output)
-    if not red.is_red(codec):
-        return UnwrappingDownTrack(up, send, codec.pt)
-    theirs, ours = red.inner_pt(codec), red.inner_pt(track_codec)
-    if theirs is not None and theirs != ours:
-        return RepayloadingDownTrack(up, send, codec.pt, theirs)
-    return DownTrack(up, send, codec.pt, output=output)

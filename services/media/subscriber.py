@@ -18,7 +18,8 @@ from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 from . import negotiation, red, rtcp, sdp
-from .forward import DownTrack, down_track
+from .downtracks import down_track
+from .forward import DownTrack
 from .interfaces import Participant
 
 if TYPE_CHECKING:

@@ -1,0 +1,156 @@
+"""SVC layer selection without a server: the VP9 and AV1 layer readers, the sequence numbering that hides dropped
+packets, and a subscriber's down-track on a synthetic three-layer VP9 stream (the SDK end-to-end tests are in
+tests/test_cluster_simulcast.py)."""
+
+from __future__ import annotations
+
+from braid.services.media import rtp
+from braid.services.media.forward import UpTrack
+from braid.services.media.svc import SeqMap, SvcDownTrack, av1_layer, vp9_layer
+
+SSRC = 0x1234
+PT = 98
+
+
+def vp9_payload(spatial: int, temporal: int, begins: bool, ends: bool, inter: bool, body: bytes = b"x") -> bytes:
+    """A flexible-mode descriptor with a 15-bit picture id and layer indices (and one P_DIFF when inter)."""
+    b0 = 0x80 | 0x20 | 0x10 | (0x40 if inter else 0) | (0x08 if begins else 0) | (0x04 if ends else 0)
+    return bytes([b0, 0x80, 0x01, (temporal << 5) | (spatial << 1)]) + (b"\x02" if inter else b"") + body
+
+
+def test_vp9_layer_reads_the_descriptor():
+    ids = vp9_layer(vp9_payload(2, 1, True, False, True))
+    assert (ids.spatial, ids.temporal, ids.begins, ids.ends, ids.keyframe) == (2, 1, True, False, False)
+    assert vp9_layer(vp9_payload(0, 0, True, True, False)).keyframe
+    assert not vp9_layer(vp9_payload(1, 0, True, True, False)).keyframe  # an upper layer of the key picture
+    assert vp9_layer(bytes([0x0C])) == (0, 0, True, True, True)  # no layer indices: a stream without layers
+    assert vp9_layer(b"") is None and vp9_layer(bytes([0xA8])) is None  # truncated
+
+
+def test_av1_layer_reads_obu_extension_headers_and_follows_fragments():
+    seq_header = bytes([0x0A, 0x00])  # OBU_SEQUENCE_HEADER, has_size, no extension
+    frame = bytes([(6 << 3) | 0x04, (1 << 5) | (2 << 3)]) + b"frame-data"  # OBU_FRAME, temporal 1, spatial 2
+    first = bytes([0x08 | 0x20 | 0x40, len(seq_header)]) + seq_header + frame  # N, W=2, Y: continues
+    ids = av1_layer(first, 10, lambda s: None)
+    assert (ids.spatial, ids.temporal, ids.begins, ids.ends, ids.keyframe) == (2, 1, True, False, True)
+    middle, last = bytes([0x80 | 0x40 | 0x10]) + b"more", bytes([0x80 | 0x10]) + b"end"
+    earlier = {10: first, 11: middle}
+    ids = av1_layer(last, 12, earlier.get)
+    assert (ids.spatial, ids.temporal, ids.begins, ids.ends, ids.keyframe) == (2, 1, False, True, False)
+    assert av1_layer(last, 12, {11: middle}.get) is None  # the OBU's start is gone: unknown
+    assert av1_layer(bytes([0x10]) + seq_header, 1, lambda s: None) == (0, 0, True, True, False)  # no layers
+    assert av1_layer(bytes([0x00, 0xFF]), 1, lambda s: None) is None  # a length running off the end
+
+
+def test_seq_map_numbers_what_is_sent_and_keeps_late_packets_places():
+    seqs = SeqMap()
+    seqs.restart(100, 5000)
+    assert seqs.send(100) == 5000
+    seqs.drop(101)
+    assert seqs.send(102) == 5001
+    assert seqs.send(105) == 5004  # 103 and 104 are late: their numbers are kept
+    assert seqs.send(103) == 5002
+    seqs.drop(104)  # late, and not to be sent: its number stays a hole
+    assert seqs.send(104) is None and seqs.original(5003) is None
+    assert [seqs.original(o) for o in (5000, 5001, 5002, 5004)] == [100, 102, 103, 105]
+    assert seqs.send(99) is None  # before the start
+    seqs.restart(0xFFFE, 0xFFFF)
+    assert [seqs.send(s) for s in (0xFFFE, 0xFFFF, 0)] == [0xFFFF, 0, 1]  # both wrap
+
+
+class Stream:
+    """An up-track fed with synthetic VP9 pictures of three spatial layers (two packets each)."""
+
+    def __init__(self):
+        self.keyframe_requests = 0
+        self.up = UpTrack("TR_svc", "video", "video/VP9", 90000, PT, None, self._pli, lambda ssrc, seqs: None)
+        self.layer = self.up.add_layer(SSRC)
+        self.seq, self.ts = 1000, 0
+
+    def _pli(self, ssrc: int) -> None:
+        self.keyframe_requests += 1
+
+    def viewer(self, quality: int) -> tuple[SvcDownTrack, list[bytes]]:
+        sent: list[bytes] = []
+        down = SvcDownTrack(self.up, sent.append, PT)
+        down.requested_quality = quality
+        self.up.add_down(down)
+        return down, sent
+
+    def picture(self, key: bool = False, skip: set[int] = frozenset()) -> list[bytes]:
+        """Sends one picture (except the packets whose index is in `skip`); returns all its packets."""
+        packets = []
+        for spatial in range(3):
+            for part in range(2):
+                payload = vp9_payload(spatial, 0, part == 0, part == 1, not key, b"s%d-%d-%d" % (spatial, part, self.ts))
+                marker = int(spatial == 2 and part == 1)
+                packets.append(rtp.HEADER.pack(0x80, (marker << 7) | PT, self.seq & 0xFFFF, self.ts, SSRC) + payload)
+                self.seq += 1
+        self.ts += 3000
+        for i, packet in enumerate(packets):
+            if i not in skip:
+                self.feed(packet)
+        return packets
+
+    def feed(self, packet: bytes) -> None:
+        self.up.on_packet(self.layer, packet, rtp.parse(packet))
+
+
+def summary(sent: list[bytes]) -> list[tuple[int, int, int]]:
+    """(sequence number, marker, spatial layer) of each packet sent."""
+    out = []
+    for packet in sent:
+        header = rtp.parse(packet)
+        out.append((header[2], header[4], vp9_layer(packet[header[5]:]).spatial))
+    return out
+
+
+def test_each_viewer_gets_its_spatial_layers_numbered_without_gaps():
+    stream = Stream()
+    low, to_low = stream.viewer(0)
+    high, to_high = stream.viewer(2)
+    for i in range(4):
+        stream.picture(key=i == 0)
+    got = summary(to_low)
+    assert [s for _, _, s in got] == [0, 0] * 4
+    assert [(q - got[0][0]) & 0xFFFF for q, _, _ in got] == list(range(8))
+    assert [m for _, m, _ in got] == [0, 1] * 4  # each picture ends at its last spatial-0 packet
+    got = summary(to_high)
+    assert [s for _, _, s in got] == [0, 0, 1, 1, 2, 2] * 4 and [m for _, m, _ in got] == [0, 0, 0, 0, 0, 1] * 4
+    assert [(q - got[0][0]) & 0xFFFF for q, _, _ in got] == list(range(24))
+
+
+def test_going_up_waits_for_a_keyframe_and_going_down_does_not():
+    stream = Stream()
+    viewer, sent = stream.viewer(0)
+    stream.picture(key=True)
+    requests = stream.keyframe_requests
+    viewer.set_max_quality(2)
+    sent.clear()
+    stream.picture()
+    assert {s for _, _, s in summary(sent)} == {0}  # the upper layers need the key picture they start from
+    assert stream.keyframe_requests > requests
+    sent.clear()
+    stream.picture(key=True)
+    assert [s for _, _, s in summary(sent)] == [0, 0, 1, 1, 2, 2]
+    viewer.set_max_quality(1)
+    sent.clear()
+    stream.picture()
+    assert [(s, m) for _, m, s in summary(sent)] == [(0, 0), (0, 0), (1, 0), (1, 1)]
+
+
+def test_late_packets_keep_their_place_and_nacks_resend_the_right_packet():
+    stream = Stream()
+    viewer, sent = stream.viewer(0)
+    stream.picture(key=True)
+    packets = stream.picture(skip={1, 2})  # its S0 end and S1 start come late
+    assert len(sent) == 3
+    stream.feed(packets[2])  # S1: not for this viewer
+    stream.feed(packets[1])  # S0: sent now, with the number kept for it
+    got = summary(sent)
+    assert [(q - got[0][0]) & 0xFFFF for q, _, _ in got] == [0, 1, 2, 3] and got[3][1] == 1
+    sent.clear()
+    viewer.on_nack([got[3][0], got[3][0] + 1])  # the late one again, and one never sent
+    assert len(sent) == 1
+    header = rtp.parse(sent[0])
+    assert header[2] == got[3][0] and header[4] == 1 and sent[0][header[5]:] == packets[1][12:]
