@@ -329,3 +329,46 @@ async def _decoded_if(viewer: MeetPage, identity: str, cond) -> dict | None:
 
 async def _decoded(viewer: MeetPage, identity: str, frames: int) -> dict | None:
     return await _decoded_if(viewer, identity, lambda s: s["framesDecoded"] >= frames)
+
+
+_SET_QUALITY = "([identity, quality]) => window.braidMeet.setVideoQuality(identity, quality)"
+_MIME = "(identity) => window.braidRoom.remoteParticipants.get(identity)?.getTrackPublication('camera')?.mimeType"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("codec", ["vp9", "av1"])
+async def test_browser_svc_reaches_a_browser_on_another_node_at_each_spatial_layer(simulcast_cluster, browser,
+                                                                                   room_name, codec):
+    """livekit-client in Chromium publishes its camera in VP9 or AV1 (with the SDK's SVC default, L3T3_KEY); a browser on the
+    other media node decodes it, takes the low spatial layer when it asks for LOW and a layer at least twice as
+    wide when it asks for HIGH, without a freeze over 1 s while the publisher's encoder keeps going."""
+    cluster = simulcast_cluster
+    eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
+    alice = await browser.join(eu.server, "Alice", room_name, query=f"codec={codec}", tokens=token_for(eu))
+    bob = await browser.join(us.server, "Bob", room_name, query="adaptive=0&res=180", tokens=token_for(us))
+    pages = [alice, bob]
+    try:
+        alice_id = await alice.identity()
+        await page_wait(lambda: _decoded(bob, alice_id, 30), timeout=40, what=f"Bob to decode Alice's {codec}",
+                        pages=pages)
+        assert (await bob.js(_MIME, alice_id)).lower() == f"video/{codec}"
+        await bob.js(FREEZE_PROBE, alice_id)
+        await alice.js(ENCODER_PROBE)
+        await bob.js(_SET_QUALITY, [alice_id, "low"])
+        low = await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: 0 < s["frameWidth"] <= 320),
+                              timeout=20, what="Bob to get Alice's low spatial layer", pages=pages)
+        await page_wait(lambda: _decoded(bob, alice_id, low["framesDecoded"] + 30), timeout=15,
+                        what="frames to keep coming on the low layer", pages=pages)
+        await bob.js(_SET_QUALITY, [alice_id, "high"])
+        high = await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: s["frameWidth"] >= 2 * low[
+            "frameWidth"]), timeout=20, what="Bob to get a higher spatial layer of Alice's", pages=pages)
+        await page_wait(lambda: _decoded(bob, alice_id, high["framesDecoded"] + 30), timeout=15,
+                        what="frames to keep coming on the high layer", pages=pages)
+        ours, theirs = await server_freezes(bob, alice, reset=False)
+        assert not ours, f"Bob froze while Alice kept sending: {ours} ({theirs})"
+        print(f"{codec} SVC at Bob: {low['frameWidth']}x{low['frameHeight']} low, "
+              f"{high['frameWidth']}x{high['frameHeight']} high")
+    except BaseException:
+        print(cluster.logs())
+        raise

@@ -73,6 +73,15 @@ def test_publish_answer_keeps_rids_and_needed_extensions():
     assert reparsed.media[0].direction == "recvonly"
 
 
+def test_publisher_gets_the_codec_its_add_track_request_names():
+    """livekit-client offers VP8 first whatever the camera is to publish; its AddTrackRequest names the codec."""
+    video = _offer().media[1]
+    video.codecs.append(sdp.Codec(98, "VP9", 90000, fmtp="profile-id=0"))
+    assert negotiation.choose_publish_codec(video, preferred="vp9").codec.name == "VP9"
+    assert negotiation.choose_publish_codec(video, preferred="av1").codec.name == "VP8"  # not offered
+    assert negotiation.choose_publish_codec(video, preferred="").codec.name == "VP8"
+
+
 def test_subscribe_codec_matching():
     video = _offer().media[1]
     assert negotiation.match_subscribe_codec(video, sdp.Codec(100, "VP8", 90000)).pt == 96

@@ -154,3 +154,56 @@ def test_late_packets_keep_their_place_and_nacks_resend_the_right_packet():
     assert len(sent) == 1
     header = rtp.parse(sent[0])
     assert header[2] == got[3][0] and header[4] == 1 and sent[0][header[5]:] == packets[1][12:]
+
+
+def test_one_header_extension_in_either_form():
+    short = rtp.with_extension(0x80, 1, PT, 7, 9, SSRC, 5, b"abc") + b"payload"
+    long = rtp.with_extension(0x80, 0, PT, 7, 9, SSRC, 5, bytes(range(30))) + b"payload"
+    assert short[12:14] == b"\xbe\xde" and long[12:14] == b"\x10\x00"
+    for packet, value in ((short, b"abc"), (long, bytes(range(30)))):
+        assert rtp.extensions(packet) == {5: value}
+        header = rtp.parse(packet)
+        assert header[2:5] == (7, 9, packet[1] >> 7) and packet[header[5]:] == b"payload"
+    assert rtp.with_extension(0xA0, 0, PT, 7, 9, SSRC, 5, b"x")[0] == 0xB0  # padding flag kept, X set
+
+
+def test_the_dependency_descriptor_goes_to_subscribers_that_negotiated_it():
+    stream = Stream()
+    stream.up.dd_id = 3
+    viewer, sent = stream.viewer(0)
+    viewer.dd_id = 9
+    _, to_plain = stream.viewer(0)
+    descriptor = bytes([0x80, 0x01, 0x02]) + bytes(20)  # start of frame, template 1, frame 2, a structure
+    for packet in stream.picture(key=True, skip=set(range(6))):
+        header = rtp.parse(packet)
+        stream.feed(rtp.with_extension(packet[0], header[4], PT, header[2], header[3], SSRC, 3, descriptor)
+                    + packet[12:])
+    assert len(sent) == len(to_plain) == 2
+    assert all(rtp.extensions(p) == {9: descriptor} for p in sent)
+    assert all(not p[0] & 0x10 for p in to_plain)
+    first = rtp.parse(sent[0])[2]
+    sent.clear()
+    viewer.on_nack([first])
+    assert len(sent) == 1 and rtp.extensions(sent[0]) == {9: descriptor}
+
+
+def test_the_dependency_descriptor_is_negotiated_with_two_byte_extensions():
+    from braid.services.media import negotiation, sdp
+    from braid.services.media.subscriber import dependency_descriptor_id
+
+    offered = sdp.parse("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=extmap-allow-mixed\r\n"
+                        "m=video 9 UDP/TLS/RTP/SAVPF 98\r\na=mid:0\r\na=ice-ufrag:u\r\na=ice-pwd:pppppppppppppppppppppp\r\n"
+                        "a=fingerprint:sha-256 AA:BB\r\na=setup:actpass\r\n"
+                        "a=recvonly\r\na=rtpmap:98 VP9/90000\r\n"
+                        f"a=extmap:4 {rtp.EXT_DEPENDENCY_DESCRIPTOR}\r\n")
+    assert offered.allow_mixed
+    media = offered.media[0]
+    assert dependency_descriptor_id(media, offered.allow_mixed) == 4
+    assert dependency_descriptor_id(media, allow_mixed=False) == 0  # a keyframe's descriptor needs two bytes
+    section = negotiation.send_section(media, media.codecs[0], sdp.Outgoing(1, "cn", "s", "t"))
+    assert section.extmaps == {4: rtp.EXT_DEPENDENCY_DESCRIPTOR}
+    ours = negotiation.offer_track_section("1", "video", media.codecs[0], None)
+    assert rtp.EXT_DEPENDENCY_DESCRIPTOR in ours.extmaps.values()
+    transport = sdp.Transport("u", "p" * 22, [("sha-256", "AA:BB")], "actpass", [])
+    text = sdp.write([ours], transport, 1, 1, allow_mixed=True)
+    assert "a=extmap-allow-mixed" in text and sdp.parse(text).allow_mixed

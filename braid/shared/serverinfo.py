@@ -8,6 +8,9 @@ from braid import LIVEKIT_VERSION, __version__
 
 PROTOCOL_VERSION = 16  # livekit signal protocol
 AGENT_PROTOCOL_VERSION = 1  # livekit_agent.proto worker protocol
+# Codecs the media service forwards, a room's default `enabled_codecs`: the SDKs publish only these (livekit-client
+# falls back to VP8 for a camera asked to publish anything else).
+ENABLED_CODECS = ("audio/opus", "audio/red", "video/VP8", "video/H264", "video/VP9", "video/AV1")
 
 
 def server_info(region: str, node_id: str) -> models.ServerInfo:

@@ -141,6 +141,7 @@ class UpTrack:
         self.plis_sent = 0
         self.nacks_sent = 0
         self.relays: list[LayerRelay] = []  # copies for other media nodes (cluster.relay.RelaySink)
+        self.dd_id = 0  # the header extension id its packets carry the SVC dependency descriptor under (0: none)
 
     # --- layers --------------------------------------------------------------------------------------------
 
@@ -454,6 +455,7 @@ class DownTrack(DownTrackBase):
         self.paused = False  # nothing is forwarded: the subscriber disabled it, or its link cannot carry it
         self.user_paused = False  # the subscriber's track_setting disabled it
         self.on_stream_state: Callable[[bool], None] | None = None  # told True when congestion pauses it
+        self.dd_id = 0  # the subscriber's id for the dependency descriptor (0: not negotiated; see svc.py)
         self.bound = True  # False while the subscriber has not applied the description announcing this stream
         self.followup_keyframe = False  # ask once more shortly after starting, in case the first one was dropped
         self.waiting_keyframe = True
@@ -602,11 +604,16 @@ class DownTrack(DownTrackBase):
             body = self.convert(packet[off:])
             if self.vp8:
                 body = self._renumber(body, newest=False)
-            self.send(_pack(0x80 | (packet[0] & 0x20), (self.resent_marker(layer, seq, marker, body) << 7) | self.pt, out_seq,
-                            (ts + self.ts_off) & 0xFFFFFFFF, self.ssrc) + body)
+            self.send(self.header(layer, seq, packet[0], self.resent_marker(layer, seq, marker, body), out_seq,
+                                  (ts + self.ts_off) & 0xFFFFFFFF, packet) + body)
             self.retransmits += 1
         if missing:
             self.up.nack_upstream(layer, missing)
+
+    def header(self, layer: Layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int,
+               original: bytes | None = None) -> bytes:
+        """The header a resent packet goes out with (`original`: the publisher's packet)."""
+        return _pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc)
 
     def original_seq(self, out_seq: int) -> int | None:
         """The publisher's sequence number of a packet this subscriber got as `out_seq` (None: not one it got)."""

@@ -13,8 +13,10 @@ AUDIO_CODECS = ("opus",)
 VIDEO_CODECS = ("VP8", "H264", "VP9", "AV1")
 PUBLISH_EXTENSIONS = {
     "audio": (rtp.EXT_MID, rtp.EXT_AUDIO_LEVEL),
-    "video": (rtp.EXT_MID, rtp.EXT_RID, rtp.EXT_RRID),
+    "video": (rtp.EXT_MID, rtp.EXT_RID, rtp.EXT_RRID, rtp.EXT_DEPENDENCY_DESCRIPTOR),
 }
+# In our own subscriber offers: the dependency descriptor of SVC tracks (what libwebrtc's AV1 receiver needs).
+OFFER_EXTENSIONS = {"audio": {}, "video": {1: rtp.EXT_DEPENDENCY_DESCRIPTOR}}
 PUBLISH_FEEDBACK = {"audio": ("nack",), "video": ("goog-remb", "ccm fir", "nack", "nack pli")}
 SUBSCRIBE_FEEDBACK = {"audio": ("nack",), "video": ("ccm fir", "nack", "nack pli")}
 
@@ -59,9 +61,11 @@ def _with_feedback(codec: sdp.Codec, allowed: tuple[str, ...]) -> sdp.Codec:
     return sdp.Codec(codec.pt, codec.name, codec.clock, codec.channels, codec.fmtp, feedback)
 
 
-def choose_publish_codec(media: sdp.Media, allow_red: bool = True) -> PublishCodec | None:
-    """The codec a publisher's m-line will use: the first offered one the node forwards, and its RTX. Audio RED
-    (over an offered Opus) is preferred whenever offered, unless the track disables it (LiveKit's preference)."""
+def choose_publish_codec(media: sdp.Media, allow_red: bool = True, preferred: str = "") -> PublishCodec | None:
+    """The codec a publisher's m-line will use, and its RTX: the track's `preferred` one (what its AddTrackRequest
+    names: livekit-client asks for VP9 or AV1 there but offers VP8 first) when offered, else the first offered one
+    the node forwards. Audio RED (over an offered Opus) is preferred whenever offered, unless the track disables it
+    (LiveKit's preference)."""
     wanted = AUDIO_CODECS if media.kind == "audio" else VIDEO_CODECS
     wanted_upper = [w.upper() for w in wanted]
     offered_red = next((c for c in media.codecs if red.is_red(c)), None) if media.kind == "audio" else None
@@ -69,6 +73,9 @@ def choose_publish_codec(media: sdp.Media, allow_red: bool = True) -> PublishCod
         inner = media.codec(red.inner_pt(offered_red) or -1)
         if inner is not None and inner.name.lower() == "opus":
             return PublishCodec(offered_red, None)
+    preferred = preferred.upper()
+    if preferred in wanted_upper and any(c.name.upper() == preferred for c in media.codecs):
+        wanted_upper = [preferred]
     for codec in media.codecs:
         if codec.name.upper() not in wanted_upper:
             continue
@@ -187,6 +194,7 @@ def offer_track_section(mid: str, kind: str, codec: sdp.Codec, outgoing: sdp.Out
     )
     return sdp.Section(
         kind=kind, mid=mid, direction="sendonly" if outgoing else "inactive", codecs=[offered], outgoing=outgoing,
+        extmaps=dict(OFFER_EXTENSIONS[kind]),
     )
 
 

@@ -493,7 +493,7 @@ class Participant:
             for gone in self.publisher.stopped_mids(session):
                 self.room.unpublish(self, gone, by_client=True)
             if self.single_pc:
-                self.subscriber.begin_answer()
+                self.subscriber.begin_answer(session.allow_mixed)
             sections = []
             for media in session.media:
                 if media.rejected or media.kind not in ("audio", "video", "application"):
@@ -507,7 +507,8 @@ class Participant:
                 else:
                     sections.append(negotiation.inactive_section(media))
             self.answer_version += 1
-            text = sdp.write(sections, pc.local_transport(pc.answer_setup), self.session_id, self.answer_version)
+            text = sdp.write(sections, pc.local_transport(pc.answer_setup), self.session_id, self.answer_version,
+                             allow_mixed=session.allow_mixed)
             self.last_answer_mids = {s.mid for s in sections if s.direction == "sendonly"}
             answer = rtc_pb.SessionDescription(type="answer", sdp=text, id=desc.id)
             if log.isEnabledFor(logging.DEBUG):

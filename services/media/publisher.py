@@ -19,6 +19,7 @@ from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
 from .permissions import SubscriptionPermission
 from .speakers import AudioLevel
+from .svc import SVC_CODECS
 from .interfaces import Participant
 
 
@@ -133,7 +134,8 @@ class Publisher:
         if req is None:
             log.info("%s: offered m-line %s sends an unannounced track; answering inactive", self.p, media.mid)
             return negotiation.inactive_section(media)
-        chosen = negotiation.choose_publish_codec(media, allow_red=not req.disable_red)
+        preferred = req.simulcast_codecs[0].codec if req.simulcast_codecs else ""
+        chosen = negotiation.choose_publish_codec(media, allow_red=not req.disable_red, preferred=preferred)
         if chosen is None:
             log.info("%s: no forwardable codec on m-line %s", self.p, media.mid)
             self.pending.pop(req.cid, None)
@@ -155,6 +157,8 @@ class Publisher:
             request_keyframe=self._send_pli, request_nack=self._send_nack,
         )
         up.expected_rids = [r.rid for r in media.rids if r.direction == "send"]
+        if chosen.codec.name.upper() in SVC_CODECS:
+            up.dd_id = media.extmap_id(rtp.EXT_DEPENDENCY_DESCRIPTOR) or 0
         level_id = media.extmap_id(rtp.EXT_AUDIO_LEVEL)
         if media.kind == "audio" and level_id is not None:
             up.levels = AudioLevel(level_id)

@@ -11,7 +11,7 @@ from livekit.protocol import rtc as rtc_pb
 
 from braid import LIVEKIT_VERSION
 from braid.shared.auth import Claims, refreshed_token
-from braid.shared.serverinfo import server_info
+from braid.shared.serverinfo import ENABLED_CODECS, server_info
 from braid.shared.store import node_claim_token
 
 from .iceservers import ice_servers
@@ -177,7 +177,7 @@ class Room:
         config = self.node.config
         others = [o.info() for o in self.participants.values() if o is not p and not o.hidden]
         others += self.link.remote.infos()
-        codecs = list(self._info.enabled_codecs) or [models.Codec(mime=m) for m in ("audio/opus", "video/VP8")]
+        codecs = list(self._info.enabled_codecs) or [models.Codec(mime=m) for m in ENABLED_CODECS]
         response = rtc_pb.JoinResponse(
             room=self.info(),
             participant=p.info(),

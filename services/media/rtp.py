@@ -16,6 +16,7 @@ EXT_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 EXT_RID = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
 EXT_RRID = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
 EXT_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+EXT_DEPENDENCY_DESCRIPTOR = "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension"
 
 
 def is_rtcp(data: bytes) -> bool:
@@ -187,6 +188,20 @@ def _h264_keyframe(p: bytes | memoryview) -> bool:
     if nal == 28 and len(p) > 1:  # FU-A: start fragment of an IDR/SPS
         return bool(p[1] & 0x80) and p[1] & 0x1F in (5, 7)
     return False
+
+
+def with_extension(b0: int, marker: int, pt: int, seq: int, ts: int, ssrc: int, ext_id: int, value: bytes) -> bytes:
+    """A 12-byte header followed by one header extension (RFC 8285: the one-byte form when it fits, else the
+    two-byte form, which needs `extmap-allow-mixed`)."""
+    if ext_id < 15 and 0 < len(value) <= 16:
+        body = bytes([(ext_id << 4) | (len(value) - 1)]) + value
+        profile = 0xBEDE
+    else:
+        body = bytes([ext_id, len(value)]) + value
+        profile = 0x1000
+    body += b"\0" * (-len(body) % 4)
+    return _FIXED.pack(0x90 | (b0 & 0x20), (marker << 7) | pt, seq, ts, ssrc) + struct.pack(
+        "!HH", profile, len(body) // 4) + body
 
 
 def rewrite(b0: int, marker: int, pt: int, seq: int, ts: int, ssrc: int, payload: bytes) -> bytes:

@@ -114,6 +114,7 @@ class Session:
     media: list[Media]
     bundle: list[str] = field(default_factory=list)
     ice_lite: bool = False
+    allow_mixed: bool = False  # extmap-allow-mixed (RFC 8285): two-byte header extensions may be sent
 
     def by_mid(self, mid: str) -> Media | None:
         for media in self.media:
@@ -170,6 +171,8 @@ def parse(text: str) -> Session:
                 session.bundle = arg.split()[1:]
             elif name == "ice-lite":
                 session.ice_lite = True
+            elif name == "extmap-allow-mixed":
+                session.allow_mixed = True
             elif name == "ice-ufrag":
                 s_ufrag = arg
             elif name == "ice-pwd":
@@ -321,7 +324,8 @@ class Section:
     max_message_size: int = 262144
 
 
-def write(sections: list[Section], transport: Transport, session_id: int, version: int) -> str:
+def write(sections: list[Section], transport: Transport, session_id: int, version: int,
+          allow_mixed: bool = False) -> str:
     out = [
         "v=0",
         f"o=- {session_id} {version} IN IP4 127.0.0.1",
@@ -331,6 +335,8 @@ def write(sections: list[Section], transport: Transport, session_id: int, versio
     bundle = [s.mid for s in sections if s.port != 0]
     if bundle:
         out.append("a=group:BUNDLE " + " ".join(bundle))
+    if allow_mixed:
+        out.append("a=extmap-allow-mixed")
     out.append("a=msid-semantic: WMS *")
     for section in sections:
         out.extend(_section_lines(section, transport))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-from . import negotiation, red, rtcp, sdp
+from . import negotiation, red, rtcp, rtp, sdp
 from .downtracks import down_track
 from .forward import DownTrack
 from .interfaces import Participant
@@ -73,6 +73,7 @@ class Subscriber:
         self.used_mids: set[str] = set()
         self.free_mids: dict[str, list[str]] = {"audio": [], "video": []}
         self.requirement_sent = False
+        self.allow_mixed = False  # the client's offer allows two-byte header extensions
         # v0
         self.slots: list[Slot] = []
         self.app_mid = ""
@@ -199,9 +200,10 @@ class Subscriber:
 
     # --- v1: answering the client's recvonly m-lines -------------------------------------------------------
 
-    def begin_answer(self) -> None:
+    def begin_answer(self, allow_mixed: bool) -> None:
         self.free_mids = {"audio": [], "video": []}
         self.requirement_sent = False
+        self.allow_mixed = allow_mixed
 
     def answer_slot(self, media: sdp.Media) -> sdp.Section:
         bound = next((s for s in self.subs.values() if s.mid == media.mid and s.down is not None), None)
@@ -218,6 +220,7 @@ class Subscriber:
                 continue
             self.used_mids.add(media.mid)
             self._bind(sub, media.mid, codec)
+            sub.down.dd_id = dependency_descriptor_id(media, self.allow_mixed)
             return negotiation.send_section(media, codec, self.outgoing(sub), sub.track.info.stereo)
         self.free_mids[media.kind].append(media.mid)
         return negotiation.inactive_section(media)
@@ -280,7 +283,7 @@ class Subscriber:
             outgoing = self.outgoing(slot.sub) if slot.sub is not None and slot.sub.down is not None else None
             sections.append(negotiation.offer_track_section(slot.mid, slot.kind, slot.codec, outgoing))
         self.sdp_version += 1
-        text = sdp.write(sections, pc.local_transport("actpass"), self.session_id, self.sdp_version)
+        text = sdp.write(sections, pc.local_transport("actpass"), self.session_id, self.sdp_version, allow_mixed=True)
         self.offer_id += 1
         self.awaiting_answer = True
         if log.isEnabledFor(logging.DEBUG):
@@ -309,6 +312,9 @@ class Subscriber:
         self.awaiting_answer = False
         for sub in self.subs.values():
             if sub.down is not None and not sub.down.bound and sub.offer_id <= self.offer_id:
+                answered = session.by_mid(sub.mid)
+                if answered is not None:
+                    sub.down.dd_id = dependency_descriptor_id(answered, session.allow_mixed)
                 sub.down.bind()
         if self.needs_offer:
             await self.offer()
@@ -366,6 +372,12 @@ class Subscriber:
         packets = sum(d.packets for d in self.down_by_ssrc.values())
         octets = sum(d.octets for d in self.down_by_ssrc.values())
         return packets, octets
+
+
+def dependency_descriptor_id(media: sdp.Media, allow_mixed: bool) -> int:
+    """The id a subscriber's m-line gives the dependency descriptor, 0 when absent. Keyframes' descriptors exceed
+    the one-byte extension form, so it is only used where two-byte extensions are allowed too."""
+    return (media.extmap_id(rtp.EXT_DEPENDENCY_DESCRIPTOR) or 0) if allow_mixed else 0
 
 
 def quality_for(setting: rtc_pb.UpdateTrackSettings, layers) -> int | None:

@@ -7,6 +7,11 @@ one (libwebrtc's L3T3_KEY). VP9 names each packet's layers in its payload descri
 of the OBUs a packet starts (a packet continuing an OBU belongs to the packet before it). The packets it leaves out must not look lost to the subscriber, so its sequence
 numbers run on without them (`SeqMap`), and the last packet it gets of each picture carries the marker bit, which
 is where libwebrtc's receiver ends a picture and decodes it.
+
+Where publisher and subscriber both negotiated the dependency descriptor header extension, each packet carries the
+publisher's descriptor on to the subscriber: libwebrtc's AV1 receiver cannot assemble frames without it (Chrome
+decodes nothing). The descriptor's frame references point only into the layers a subscriber keeps, so it stays true
+when upper layers are dropped.
 """
 
 from __future__ import annotations
@@ -248,7 +253,7 @@ class SvcDownTrack(DownTrack):
             return
         out_ts = (ts + self.ts_off) & 0xFFFFFFFF
         marker = marker or (ids.ends and ids.spatial == self.spatial)
-        self.send(rtp.HEADER.pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc) + payload)
+        self.send(self.header(layer, seq, b0, marker, out_seq, out_ts) + payload)
         self.packets += 1
         self.octets += len(payload)
         if out_seq == (self.seqs.next_out - 1) & 0xFFFF:
@@ -256,6 +261,17 @@ class SvcDownTrack(DownTrack):
             if out_ts != self.last_ts:
                 self.last_ts = out_ts
                 self.last_ts_at = time.monotonic()
+
+    def header(self, layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int,
+               original: bytes | None = None) -> bytes:
+        """The outgoing header, with the publisher's dependency descriptor when both sides negotiated it."""
+        if self.dd_id and self.up.dd_id:
+            if original is None:
+                original = layer.buffer.get(seq)
+            descriptor = rtp.extensions(original).get(self.up.dd_id) if original else None
+            if descriptor:
+                return rtp.with_extension(b0, marker, self.pt, out_seq, out_ts, self.ssrc, self.dd_id, descriptor)
+        return rtp.HEADER.pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc)
 
     def original_seq(self, out_seq: int) -> int | None:
         return self.seqs.original(out_seq)

@@ -11,13 +11,12 @@ from livekit.protocol import room as room_pb
 
 from braid.shared import ids
 from braid.shared.config import RoomConfig
+from braid.shared.serverinfo import ENABLED_CODECS
 from braid.shared.store import RoomStore
 from braid.shared.webhooks import flush_events
 
 log = logging.getLogger(__name__)
 
-# Codecs the media service forwards; the SDKs filter what they publish by this list.
-ENABLED_CODECS = ("audio/opus", "video/VP8", "video/H264")
 MAX_ROOM_NAME = 256
 
 

@@ -5,7 +5,8 @@
 // (simulcast on, as the SDK defaults) and shows one tile per participant.
 //
 // Query parameters (all optional): room, name, identity, autojoin=1, res=180|360|540|720|1080,
-// adaptive=0, dynacast=0, simulcast=0, singlepc=0, debug=1.
+// codec=vp8|h264|vp9|av1 (what the camera publishes; vp9 and av1 with SVC layers, as the SDK does), adaptive=0,
+// dynacast=0, simulcast=0, singlepc=0, debug=1.
 //
 // Test hooks: `window.braidRoom` is the connected Room, `window.braidMeet` offers join/leave,
 // data send/receive and per-track inbound stats; tiles carry data-identity, data-local,
@@ -23,7 +24,9 @@ import {
   VideoPresets,
   VideoQuality,
   setLogLevel,
+  videoCodecs,
   type RoomOptions,
+  type VideoCodec,
   type VideoPreset,
 } from 'livekit-client';
 
@@ -119,6 +122,11 @@ async function fetchToken(roomName: string, identity: string, name: string): Pro
   return resp.json();
 }
 
+function videoCodec(): VideoCodec | undefined {
+  const codec = params.get('codec');
+  return codec && (videoCodecs as readonly string[]).includes(codec) ? (codec as VideoCodec) : undefined;
+}
+
 function roomOptions(): RoomOptions {
   const resolution = RESOLUTIONS[params.get('res') ?? ''] ?? VideoPresets.h720;
   return {
@@ -126,7 +134,7 @@ function roomOptions(): RoomOptions {
     dynacast: flag('dynacast', true),
     singlePeerConnection: flag('singlepc', true),
     videoCaptureDefaults: { resolution: resolution.resolution },
-    publishDefaults: { simulcast: flag('simulcast', true) },
+    publishDefaults: { simulcast: flag('simulcast', true), videoCodec: videoCodec() },
   };
 }
 

@@ -3,7 +3,8 @@
 A *link* joins an origin node (it hosts the publisher) to a subscribing node (it hosts subscribers of the track) and
 carries every track the subscribing node wants from that origin, however many subscribers each has there:
 * origin → subscriber: RTP. Each layer of a relayed track gets an SSRC of the link; sequence numbers and timestamps
-  are the publisher's, so a NACK names the same packet on both nodes. Header extensions are not relayed.
+  are the publisher's, so a NACK names the same packet on both nodes. Header extensions are not relayed, except an
+  SVC track's dependency descriptor (under `RELAY_DD_ID`), which the subscribers there may need.
 * subscriber → origin: RTCP feedback only (PLI, FIR, NACK), sent with the link's feedback SSRC.
 Both directions are SRTP (AES_CM_128_HMAC_SHA1_80: encrypted and authenticated) with per-link, per-direction master
 keys the subscribing node generates and hands over on the control stream (`control.py`).
@@ -38,6 +39,8 @@ KEY_LENGTH = 30  # AES-128 key (16) + salt (14)
 REPLAY_WINDOW = 1024
 _pack = rtp.HEADER.pack
 Address = tuple[str, int]
+
+RELAY_DD_ID = 1  # a relayed SVC packet's dependency descriptor goes under this header extension id
 
 
 def new_key() -> bytes:
@@ -169,7 +172,12 @@ class RelaySink(LayerRelay):
         if ssrc is None:
             ssrc = self.link.assign(self, layer)
         _, pt, seq, ts, marker, off, _ = header
-        self.link.send_rtp(_pack(0x80 | (data[0] & 0x20), (marker << 7) | pt, seq, ts, ssrc) + data[off:])
+        descriptor = rtp.extensions(data).get(self.up.dd_id) if self.up.dd_id else None
+        if descriptor:
+            self.link.send_rtp(rtp.with_extension(data[0], marker, pt, seq, ts, ssrc, RELAY_DD_ID, descriptor)
+                               + data[off:])
+        else:
+            self.link.send_rtp(_pack(0x80 | (data[0] & 0x20), (marker << 7) | pt, seq, ts, ssrc) + data[off:])
         self.packets += 1
         self.bytes += len(data)
         if self.up.video:

@@ -20,7 +20,8 @@ from braid.rpc import cluster_pb2
 from .. import sdp
 from ..forward import UpTrack
 from ..publisher import PublishedTrack
-from .relay import parse_demand
+from ..svc import SVC_CODECS
+from .relay import RELAY_DD_ID, parse_demand
 from ..interfaces import RelayOrigin
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class RelayedTrack:
             on_demand_change=self._demand_changed,
         )
         up.expected_rids = list(spec.expected_rids)
+        if codec.name.upper() in SVC_CODECS:
+            up.dd_id = RELAY_DD_ID
         up.muted = info.muted
         own_info = models.TrackInfo()
         own_info.CopyFrom(info)
