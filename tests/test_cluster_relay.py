@@ -216,7 +216,7 @@ def test_the_subscribing_node_follows_the_layers_the_origin_relays_and_reports_i
     import time
 
     from braid.services.media.cluster.relayed import RelayedUpTrack
-    from braid.services.media.forward import DownTrack
+    from braid.services.media.downtrack import DownTrack
 
     demands, sent = [], []
     up = RelayedUpTrack("TR_r", "video", "video/VP8", 90000, 96, None, request_keyframe=lambda ssrc: None,

@@ -5,8 +5,11 @@ from types import SimpleNamespace
 
 from livekit.protocol import rtc as rtc_pb
 
-from braid.services.media.congestion import CONGESTED_REPORTS, MAX_PAUSE, PROBE_AFTER, LossAdapter
-from braid.services.media.forward import DownTrack
+from braid.services.media.congestion import (
+    CONGESTED_REPORTS, MAX_PAUSE, MAX_PROBE_AFTER, PROBE_AFTER, PROBE_LOSS, PROBE_QUEUEING, PROBE_SECONDS, LossAdapter,
+    Prober,
+)
+from braid.services.media.downtrack import DownTrack
 from braid.services.media.rtcp import ReportBlock
 
 
@@ -20,13 +23,36 @@ def test_sustained_loss_steps_down_one_layer_below_the_current_one():
     assert not adapter.on_report(0.5, current_quality=0, now=5.0), "nothing below the lowest layer"
 
 
-def test_clean_reports_raise_the_cap_one_layer_at_a_time():
+def test_clean_reports_probe_the_link_before_raising_the_cap_one_layer_at_a_time():
     adapter = LossAdapter(cap=0)
     assert not adapter.on_report(0.0, 0, now=0.0)
     assert not adapter.on_report(0.0, 0, now=PROBE_AFTER - 1)
-    assert adapter.on_report(0.0, 0, now=PROBE_AFTER) and adapter.cap == 1
-    assert not adapter.on_report(0.0, 1, now=PROBE_AFTER + 1), "each step waits again"
-    assert adapter.on_report(0.0, 1, now=2 * PROBE_AFTER) and adapter.cap == 2
+    assert adapter.on_report(0.0, 0, now=PROBE_AFTER) and adapter.probing_since == PROBE_AFTER and adapter.cap == 0
+    assert not adapter.on_report(0.0, 0, now=PROBE_AFTER + 1), "a probe lasts PROBE_SECONDS"
+    assert adapter.on_report(0.0, 0, now=PROBE_AFTER + PROBE_SECONDS) and adapter.cap == 1
+    assert adapter.probing_since is None
+    assert not adapter.on_report(0.0, 1, now=PROBE_AFTER + PROBE_SECONDS + 1), "each step waits again"
+    start = 2 * PROBE_AFTER + PROBE_SECONDS
+    assert adapter.on_report(0.0, 1, now=start) and adapter.probing_since == start
+    assert adapter.on_report(0.0, 1, now=start + PROBE_SECONDS) and adapter.cap == 2
+
+
+def test_a_probe_that_loses_packets_or_builds_a_queue_fails_and_the_next_waits_longer():
+    adapter = LossAdapter(cap=0)
+    adapter.on_report(0.0, 0, now=0.0, rtt=0.02)
+    assert adapter.on_report(0.0, 0, now=PROBE_AFTER, rtt=0.02) and adapter.probing_since is not None
+    assert adapter.on_report(0.0, 0, now=PROBE_AFTER + 1, rtt=0.02 + PROBE_QUEUEING + 0.05), "a queue builds"
+    assert adapter.probing_since is None and adapter.cap == 0
+    failed = PROBE_AFTER + 1
+    assert not adapter.on_report(0.0, 0, now=failed + 0.5, rtt=0.02)
+    assert not adapter.on_report(0.0, 0, now=failed + PROBE_AFTER, rtt=0.02), "twice as long now"
+    again = failed + 0.5 + 2 * PROBE_AFTER
+    assert adapter.on_report(0.0, 0, now=again, rtt=0.02) and adapter.probing_since
+    assert adapter.on_report(PROBE_LOSS + 0.01, 0, now=again + 1) and adapter.cap == 0, "a probe losing packets"
+    assert adapter._probe_after == 4 * PROBE_AFTER
+    for _ in range(10):
+        adapter._probe_after = min(MAX_PROBE_AFTER, adapter._probe_after * 2)
+    assert adapter._probe_after == MAX_PROBE_AFTER
 
 
 def test_moderate_loss_neither_raises_nor_lowers():
@@ -50,7 +76,7 @@ def _reports(down, loss: float, seconds: float, start: float = 0.0, every: float
 def test_a_subscriber_cap_follows_its_link(monkeypatch):
     reassigned = []
     layers = [SimpleNamespace(quality=q) for q in range(3)]
-    up = SimpleNamespace(clock_rate=90000, video=True, mime="video/VP8", layers=layers,
+    up = SimpleNamespace(track_sid="TR_t", clock_rate=90000, video=True, mime="video/VP8", layers=layers,
                          reassign=lambda: reassigned.append(1))
     down = DownTrack(up, send=lambda packet: None, pt=96)
     down.current = layers[2]
@@ -84,7 +110,8 @@ def test_heavy_loss_on_the_lowest_layer_pauses_and_retries_with_backoff():
 def test_a_stream_the_link_cannot_carry_is_paused_the_subscriber_told_and_resumed_with_a_keyframe():
     keyframes, demand = [], []
     layer = SimpleNamespace(quality=0)
-    up = SimpleNamespace(clock_rate=90000, video=True, mime="video/VP8", layers=[layer], reassign=lambda: None,
+    up = SimpleNamespace(track_sid="TR_t", clock_rate=90000, video=True, mime="video/VP8", layers=[layer],
+                         reassign=lambda: None,
                          request_keyframe=lambda target, force=False: keyframes.append(target),
                          demand_changed=lambda: demand.append(1))
     down = DownTrack(up, send=lambda packet: None, pt=96)
@@ -115,3 +142,43 @@ def test_the_subscriber_gets_stream_state_updates():
     subscriber._stream_state(sub, False)
     states = [(i.participant_sid, i.track_sid, i.state) for r in sent for i in r.stream_state_update.stream_states]
     assert states == [("PA_pub", "TR_v", rtc_pb.StreamState.PAUSED), ("PA_pub", "TR_v", rtc_pb.StreamState.ACTIVE)]
+
+
+async def test_probe_padding_takes_its_own_sequence_numbers_and_is_never_resent():
+    import asyncio
+
+    from braid.services.media import rtp
+    from braid.services.media.forward import UpTrack
+
+    up = UpTrack("TR_a", "audio", "audio/opus", 48000, 111, None, lambda ssrc: None, lambda ssrc, seqs: None)
+    layer = up.add_layer(5)
+    sent: list[bytes] = []
+    down = DownTrack(up, sent.append, pt=111)
+    up.add_down(down)
+
+    def feed(seq: int) -> None:
+        packet = rtp.HEADER.pack(0x80, 111, seq, seq * 960, 5) + b"opus-%d" % seq
+        up.on_packet(layer, packet, rtp.parse(packet))
+
+    for seq in (100, 101, 102):
+        feed(seq)
+    first = rtp.parse(sent[0])[2]
+    down.send_padding(4, 255)
+    feed(103)
+    seqs = [(rtp.parse(p)[2] - first) & 0xFFFF for p in sent]
+    assert seqs == list(range(8))
+    padding = sent[3:7]
+    assert all(p[0] & 0x20 and len(p) == 12 + 255 and p[-1] == 255 and rtp.parse(p)[5] == rtp.parse(p)[6]
+               for p in padding), "padding only"
+    sent.clear()
+    down.on_nack([(first + 1) & 0xFFFF, (first + 4) & 0xFFFF, (first + 7) & 0xFFFF])
+    assert [p[12:] for p in sent] == [b"opus-101", b"opus-103"]
+
+    sent.clear()
+    prober = Prober(down.send_padding, rate_bps=400_000)
+    await asyncio.sleep(0.3)
+    prober.stop()
+    count = len(sent)
+    await asyncio.sleep(0.1)
+    assert len(sent) == count, "stopped"
+    assert 400_000 / 8 * 0.3 / 2 * 0.7 <= count * 255 <= 400_000 / 8 * 0.3 / 2 * 1.5, count  # half the rate at first

@@ -3,7 +3,8 @@
 from livekit.protocol import models
 
 from braid.services.media.dynacast import DOWNGRADE_DELAY, Dynacast
-from braid.services.media.forward import DownTrack, LayerRelay, UpTrack
+from braid.services.media.downtrack import DownTrack
+from braid.services.media.forward import LayerRelay, UpTrack
 
 
 def up_track(*caps, paused=(), remote=()):

@@ -14,7 +14,8 @@ import pytest
 from aiortc.rtcdtlstransport import RTCCertificate
 
 from braid.services.media import fastpath, rtp, sdp
-from braid.services.media.forward import DownTrack, UpTrack
+from braid.services.media.downtrack import DownTrack
+from braid.services.media.forward import UpTrack
 from braid.services.media.ice import IceHost, PortRange
 from braid.services.media.icemux import node_ice_host
 from braid.services.media.transport import PeerTransport

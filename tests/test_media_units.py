@@ -7,7 +7,8 @@ import time
 import pytest
 
 from braid.services.media import negotiation, rtcp, rtp, sdp
-from braid.services.media.forward import DownTrack, PacketBuffer, UpTrack
+from braid.services.media.downtrack import DownTrack
+from braid.services.media.forward import PacketBuffer, UpTrack
 
 OFFER = "\r\n".join([
     "v=0", "o=- 1 2 IN IP4 127.0.0.1", "s=-", "t=0 0", "a=group:BUNDLE 0 1 2", "a=extmap-allow-mixed",

@@ -4,8 +4,9 @@ down-tracks that forward RED as is, with the subscriber's inner payload type, or
 from __future__ import annotations
 
 from braid.services.media import negotiation, red, rtp, sdp
-from braid.services.media.downtracks import RepayloadingDownTrack, UnwrappingDownTrack, down_track
+from braid.services.media.downtrack import RepayloadingDownTrack, UnwrappingDownTrack
 from braid.services.media.forward import UpTrack
+from braid.services.media.subscriber import down_track
 
 OPUS = sdp.Codec(111, "opus", 48000, 2, "minptime=10;useinbandfec=1")
 RED = sdp.Codec(63, "red", 48000, 2, "111/111")

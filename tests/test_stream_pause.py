@@ -13,6 +13,7 @@ from braid.clients.harness import Observer, join_token, wait_until
 from braid.clients.media import DemoMedia
 
 from .impairment import Impairment
+from .test_cluster_simulcast import ENCODER_PROBE, FREEZE_PROBE, _decoded_if, server_freezes
 from .test_browser import browser, chromium_path, fake_speech  # noqa: F401 (fixtures)
 from .test_browser import wait_until as page_wait
 
@@ -101,3 +102,48 @@ async def _active(page) -> bool:
 
 async def _state_is(page, state: str) -> bool:
     return await page.js(_STREAM_STATE, ["alice"]) == state
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_a_browser_on_a_300_kbit_link_gets_a_layer_that_fits_and_recovers(impaired_server_factory,  # noqa: F811
+                                                                                browser, room_name):
+    """Two browsers with livekit-client's defaults (720p simulcast camera, microphone); Bob's downlink is squeezed
+    to 300 kbit/s. The server moves him to a layer the link carries, on which his video then runs with no freeze
+    over 1 s while Alice's encoder keeps going; once the cap is lifted he climbs back to a higher layer."""
+    server, relay = await impaired_server_factory()
+    alice = await browser.join(server, "Alice", room_name)
+    joined = relay.mark()
+    bob = await browser.join(server, "Bob", room_name)
+    pages = [alice, bob]
+    try:
+        alice_id = await alice.identity()
+        top = await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: s["frameWidth"] >= 640), timeout=40,
+                              what="Bob to decode Alice's top layers", pages=pages)
+        flows = relay.flows_since(joined)
+        assert flows, relay.flows
+        for flow in flows:
+            flow.impair(down=Impairment(rate_bps=300_000))
+        low = await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: 0 < s["frameWidth"] <= 320),
+                              timeout=30, what="Bob to be moved to the layer his link carries", pages=pages)
+        await asyncio.sleep(3)  # what queued at the cap before the switch has drained
+        await bob.js(FREEZE_PROBE, alice_id)
+        await alice.js(ENCODER_PROBE)
+        await asyncio.sleep(15)
+        ours, theirs = await server_freezes(bob, alice, reset=True)
+        assert not ours, f"Bob froze on the squeezed link while Alice kept sending: {ours} ({theirs})"
+        settled = await _decoded_if(bob, alice_id, lambda s: True)
+        assert settled["framesDecoded"] > low["framesDecoded"] + 150, (low, settled)  # ~10 fps or more
+        assert settled["frameWidth"] <= 320, settled
+
+        for flow in flows:
+            flow.impair()
+        back = await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: s["frameWidth"] > 320), timeout=40,
+                               what="Bob back on a higher layer once the cap is gone", pages=pages)
+        adaptation = [line.split(" forward: ", 1)[-1] for line in server.log().splitlines()
+                      if "quality cap" in line or "probing" in line]
+        print(f"Bob: {top['frameWidth']} px wide, {low['frameWidth']} px at 300 kbit/s, {back['frameWidth']} px "
+              "after:\n  " + "\n  ".join(adaptation))
+    except BaseException:
+        print(server.log()[-8000:])
+        raise

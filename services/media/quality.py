@@ -19,7 +19,8 @@ from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 if TYPE_CHECKING:
-    from .forward import DownTrack, UpTrack
+    from .downtrack import DownTrack
+    from .forward import UpTrack
 
 UPDATE_INTERVAL = 5.0
 NO_REPORT_TOO_LONG = 30.0  # a subscriber that sent no receiver report this long while we stream to it is lost

@@ -12,17 +12,18 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 from . import negotiation, red, rtcp, rtp, sdp
-from .downtracks import down_track
-from .forward import DownTrack
+from .downtrack import DownTrack, RepayloadingDownTrack, UnwrappingDownTrack
+from .svc import SVC_CODECS, SvcDownTrack
 from .interfaces import Participant
 
 if TYPE_CHECKING:
+    from .forward import UpTrack
     from .publisher import PublishedTrack
 
 log = logging.getLogger(__name__)
@@ -372,6 +373,22 @@ class Subscriber:
         packets = sum(d.packets for d in self.down_by_ssrc.values())
         octets = sum(d.octets for d in self.down_by_ssrc.values())
         return packets, octets
+
+
+def down_track(up: UpTrack, send: Callable[[bytes], None], track_codec: sdp.Codec, codec: sdp.Codec,
+               output=None) -> DownTrack:
+    """The down-track for a subscriber that negotiated `codec` for a track published as `track_codec`. Only plain
+    forwarding takes the compiled path (`output`); the RED conversions and SVC stay in their Python `write`."""
+    if track_codec.name.upper() in SVC_CODECS:
+        return SvcDownTrack(up, send, codec.pt)
+    if not red.is_red(track_codec):
+        return DownTrack(up, send, codec.pt, output=output)
+    if not red.is_red(codec):
+        return UnwrappingDownTrack(up, send, codec.pt)
+    theirs, ours = red.inner_pt(codec), red.inner_pt(track_codec)
+    if theirs is not None and theirs != ours:
+        return RepayloadingDownTrack(up, send, codec.pt, theirs)
+    return DownTrack(up, send, codec.pt, output=output)
 
 
 def dependency_descriptor_id(media: sdp.Media, allow_mixed: bool) -> int:

@@ -21,7 +21,7 @@ import weakref
 from typing import Callable, NamedTuple
 
 from . import rtp
-from .forward import DownTrack
+from .downtrack import DownTrack
 
 SEQ_HISTORY = 1024  # outgoing numbers remembered for NACKs (the up-track's buffer holds as many packets)
 MAX_RESERVED = 64  # packets not yet arrived that keep their place in the outgoing numbering
@@ -275,6 +275,20 @@ class SvcDownTrack(DownTrack):
 
     def original_seq(self, out_seq: int) -> int | None:
         return self.seqs.original(out_seq)
+
+    def send_padding(self, count: int, size: int) -> None:
+        if not self.packets or self.paused or not self.bound:
+            return
+        padding = bytes(size - 1) + bytes([size])
+        for _ in range(count):
+            seq = self.seqs.next_out  # numbered, but mapped to no publisher packet
+            self.seqs.next_out = (seq + 1) & 0xFFFF
+            self.send(rtp.HEADER.pack(0xA0, self.pt, seq, self.last_ts, self.ssrc) + padding)
+        self.last_seq = (self.seqs.next_out - 1) & 0xFFFF
+
+    def probe_rate(self) -> float:
+        # The spatial layer above costs about as much again as all those below it.
+        return max(self.send_bps, 50_000.0) if 0 <= self.spatial < 2 else 0.0
 
     def resent_marker(self, layer, seq: int, marker: int, payload: bytes) -> int:
         ids = self.layer_of(layer, seq, payload)

@@ -42,7 +42,7 @@ class _PlainDownState:
     output = None
 
 
-# forward.UpTrack calls `fan_out` once per received packet; forward.DownTrack derives from `DownTrackBase`, whose
+# forward.UpTrack calls `fan_out` once per received packet; downtrack.DownTrack derives from `DownTrackBase`, whose
 # compiled form keeps the fields fan_out reads in C. With the extension, subscribers whose transport has a bound
 # Output are served in C, the others through DownTrack.write (the reference); without it, all through write.
 fan_out = _fastpath.fanout if _fastpath is not None else _fan_out_python

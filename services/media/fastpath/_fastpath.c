@@ -1,7 +1,7 @@
 /* The compiled forwarding floor: SRTP protect (AES_CM_128_HMAC_SHA1_80, AEAD_AES_128_GCM, AEAD_AES_256_GCM),
  * RTP header rewrite per subscriber, and batched sends (sendmmsg) of everything one event-loop wake-up produced.
  *
- * The pure-Python path (pylibsrtp sessions, services/media/forward.py) is the reference: for the same master key,
+ * The pure-Python path (pylibsrtp sessions, services/media/downtrack.py) is the reference: for the same master key,
  * salt and packets, `SrtpContext.protect`/`unprotect` return exactly what a pylibsrtp outbound session with window 1024 and
  * allow_repeat_tx returns, rollover counter included (tests/test_fastpath.py compares them byte for byte).
  *
@@ -762,7 +762,7 @@ static PyObject *Output_send(Output *self, PyObject *arg) {
 }
 
 /* forward(packet, off, seq, ts, marker, pt, ssrc): a new 12-byte header (version 2, the packet's padding bit,
- * marker, pt, seq, ts, ssrc) in front of packet[off:], protected and queued. Same bytes as forward.DownTrack. */
+ * marker, pt, seq, ts, ssrc) in front of packet[off:], protected and queued. Same bytes as downtrack.DownTrack. */
 static PyObject *Output_forward(Output *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "forward(packet, off, seq, ts, marker, pt, ssrc)");
@@ -837,7 +837,7 @@ static PyTypeObject OutputType = {
 
 /* --- DownState and fanout -------------------------------------------------------------------------------
  *
- * DownState is the base class of forward.DownTrack: the fields its steady state reads and writes per packet live
+ * DownState is the base class of downtrack.DownTrack: the fields its steady state reads and writes per packet live
  * in this C struct (Python code uses them as ordinary attributes), so `fanout` can run DownTrack.write's common
  * branch (the packet belongs to the layer it forwards, no switch pending) without entering Python: rewrite the
  * header, protect, queue, count. Everything else (a layer switch, waiting for a keyframe, an unbound Output)

@@ -1,0 +1,371 @@
+"""A subscriber's copy of an up-track (`DownTrack`): its own SSRC, sequence numbers and timestamps in front of the
+publisher's payloads, NACK answers and sender reports, and the loss adapter and probes that fit its layer to its
+link. The RED variants convert audio to what the subscriber negotiated; svc.py has the SVC one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Callable
+
+from . import red, rtcp, rtp
+from .congestion import LossAdapter, Prober
+from .fastpath import DownTrackBase
+from .forward import Layer, UpTrack
+
+log = logging.getLogger(__name__)
+
+_pack = rtp.HEADER.pack
+MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
+
+
+class DownTrack(DownTrackBase):
+    """One subscriber's copy of an up-track: SSRC, sequence and timestamp rewriting, NACK answers, SR.
+
+    `write` is the reference for what happens to each packet. With the compiled extension, `fastpath.fan_out` runs
+    its steady-state branch in C for down-tracks whose `output` (their transport's fastpath Output) is bound, on
+    the fields DownTrackBase keeps in C; tests/test_fastpath.py checks both give the same bytes."""
+
+    def __init__(self, up: UpTrack, send: Callable[[bytes], None], pt: int, ssrc: int | None = None,
+                 output=None):
+        self.up = up
+        self.send = send
+        self.output = output
+        self.pt = pt
+        self.ssrc = ssrc or random.randint(1, 0xFFFFFFFF)
+        self.clock_rate = up.clock_rate
+        self.video = up.video
+        self.vp8 = up.mime == "video/VP8"  # picture ids and TL0PICIDX are renumbered across layer switches
+        self.pid_off = self.tl0_off = 0
+        self.last_pid = self.last_tl0 = -1  # the last sent, as the subscriber saw them; -1: none yet
+        self.requested_quality = 2  # what the subscriber asked for (track_setting quality or size)
+        self.loss = LossAdapter()  # what its link carries, from its receiver reports
+        self.prober: Prober | None = None  # padding probing its link for the layer above
+        self.padded: list[tuple[int, int]] = []  # (first, count) of the padding sequence numbers sent since anchoring
+        self.send_bps = 0.0
+        self._rate_mark: tuple[int, float] | None = None
+        self.current: Layer | None = None
+        self.target: Layer | None = None
+        self.paused = False  # nothing is forwarded: the subscriber disabled it, or its link cannot carry it
+        self.user_paused = False  # the subscriber's track_setting disabled it
+        self.on_stream_state: Callable[[bool], None] | None = None  # told True when congestion pauses it
+        self.dd_id = 0  # the subscriber's id for the dependency descriptor (0: not negotiated; see svc.py)
+        self.bound = True  # False while the subscriber has not applied the description announcing this stream
+        self.followup_keyframe = False  # ask once more shortly after starting, in case the first one was dropped
+        self.waiting_keyframe = True
+        self.closed = False
+        self.seq_off = 0
+        self.ts_off = 0
+        self.switch_seq = 0
+        self.last_seq = random.randint(0, 0x7FFF)
+        self.last_ts = random.randint(0, 0x7FFFFFFF)
+        self.last_ts_at = 0.0
+        self.packets = 0
+        self.octets = 0
+        self.retransmits = 0
+        self.nacks = 0
+        self.plis = 0
+        self.rtt = 0.0
+        self.fraction_lost = 0
+        self.rr_highest = self.rr_lost = self.rr_jitter = 0  # the subscriber's last receiver report of it
+        self.nacked = 0  # sequence numbers it asked for again (its loss before repair)
+        self.rr_at = 0.0
+
+    def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
+        if self.paused or not self.bound:
+            return
+        if layer is self.current and not self.waiting_keyframe:
+            if (seq - self.switch_seq) & 0x8000:
+                return  # older than the point this layer was joined at
+        elif layer is self.target and (keyframe or not self.video):
+            self._anchor(layer, seq, ts, payload)
+        else:
+            return  # another layer's packet, or still waiting for a keyframe
+        out_seq = (seq + self.seq_off) & 0xFFFF
+        out_ts = (ts + self.ts_off) & 0xFFFFFFFF
+        newest = (out_seq - self.last_seq) & 0xFFFF < 0x8000
+        if self.vp8:
+            payload = self._renumber(payload, newest)
+        self.send(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc) + payload)
+        self.packets += 1
+        self.octets += len(payload)
+        if newest:
+            self.last_seq = out_seq
+            if out_ts != self.last_ts:
+                self.last_ts = out_ts
+                self.last_ts_at = time.monotonic()
+
+    def _anchor(self, layer: Layer, seq: int, ts: int, payload: bytes) -> None:
+        """Continue the outgoing stream from `seq`/`ts` (and a VP8 `payload`'s picture ids) of `layer` (first
+        packet, layer switch, or resume)."""
+        now = time.monotonic()
+        if self.last_ts_at:
+            advance = max(1, int((now - self.last_ts_at) * self.clock_rate))
+        else:
+            advance = 0
+        self.seq_off = (self.last_seq + 1 - seq) & 0xFFFF
+        self.padded = []
+        self.ts_off = (self.last_ts + advance - ts) & 0xFFFFFFFF
+        ids = rtp.vp8_ids(payload) if self.vp8 else None
+        if ids is not None:
+            if ids.pid_mask and self.last_pid >= 0:
+                self.pid_off = (self.last_pid + 1 - ids.picture_id) & ids.pid_mask
+            if ids.tl0 >= 0 and self.last_tl0 >= 0:
+                self.tl0_off = (self.last_tl0 + 1 - ids.tl0) & 0xFF
+        if self.video and not self.packets:
+            self.followup_keyframe = True
+        self.switch_seq = seq
+        self.waiting_keyframe = False
+        log.debug("%s -> %s: anchored on layer %s at seq %d", self.up.track_sid, self.ssrc, layer.ssrc, seq)
+        previous, self.current = self.current, layer
+        if previous is not layer:
+            self.up.reassign(now)
+
+    def convert(self, payload: bytes) -> bytes:
+        """The payload as this subscriber receives it (see the RED down-tracks below)."""
+        return payload
+
+    def _renumber(self, payload: bytes, newest: bool) -> bytes:
+        """A VP8 payload with this down-track's picture id and TL0PICIDX; `newest`: remember them as the last."""
+        ids = rtp.vp8_ids(payload)
+        if ids is None:
+            return payload
+        if newest:
+            if ids.pid_mask:
+                self.last_pid = (ids.picture_id + self.pid_off) & ids.pid_mask
+            if ids.tl0 >= 0:
+                self.last_tl0 = (ids.tl0 + self.tl0_off) & 0xFF
+        if not (self.pid_off or self.tl0_off):
+            return payload
+        return rtp.vp8_renumbered(payload, ids, self.pid_off, self.tl0_off)
+
+    def pause(self) -> None:
+        self.user_paused = True
+        self._stop_probe()
+        self.loss.cancel_probe()
+        self._gate()
+
+    def bind(self) -> None:
+        """The subscriber now knows this stream: start at the next keyframe (earlier packets would be dropped
+        by its demuxer, and a decoder that missed the keyframe stalls)."""
+        if not self.bound:
+            self.bound = True
+            if self.video:
+                self.waiting_keyframe = True
+                self.up.request_keyframe(self.target, force=True)
+
+    def resume(self) -> None:
+        self.user_paused = False
+        self._gate()
+
+    def _gate(self) -> None:
+        paused = self.user_paused or self.loss.paused
+        if paused == self.paused:
+            return
+        self.paused = paused
+        if not paused and self.video:
+            self.waiting_keyframe = True
+            self.up.request_keyframe(self.target)
+        self.up.demand_changed()
+
+    def congestion_changed(self) -> None:
+        """The loss adapter paused or resumed this stream: forward accordingly and tell the subscriber."""
+        self._gate()
+        if self.on_stream_state is not None:
+            self.on_stream_state(self.loss.paused)
+
+    def tick(self, now: float) -> None:
+        mark = self._rate_mark
+        if mark is not None and now > mark[1]:
+            self.send_bps = (self.octets - mark[0]) * 8 / (now - mark[1])
+        self._rate_mark = (self.octets, now)
+        if self.loss.resume_due(now):
+            self.congestion_changed()
+
+    # --- probing the link before switching up ------------------------------------------------------------
+
+    def send_padding(self, count: int, size: int) -> None:
+        """`count` padding-only packets after the last one sent: they take sequence numbers of their own (the
+        receiver counts them, so its reports tell whether the link carried them) and later packets move on."""
+        if not self.packets or self.paused or not self.bound:
+            return
+        first = (self.last_seq + 1) & 0xFFFF
+        padding = bytes(size - 1) + bytes([size])
+        for i in range(count):
+            self.send(_pack(0xA0, self.pt, (first + i) & 0xFFFF, self.last_ts, self.ssrc) + padding)
+        self.last_seq = (first + count - 1) & 0xFFFF
+        self.seq_off = (self.seq_off + count) & 0xFFFF
+        self.padded = [*self.padded[-15:], (first, count)]
+
+    def probe_rate(self) -> float:
+        """The extra bits per second the next layer up would need (0: there is none)."""
+        current = self.current
+        above = [layer for layer in self.up.layers if current is not None and layer.quality > current.quality]
+        if not above:
+            return 0.0
+        if above[0].bitrate > current.bitrate:
+            return above[0].bitrate - current.bitrate
+        return max(2 * self.send_bps, 50_000.0)  # never seen yet: simulcast layers are 2-4 times the one below
+
+    def _stop_probe(self) -> None:
+        if self.prober is not None:
+            self.prober.stop()
+            self.prober = None
+
+    def _adapted(self, lost: float, now: float) -> None:
+        """The loss adapter changed its mind: pause, start or end a probe, or move the cap."""
+        if self.loss.paused:
+            self._stop_probe()
+            self.congestion_changed()
+            return
+        if self.loss.probing_since is not None and self.prober is None:
+            rate = self.probe_rate() if self.requested_quality > self.loss.cap else 0.0
+            if rate <= 0:
+                self.loss.probe_needless(now)
+            else:
+                log.info("%s -> %s: probing its link with %.0f kbit/s of padding", self.up.track_sid, self.ssrc,
+                         rate / 1000)
+                self.prober = Prober(self.send_padding, rate)
+                return
+        probed = self.prober is not None
+        self._stop_probe()
+        log.info("%s -> %s: %.0f%% lost, %.0f ms round trip%s: quality cap %d", self.up.track_sid, self.ssrc,
+                 lost * 100, self.rtt * 1000, " (probe)" if probed else "", self.loss.cap)
+        self.up.reassign()
+
+    def on_nack(self, seqs: list[int]) -> None:
+        """Resend what the buffer still has; ask the publisher for the rest."""
+        layer = self.current
+        self.nacks += 1
+        self.nacked += len(seqs)
+        if layer is None or layer.buffer is None or self.loss.paused:
+            return  # (paused for congestion: resends would fill the link the pause is clearing)
+        missing = []
+        for out_seq in seqs[:MAX_RETRANSMIT_PER_NACK]:
+            seq = self.original_seq(out_seq)
+            if seq is None:
+                continue
+            packet = layer.buffer.get(seq)
+            if packet is None:
+                missing.append(seq)
+                continue
+            header = rtp.parse(packet)
+            if header is None:
+                continue
+            _, _, _, ts, marker, off, _ = header
+            body = self.convert(packet[off:])
+            if self.vp8:
+                body = self._renumber(body, newest=False)
+            self.send(self.header(layer, seq, packet[0], self.resent_marker(layer, seq, marker, body), out_seq,
+                                  (ts + self.ts_off) & 0xFFFFFFFF, packet) + body)
+            self.retransmits += 1
+        if missing:
+            self.up.nack_upstream(layer, missing)
+
+    def header(self, layer: Layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int,
+               original: bytes | None = None) -> bytes:
+        """The header a resent packet goes out with (`original`: the publisher's packet)."""
+        return _pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc)
+
+    def original_seq(self, out_seq: int) -> int | None:
+        """The publisher's sequence number of a packet this subscriber got as `out_seq` (None: not one it got)."""
+        offset = self.seq_off
+        for first, count in reversed(self.padded):  # each padding moved later packets on by its count
+            if not (out_seq - first) & 0x8000:
+                if (out_seq - first) & 0xFFFF < count:
+                    return None  # padding: nothing to resend
+                break
+            offset = (offset - count) & 0xFFFF
+        seq = (out_seq - offset) & 0xFFFF
+        return None if (seq - self.switch_seq) & 0x8000 else seq
+
+    def resent_marker(self, layer: Layer, seq: int, marker: int, payload: bytes) -> int:
+        return marker
+
+    def on_keyframe_request(self) -> None:
+        self.plis += 1
+        self.up.request_keyframe(self.current or self.target)
+
+    def quality_now(self) -> int:
+        """The quality (simulcast layer) it gets now; only called once it gets one."""
+        return self.current.quality
+
+    def lowest_quality(self) -> int:
+        return min(layer.quality for layer in self.up.layers)
+
+    @property
+    def max_quality(self) -> int:
+        return min(self.requested_quality, self.loss.cap)
+
+    def on_receiver_report(self, block: rtcp.ReportBlock, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.fraction_lost = block.fraction_lost
+        self.rr_highest, self.rr_lost, self.rr_jitter = block.highest_seq, block.packets_lost, block.jitter
+        self.rr_at = now
+        rtt = None
+        if block.lsr:
+            now_ntp = rtcp.ntp_now()
+            middle = (now_ntp >> 16) & 0xFFFFFFFF
+            rtt = ((middle - block.lsr - block.dlsr) & 0xFFFFFFFF) / 65536
+            if rtt < 60:
+                self.rtt = rtt
+            else:
+                rtt = None
+        lost = self.loss.windowed(block.highest_seq, block.packets_lost, now)
+        if lost is not None and self.video and self.current is not None and not self.user_paused:
+            quality = self.quality_now()
+            if self.loss.on_report(lost, quality, now, quality <= self.lowest_quality(), rtt):
+                self._adapted(lost, now)
+
+    def sender_report(self, now: float) -> bytes | None:
+        """An SR for this stream: the publisher's NTP↔RTP mapping when known (keeps lip-sync), else our clock."""
+        if not self.packets:
+            return None
+        layer = self.current
+        if layer is not None and layer.sr_at:
+            elapsed = now - layer.sr_at
+            ntp = layer.sr_ntp + int(elapsed * (1 << 32))
+            rtp_ts = layer.sr_rtp + self.ts_off + int(elapsed * self.clock_rate)
+        else:
+            ntp = rtcp.ntp_now()
+            rtp_ts = self.last_ts + int((now - self.last_ts_at) * self.clock_rate) if self.last_ts_at else self.last_ts
+        return rtcp.sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
+
+    def set_max_quality(self, quality: int) -> None:
+        if quality != self.requested_quality:
+            self.requested_quality = quality
+            self.up.reassign()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._stop_probe()
+            self.up.remove_down(self)
+
+
+class UnwrappingDownTrack(DownTrack):
+    """Sends a RED track as plain Opus: the primary block of each packet."""
+
+    def write(self, layer, b0, marker, seq, ts, payload, keyframe) -> None:
+        opus = red.primary(payload)
+        if opus:
+            super().write(layer, b0, marker, seq, ts, opus, keyframe)
+
+    def convert(self, payload: bytes) -> bytes:
+        return red.primary(payload)
+
+
+class RepayloadingDownTrack(DownTrack):
+    """Sends RED to a subscriber whose Opus payload type differs from the publisher's."""
+
+    def __init__(self, up: UpTrack, send: Callable[[bytes], None], pt: int, block_pt: int):
+        super().__init__(up, send, pt)
+        self.block_pt = block_pt
+
+    def write(self, layer, b0, marker, seq, ts, payload, keyframe) -> None:
+        super().write(layer, b0, marker, seq, ts, red.with_block_pt(payload, self.block_pt), keyframe)
+
+    def convert(self, payload: bytes) -> bytes:
+        return red.with_block_pt(payload, self.block_pt)
