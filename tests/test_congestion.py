@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from livekit.protocol import rtc as rtc_pb
 
 from braid.services.media.congestion import (
-    CONGESTED_REPORTS, MAX_PAUSE, MAX_PROBE_AFTER, PROBE_AFTER, PROBE_LOSS, PROBE_QUEUEING, PROBE_SECONDS, LossAdapter,
+    CONGESTED_REPORTS, MAX_PAUSE, MAX_PROBE_AFTER, PROBE_AFTER, PROBE_LOSS, PROBE_QUEUEING, PROBE_STAGE, LossAdapter,
     Prober,
 )
 from braid.services.media.downtrack import DownTrack
@@ -24,31 +24,47 @@ def test_sustained_loss_steps_down_one_layer_below_the_current_one():
 
 
 def test_clean_reports_probe_the_link_before_raising_the_cap_one_layer_at_a_time():
+    """(A receiver that gives no round-trip times: the probe's stages follow the clock.)"""
     adapter = LossAdapter(cap=0)
     assert not adapter.on_report(0.0, 0, now=0.0)
     assert not adapter.on_report(0.0, 0, now=PROBE_AFTER - 1)
-    assert adapter.on_report(0.0, 0, now=PROBE_AFTER) and adapter.probing_since == PROBE_AFTER and adapter.cap == 0
-    assert not adapter.on_report(0.0, 0, now=PROBE_AFTER + 1), "a probe lasts PROBE_SECONDS"
-    assert adapter.on_report(0.0, 0, now=PROBE_AFTER + PROBE_SECONDS) and adapter.cap == 1
-    assert adapter.probing_since is None
-    assert not adapter.on_report(0.0, 1, now=PROBE_AFTER + PROBE_SECONDS + 1), "each step waits again"
-    start = 2 * PROBE_AFTER + PROBE_SECONDS
-    assert adapter.on_report(0.0, 1, now=start) and adapter.probing_since == start
-    assert adapter.on_report(0.0, 1, now=start + PROBE_SECONDS) and adapter.cap == 2
+    start = PROBE_AFTER
+    assert adapter.on_report(0.0, 0, now=start) and adapter.probing_since == start and adapter.cap == 0
+    assert adapter.probe_fraction(start + 1) == 0.5, "half the extra rate first"
+    assert not adapter.on_report(0.0, 0, now=start + PROBE_STAGE)
+    assert adapter.probe_fraction(start + PROBE_STAGE) == 1.0
+    assert adapter.on_report(0.0, 0, now=start + 2 * PROBE_STAGE) and adapter.cap == 1
+    assert adapter.probing_since is None and adapter.probe_fraction(start + 2 * PROBE_STAGE) == 0.0
+    assert not adapter.on_report(0.0, 1, now=start + 2 * PROBE_STAGE + 1), "each step waits again"
 
 
-def test_a_probe_that_loses_packets_or_builds_a_queue_fails_and_the_next_waits_longer():
+def test_a_probe_goes_on_while_round_trips_show_no_queue_and_fails_when_one_builds():
     adapter = LossAdapter(cap=0)
-    adapter.on_report(0.0, 0, now=0.0, rtt=0.02)
-    assert adapter.on_report(0.0, 0, now=PROBE_AFTER, rtt=0.02) and adapter.probing_since is not None
-    assert adapter.on_report(0.0, 0, now=PROBE_AFTER + 1, rtt=0.02 + PROBE_QUEUEING + 0.05), "a queue builds"
-    assert adapter.probing_since is None and adapter.cap == 0
-    failed = PROBE_AFTER + 1
-    assert not adapter.on_report(0.0, 0, now=failed + 0.5, rtt=0.02)
-    assert not adapter.on_report(0.0, 0, now=failed + PROBE_AFTER, rtt=0.02), "twice as long now"
+    adapter.on_report(0.0, 0, now=0.0)
+    assert not adapter.on_rtt(0.020, now=0.5)
+    start = PROBE_AFTER
+    assert adapter.on_report(0.0, 0, now=start) and adapter.probing_since == start
+    assert not adapter.on_rtt(0.030, now=start + 1) and adapter.probe_fraction(start + 1) == 0.5
+    assert not adapter.on_rtt(0.030, now=start + PROBE_STAGE) and adapter.probe_fraction(start + PROBE_STAGE) == 1
+    assert not adapter.on_report(0.0, 0, now=start + PROBE_STAGE + 1)
+    assert not adapter.on_report(0.0, 0, now=start + 2 * PROBE_STAGE), "no round trip well into the full rate yet"
+    assert not adapter.on_rtt(0.025, now=start + 2 * PROBE_STAGE + 0.1)
+    assert adapter.on_report(0.0, 0, now=start + 2 * PROBE_STAGE + 0.2) and adapter.cap == 1
+
+    start += 2 * PROBE_STAGE + 0.2 + PROBE_AFTER
+    assert not adapter.on_rtt(0.020, now=start - 1)
+    assert adapter.on_report(0.0, 1, now=start) and adapter.probing_since == start
+    assert adapter.on_rtt(0.020 + PROBE_QUEUEING + 0.01, now=start + 0.8), "a queue builds"
+    assert adapter.probing_since is None and adapter.cap == 1
+    assert adapter._probe_after == 2 * PROBE_AFTER
+    failed = start + 0.8
+    assert not adapter.on_report(0.0, 1, now=failed + 0.5)
+    assert not adapter.on_report(0.0, 1, now=failed + PROBE_AFTER), "twice as long now"
     again = failed + 0.5 + 2 * PROBE_AFTER
-    assert adapter.on_report(0.0, 0, now=again, rtt=0.02) and adapter.probing_since
-    assert adapter.on_report(PROBE_LOSS + 0.01, 0, now=again + 1) and adapter.cap == 0, "a probe losing packets"
+    assert not adapter.on_report(0.0, 1, now=again - 0.1), "not while the queue drains"
+    assert not adapter.on_rtt(0.022, now=again - 0.05)
+    assert adapter.on_report(0.0, 1, now=again) and adapter.probing_since
+    assert adapter.on_report(PROBE_LOSS + 0.01, 1, now=again + 1) and adapter.cap == 1, "a probe losing packets"
     assert adapter._probe_after == 4 * PROBE_AFTER
     for _ in range(10):
         adapter._probe_after = min(MAX_PROBE_AFTER, adapter._probe_after * 2)
@@ -175,10 +191,15 @@ async def test_probe_padding_takes_its_own_sequence_numbers_and_is_never_resent(
     assert [p[12:] for p in sent] == [b"opus-101", b"opus-103"]
 
     sent.clear()
-    prober = Prober(down.send_padding, rate_bps=400_000)
+    share = [0.5]
+    prober = Prober(down.send_padding, rate_bps=400_000, fraction=lambda: share[0])
+    await asyncio.sleep(0.3)
+    half = len(sent)
+    share[0] = 1.0
     await asyncio.sleep(0.3)
     prober.stop()
-    count = len(sent)
+    full = len(sent) - half
     await asyncio.sleep(0.1)
-    assert len(sent) == count, "stopped"
-    assert 400_000 / 8 * 0.3 / 2 * 0.7 <= count * 255 <= 400_000 / 8 * 0.3 / 2 * 1.5, count  # half the rate at first
+    assert len(sent) == half + full, "stopped"
+    expected = 400_000 / 8 * 0.3 / 255  # packets at the whole rate in 0.3 s
+    assert 0.3 * expected <= half <= 0.8 * expected and 0.7 * expected <= full <= 1.5 * expected, (half, full)

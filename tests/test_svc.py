@@ -207,3 +207,29 @@ def test_the_dependency_descriptor_is_negotiated_with_two_byte_extensions():
     transport = sdp.Transport("u", "p" * 22, [("sha-256", "AA:BB")], "actpass", [])
     text = sdp.write([ours], transport, 1, 1, allow_mixed=True)
     assert "a=extmap-allow-mixed" in text and sdp.parse(text).allow_mixed
+
+
+def test_layer_readers_take_any_bytes():
+    """A publisher controls these payloads: whatever they hold, reading their layer never raises."""
+    import random
+
+    rng = random.Random(7)
+    earlier: dict[int, bytes] = {}
+    for seq in range(3000):
+        payload = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 12)))
+        earlier[seq] = payload
+        for ids in (vp9_layer(payload), av1_layer(payload, seq, earlier.get)):
+            assert ids is None or (0 <= ids.spatial < 8 and 0 <= ids.temporal < 8)
+    for mime in ("video/VP9", "video/AV1"):
+        up = UpTrack("TR_fuzz", "video", mime, 90000, PT, None, lambda ssrc: None, lambda ssrc, seqs: None)
+        layer = up.add_layer(SSRC)
+        down = SvcDownTrack(up, lambda packet: None, PT)
+        up.add_down(down)
+        for i in range(2000):
+            payload = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 12)))
+            packet = rtp.HEADER.pack(0x80, PT | (rng.getrandbits(1) << 7), rng.choice([i, rng.getrandbits(16)]),
+                                     i * 3000, SSRC) + payload
+            up.on_packet(layer, packet, rtp.parse(packet))
+            if i % 50 == 0:
+                down.on_nack([rng.getrandbits(16) for _ in range(8)])
+                down.set_max_quality(rng.randint(0, 2))

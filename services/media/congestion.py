@@ -2,11 +2,10 @@
 
 Sustained loss on the layer a subscriber gets means its link cannot carry that layer: the cap drops one
 layer below it. Once reports have been clean for a while the link is probed before the cap is raised one layer: the
-subscriber is sent padding at half, then all of the extra rate the next layer needs (`Prober`), and only if the
-reports over
-the probe show neither loss nor a queue building up (the round-trip time growing) does it switch up. Switching up to
-find out meant a keyframe the link could not carry and a frozen picture at every try; a failed probe costs only
-padding, and the next one waits twice as long.
+subscriber is sent padding at half the extra rate the next layer needs (`Prober`), then, once a round trip measured
+well into that half shows no queue building up, at all of it; only if the round trips and the loss stay clean over
+the whole probe does it switch up. Switching up to find out meant a keyframe the link could not carry and a frozen
+picture at every try; a failed probe costs some padding and a short queue, and the next one waits twice as long.
 Heavy loss on the lowest layer means the link cannot carry the video at all: the stream is paused (the subscriber
 is told, as LiveKit's allocator tells it) and tried again after a while, for twice as long each time it fails
 again at once (a paused stream sends nothing, so its reports say nothing of the link).
@@ -16,8 +15,8 @@ Receiver reports arrive about once a second, so none of this touches the per-pac
 from __future__ import annotations
 
 import asyncio
-import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 CONGESTED = 0.10  # fraction of packets lost in a report interval
@@ -28,12 +27,13 @@ TOP = 2
 PAUSE_LOSS = 0.25  # the lowest layer losing this much: random loss does not, a link far below the stream does
 MAX_PAUSE = 30.0
 LOSS_WINDOW = 0.9  # seconds of receiver reports judged at once
-PROBE_STAGE = 2.0  # seconds a probe sends half the extra rate, then as long the whole (a link's queue fills slowly)
-PROBE_SECONDS = 2 * PROBE_STAGE  # a probe succeeds after this long without loss or queueing
+PROBE_STAGE = 2.0  # seconds at least that a probe sends half the extra rate, then as long at least all of it
+PROBE_SETTLE = 0.5  # a round trip measured this long into a stage tells of its traffic
 PROBE_LOSS = 0.05  # loss during a probe that fails it
-PROBE_QUEUEING = 0.1  # seconds of round-trip time above the link's recent minimum that fail a probe
+PROBE_QUEUEING = 0.05  # seconds of round-trip time above the link's recent minimum that fail a probe
+PROBE_TIMEOUT = 10.0  # a probe that has not concluded by then fails
 MAX_PROBE_AFTER = 60.0
-MIN_RTT_MEMORY = 10.0  # seconds a minimum round-trip time is remembered as the link's baseline
+RTT_MEMORY = 60.0  # seconds of round-trip times whose minimum is the link's own, without a queue
 
 
 @dataclass
@@ -48,8 +48,10 @@ class LossAdapter:
     _resumed_at: float | None = None
     _window: tuple[int, int, float] | None = None  # (highest seq, cumulative lost, at) of a report
     probing_since: float | None = None  # a probe for the layer above the cap is running
+    _full_since: float | None = None  # it sends all of the extra rate
+    _full_proven: bool = False  # a round trip well into that showed no queue
     _probe_after: float = PROBE_AFTER
-    _min_rtt: tuple[float, float] | None = None  # (rtt, at)
+    _rtts: deque = field(default_factory=lambda: deque(maxlen=256))  # (rtt, at) of the last RTT_MEMORY seconds
 
     def windowed(self, highest_seq: int, packets_lost: int, now: float) -> float | None:
         """The fraction lost over the last LOSS_WINDOW or more, from a report's cumulative counters (None until a
@@ -66,28 +68,63 @@ class LossAdapter:
             return None
         return min(1.0, max(0.0, (packets_lost - prior[1]) / expected))
 
-    def _queueing(self, rtt: float | None, now: float) -> float:
-        """How far `rtt` is above the lowest round-trip time of the last MIN_RTT_MEMORY seconds."""
-        if rtt is None:
-            return 0.0
-        low = self._min_rtt
-        if low is None or rtt <= low[0] or now - low[1] > MIN_RTT_MEMORY:
-            self._min_rtt = low = (rtt, now)
-        return rtt - low[0]
+    def on_rtt(self, rtt: float, now: float) -> bool:
+        """Feed a round-trip time from a receiver report; True when it ended a probe (a queue is building up)."""
+        rtts = self._rtts
+        while rtts and now - rtts[0][1] > RTT_MEMORY:
+            rtts.popleft()
+        rtts.append((rtt, now))
+        since = self.probing_since
+        if since is None:
+            return False
+        if self.queueing() > PROBE_QUEUEING:
+            self._probe_failed(now)
+            return True
+        if self._full_since is None:
+            if now - since >= max(PROBE_STAGE, PROBE_SETTLE):
+                self._full_since = now
+        elif now - self._full_since >= PROBE_SETTLE:
+            self._full_proven = True
+        return False
 
-    def on_report(self, fraction_lost: float, current_quality: int, now: float, lowest: bool = False,
-                  rtt: float | None = None) -> bool:
-        """Feed one receiver report (`lowest`: of the lowest layer there is; `rtt`: the round trip it gave); True
-        when the cap, `paused` or `probing_since` changed."""
+    def queueing(self) -> float:
+        """Seconds the last round trip took beyond the link's least of the last RTT_MEMORY seconds (0: unknown):
+        the queue ahead of the subscriber."""
+        rtts = self._rtts
+        return rtts[-1][0] - min(r for r, _ in rtts) if rtts else 0.0
+
+    def probe_fraction(self, now: float) -> float:
+        """How much of the extra rate the running probe sends now. Without round-trip times from the receiver
+        (it sends no LSR), the stages follow the clock alone."""
+        if self.probing_since is None:
+            return 0.0
+        if self._full_since is None and not self._measures_rtt(now) and now - self.probing_since >= PROBE_STAGE:
+            self._full_since = now
+        return 1.0 if self._full_since is not None else 0.5
+
+    def _measures_rtt(self, now: float) -> bool:
+        return bool(self._rtts) and now - self._rtts[-1][1] <= PROBE_TIMEOUT
+
+    def _probe_failed(self, now: float) -> None:
+        self.probing_since, self._clean_since, self._changed_at = None, None, now
+        self._probe_after = min(MAX_PROBE_AFTER, self._probe_after * 2)
+
+    def _start_probe(self, now: float) -> None:
+        self.probing_since, self._full_since, self._full_proven = now, None, False
+
+    def on_report(self, fraction_lost: float, current_quality: int, now: float, lowest: bool = False) -> bool:
+        """Feed one receiver report (`lowest`: of the lowest layer there is); True when the cap, `paused` or
+        `probing_since` changed."""
         if self.paused:
             return False
-        queueing = self._queueing(rtt, now)
         if self.probing_since is not None:
-            if fraction_lost > PROBE_LOSS or queueing > PROBE_QUEUEING:
-                self.probing_since, self._clean_since, self._changed_at = None, None, now
-                self._probe_after = min(MAX_PROBE_AFTER, self._probe_after * 2)
+            self.probe_fraction(now)
+            if fraction_lost > PROBE_LOSS or now - self.probing_since > PROBE_TIMEOUT:
+                self._probe_failed(now)
                 return True
-            if now - self.probing_since >= PROBE_SECONDS:
+            full = self._full_since
+            proven = self._full_proven or (not self._measures_rtt(now) and full is not None)
+            if full is not None and now - full >= PROBE_STAGE and proven:
                 self.probing_since, self._changed_at, self._probe_after = None, now, PROBE_AFTER
                 self.cap += 1
                 return True
@@ -116,8 +153,9 @@ class LossAdapter:
             return False
         if self._clean_since is None:
             self._clean_since = now
-        if self.cap < TOP and now - max(self._clean_since, self._changed_at) >= self._probe_after:
-            self.probing_since = now
+        if self.cap < TOP and now - max(self._clean_since, self._changed_at) >= self._probe_after and (
+                self.queueing() <= PROBE_QUEUEING / 2):  # (a queue still draining would overflow at once)
+            self._start_probe(now)
             return True
         return False
 
@@ -140,31 +178,31 @@ class LossAdapter:
 
 
 class Prober:
-    """Sends padding (a probe of a subscriber's link) in bursts every TICK seconds: half of `rate_bps` for
-    PROBE_STAGE seconds, then all of it, until its owner stops it. `send_padding(count, size)` sends `count`
-    padding-only packets of `size` bytes."""
+    """Sends padding (a probe of a subscriber's link) in bursts every TICK seconds at `fraction()` of `rate_bps`,
+    until its owner stops it. `send_padding(count, size)` sends `count` padding-only packets of `size` bytes."""
 
     TICK = 0.02
     PACKET = 255  # the largest padding one RTP packet can say it carries
     MAX_BURST = 40
 
-    def __init__(self, send_padding: Callable[[int, int], None], rate_bps: float):
+    def __init__(self, send_padding: Callable[[int, int], None], rate_bps: float,
+                 fraction: Callable[[], float] = lambda: 1.0):
         self.send_padding = send_padding
         self.rate_bps = rate_bps
-        self.sent = 0  # bytes
-        loop = asyncio.get_running_loop()
-        self._started = loop.time()
-        self._timer: asyncio.TimerHandle | None = loop.call_soon(self._tick)
+        self.fraction = fraction
+        self.sent = 0  # packets
+        self._owed = 0.0  # bytes due and not yet sent
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_soon(self._tick)
 
     def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        elapsed = loop.time() - self._started
-        due = self.rate_bps / 8 * (min(elapsed, PROBE_STAGE) / 2 + max(0.0, elapsed - PROBE_STAGE))
-        count = min(self.MAX_BURST, math.ceil((due - self.sent) / self.PACKET))
+        self._owed += self.rate_bps / 8 * self.TICK * self.fraction()
+        count = min(self.MAX_BURST, int(self._owed // self.PACKET))
         if count > 0:
+            self._owed -= count * self.PACKET
             self.send_padding(count, self.PACKET)
-            self.sent += count * self.PACKET
-        self._timer = loop.call_later(self.TICK, self._tick)
+            self.sent += count
+        self._owed = min(self._owed, self.PACKET * self.MAX_BURST)
+        self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
 
     def stop(self) -> None:
         if self._timer is not None:

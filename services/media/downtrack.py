@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _pack = rtp.HEADER.pack
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
+PROBE_SR_INTERVAL = 0.1
 
 
 class DownTrack(DownTrackBase):
@@ -45,6 +46,8 @@ class DownTrack(DownTrackBase):
         self.prober: Prober | None = None  # padding probing its link for the layer above
         self.padded: list[tuple[int, int]] = []  # (first, count) of the padding sequence numbers sent since anchoring
         self.send_bps = 0.0
+        self.send_rtcp: Callable[[bytes], None] | None = None  # its subscriber connection's RTCP (for probes' SRs)
+        self._probe_sr_at = 0.0
         self._rate_mark: tuple[int, float] | None = None
         self.current: Layer | None = None
         self.target: Layer | None = None
@@ -199,6 +202,17 @@ class DownTrack(DownTrackBase):
         self.seq_off = (self.seq_off + count) & 0xFFFF
         self.padded = [*self.padded[-15:], (first, count)]
 
+    def _probe_send(self, count: int, size: int) -> None:
+        """A probe's padding, and every PROBE_SR_INTERVAL a sender report: the round trip a receiver report gives
+        is that of the last SR it got, so frequent ones show a queue building up while it is still short."""
+        self.send_padding(count, size)
+        now = time.monotonic()
+        if self.send_rtcp is not None and now - self._probe_sr_at >= PROBE_SR_INTERVAL:
+            self._probe_sr_at = now
+            report = self.sender_report(now)
+            if report is not None:
+                self.send_rtcp(report)
+
     def probe_rate(self) -> float:
         """The extra bits per second the next layer up would need (0: there is none)."""
         current = self.current
@@ -214,7 +228,7 @@ class DownTrack(DownTrackBase):
             self.prober.stop()
             self.prober = None
 
-    def _adapted(self, lost: float, now: float) -> None:
+    def _adapted(self, lost: float | None, now: float) -> None:
         """The loss adapter changed its mind: pause, start or end a probe, or move the cap."""
         if self.loss.paused:
             self._stop_probe()
@@ -227,12 +241,13 @@ class DownTrack(DownTrackBase):
             else:
                 log.info("%s -> %s: probing its link with %.0f kbit/s of padding", self.up.track_sid, self.ssrc,
                          rate / 1000)
-                self.prober = Prober(self.send_padding, rate)
+                self.prober = Prober(self._probe_send, rate, lambda: self.loss.probe_fraction(time.monotonic()))
                 return
         probed = self.prober is not None
         self._stop_probe()
-        log.info("%s -> %s: %.0f%% lost, %.0f ms round trip%s: quality cap %d", self.up.track_sid, self.ssrc,
-                 lost * 100, self.rtt * 1000, " (probe)" if probed else "", self.loss.cap)
+        loss = f"{lost:.0%} lost, " if lost is not None else ""
+        log.info("%s -> %s: %s%.0f ms round trip%s: quality cap %d", self.up.track_sid, self.ssrc, loss,
+                 self.rtt * 1000, " (probe)" if probed else "", self.loss.cap)
         self.up.reassign()
 
     def on_nack(self, seqs: list[int]) -> None:
@@ -304,19 +319,18 @@ class DownTrack(DownTrackBase):
         self.fraction_lost = block.fraction_lost
         self.rr_highest, self.rr_lost, self.rr_jitter = block.highest_seq, block.packets_lost, block.jitter
         self.rr_at = now
-        rtt = None
         if block.lsr:
             now_ntp = rtcp.ntp_now()
             middle = (now_ntp >> 16) & 0xFFFFFFFF
             rtt = ((middle - block.lsr - block.dlsr) & 0xFFFFFFFF) / 65536
             if rtt < 60:
                 self.rtt = rtt
-            else:
-                rtt = None
+                if self.loss.on_rtt(rtt, now):
+                    self._adapted(None, now)
         lost = self.loss.windowed(block.highest_seq, block.packets_lost, now)
         if lost is not None and self.video and self.current is not None and not self.user_paused:
             quality = self.quality_now()
-            if self.loss.on_report(lost, quality, now, quality <= self.lowest_quality(), rtt):
+            if self.loss.on_report(lost, quality, now, quality <= self.lowest_quality()):
                 self._adapted(lost, now)
 
     def sender_report(self, now: float) -> bytes | None:

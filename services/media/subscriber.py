@@ -161,6 +161,7 @@ class Subscriber:
         pc = self.p.sub_pc
         sub.down = down_track(sub.track.up, pc.send_rtp, sub.track.codec, codec, output=pc.output)
         sub.down.bound = bound
+        sub.down.send_rtcp = pc.send_rtcp
         sub.down.on_stream_state = lambda paused, sub=sub: self._stream_state(sub, paused)
         sub.offer_id = self.offer_id + 1
         while sub.down.ssrc in self.down_by_ssrc:

@@ -77,7 +77,7 @@ def _av1_obu_layer(p: bytes | memoryview) -> tuple[int, int] | None:
         element += 1
         if count == 0 or element < count:
             size, pos = _leb128(p, pos)
-            if size < 0:
+            if size < 0 or size > len(p) - pos:
                 return None
         else:
             size = len(p) - pos
