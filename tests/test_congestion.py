@@ -203,3 +203,27 @@ async def test_probe_padding_takes_its_own_sequence_numbers_and_is_never_resent(
     assert len(sent) == half + full, "stopped"
     expected = 400_000 / 8 * 0.3 / 255  # packets at the whole rate in 0.3 s
     assert 0.3 * expected <= half <= 0.8 * expected and 0.7 * expected <= full <= 1.5 * expected, (half, full)
+
+
+async def test_a_subscriber_link_is_probed_by_one_stream_at_a_time():
+    from braid.services.media.congestion import LinkProbes
+
+    link = LinkProbes()
+    downs = []
+    for _ in range(2):
+        layers = [SimpleNamespace(quality=q, bitrate=150_000.0 * (q + 1)) for q in range(3)]
+        up = SimpleNamespace(track_sid="TR_t", clock_rate=90000, video=True, mime="video/VP8", layers=layers,
+                             reassign=lambda: None, remove_down=lambda down: None)
+        down = DownTrack(up, send=lambda packet: None, pt=96)
+        down.current, down.link_probes = layers[0], link
+        down.loss.cap = 0
+        downs.append(down)
+    for t in range(int(PROBE_AFTER) + 2):
+        for down in downs:
+            _reports(down, loss=0.0, seconds=1, start=float(t))
+    probing = [d for d in downs if d.prober is not None]
+    assert len(probing) == 1 and link.holder is probing[0]
+    waiting = next(d for d in downs if d.prober is None)
+    assert waiting.loss.probing_since is None and waiting.loss.cap == 0
+    probing[0].close()
+    assert link.holder is None and probing[0].prober is None

@@ -208,3 +208,21 @@ class Prober:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class LinkProbes:
+    """One subscriber's link carries all its streams: one of them probes it at a time, or each would take the
+    others' padding for its own and the link would get all their probes at once."""
+
+    def __init__(self) -> None:
+        self.holder: object | None = None
+
+    def acquire(self, stream: object) -> bool:
+        if self.holder is None or self.holder is stream:
+            self.holder = stream
+            return True
+        return False
+
+    def release(self, stream: object) -> None:
+        if self.holder is stream:
+            self.holder = None

@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from . import red, rtcp, rtp
-from .congestion import LossAdapter, Prober
+from .congestion import LinkProbes, LossAdapter, Prober
 from .fastpath import DownTrackBase
 from .forward import Layer, UpTrack
 
@@ -44,6 +44,7 @@ class DownTrack(DownTrackBase):
         self.requested_quality = 2  # what the subscriber asked for (track_setting quality or size)
         self.loss = LossAdapter()  # what its link carries, from its receiver reports
         self.prober: Prober | None = None  # padding probing its link for the layer above
+        self.link_probes: LinkProbes | None = None  # shared by the subscriber's streams
         self.padded: list[tuple[int, int]] = []  # (first, count) of the padding sequence numbers sent since anchoring
         self.send_bps = 0.0
         self.send_rtcp: Callable[[bytes], None] | None = None  # its subscriber connection's RTCP (for probes' SRs)
@@ -227,6 +228,8 @@ class DownTrack(DownTrackBase):
         if self.prober is not None:
             self.prober.stop()
             self.prober = None
+        if self.link_probes is not None:
+            self.link_probes.release(self)
 
     def _adapted(self, lost: float | None, now: float) -> None:
         """The loss adapter changed its mind: pause, start or end a probe, or move the cap."""
@@ -238,6 +241,9 @@ class DownTrack(DownTrackBase):
             rate = self.probe_rate() if self.requested_quality > self.loss.cap else 0.0
             if rate <= 0:
                 self.loss.probe_needless(now)
+            elif self.link_probes is not None and not self.link_probes.acquire(self):
+                self.loss.cancel_probe()  # another of the subscriber's streams probes the link now: later
+                return
             else:
                 log.info("%s -> %s: probing its link with %.0f kbit/s of padding", self.up.track_sid, self.ssrc,
                          rate / 1000)

@@ -18,6 +18,7 @@ from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
 from . import negotiation, red, rtcp, rtp, sdp
+from .congestion import LinkProbes
 from .downtrack import DownTrack, RepayloadingDownTrack, UnwrappingDownTrack
 from .svc import SVC_CODECS, SvcDownTrack
 from .interfaces import Participant
@@ -70,6 +71,7 @@ class Subscriber:
         self.denied: dict[str, tuple[PublishedTrack, str]] = {}  # wanted, not permitted: track sid → (track, publisher sid)
         self.down_by_ssrc: dict[int, DownTrack] = {}
         self.cname = f"braid-{random.getrandbits(32):08x}"
+        self.link_probes = LinkProbes()
         # v1
         self.used_mids: set[str] = set()
         self.free_mids: dict[str, list[str]] = {"audio": [], "video": []}
@@ -162,6 +164,7 @@ class Subscriber:
         sub.down = down_track(sub.track.up, pc.send_rtp, sub.track.codec, codec, output=pc.output)
         sub.down.bound = bound
         sub.down.send_rtcp = pc.send_rtcp
+        sub.down.link_probes = self.link_probes
         sub.down.on_stream_state = lambda paused, sub=sub: self._stream_state(sub, paused)
         sub.offer_id = self.offer_id + 1
         while sub.down.ssrc in self.down_by_ssrc:
