@@ -190,7 +190,6 @@ class Prober:
         self.send_padding = send_padding
         self.rate_bps = rate_bps
         self.fraction = fraction
-        self.sent = 0  # packets
         self._owed = 0.0  # bytes due and not yet sent
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_soon(self._tick)
 
@@ -200,7 +199,6 @@ class Prober:
         if count > 0:
             self._owed -= count * self.PACKET
             self.send_padding(count, self.PACKET)
-            self.sent += count
         self._owed = min(self._owed, self.PACKET * self.MAX_BURST)
         self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
 

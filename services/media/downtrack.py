@@ -195,13 +195,19 @@ class DownTrack(DownTrackBase):
         receiver counts them, so its reports tell whether the link carried them) and later packets move on."""
         if not self.packets or self.paused or not self.bound:
             return
-        first = (self.last_seq + 1) & 0xFFFF
+        first = self.reserve_seqs(count)
         padding = bytes(size - 1) + bytes([size])
         for i in range(count):
             self.send(_pack(0xA0, self.pt, (first + i) & 0xFFFF, self.last_ts, self.ssrc) + padding)
         self.last_seq = (first + count - 1) & 0xFFFF
+
+    def reserve_seqs(self, count: int) -> int:
+        """The first of `count` outgoing sequence numbers that follow the last sent and belong to no publisher
+        packet; later packets move on past them."""
+        first = (self.last_seq + 1) & 0xFFFF
         self.seq_off = (self.seq_off + count) & 0xFFFF
         self.padded = [*self.padded[-15:], (first, count)]
+        return first
 
     def _probe_send(self, count: int, size: int) -> None:
         """A probe's padding, and every PROBE_SR_INTERVAL a sender report: the round trip a receiver report gives
@@ -280,14 +286,13 @@ class DownTrack(DownTrackBase):
             if self.vp8:
                 body = self._renumber(body, newest=False)
             self.send(self.header(layer, seq, packet[0], self.resent_marker(layer, seq, marker, body), out_seq,
-                                  (ts + self.ts_off) & 0xFFFFFFFF, packet) + body)
+                                  (ts + self.ts_off) & 0xFFFFFFFF) + body)
             self.retransmits += 1
         if missing:
             self.up.nack_upstream(layer, missing)
 
-    def header(self, layer: Layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int,
-               original: bytes | None = None) -> bytes:
-        """The header a resent packet goes out with (`original`: the publisher's packet)."""
+    def header(self, layer: Layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int) -> bytes:
+        """The header a resent packet (publisher packet `seq` of `layer`) goes out with."""
         return _pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc)
 
     def original_seq(self, out_seq: int) -> int | None:

@@ -19,7 +19,7 @@ from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
 from .permissions import SubscriptionPermission
 from .speakers import AudioLevel
-from .svc import SVC_CODECS
+from .svc import scalable
 from .interfaces import Participant
 
 
@@ -157,7 +157,7 @@ class Publisher:
             request_keyframe=self._send_pli, request_nack=self._send_nack,
         )
         up.expected_rids = [r.rid for r in media.rids if r.direction == "send"]
-        if chosen.codec.name.upper() in SVC_CODECS:
+        if scalable(chosen.codec):
             up.dd_id = media.extmap_id(rtp.EXT_DEPENDENCY_DESCRIPTOR) or 0
         level_id = media.extmap_id(rtp.EXT_AUDIO_LEVEL)
         if media.kind == "audio" and level_id is not None:

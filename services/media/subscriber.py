@@ -20,7 +20,7 @@ from livekit.protocol import rtc as rtc_pb
 from . import negotiation, red, rtcp, rtp, sdp
 from .congestion import LinkProbes
 from .downtrack import DownTrack, RepayloadingDownTrack, UnwrappingDownTrack
-from .svc import SVC_CODECS, SvcDownTrack
+from .svc import SvcDownTrack, scalable
 from .interfaces import Participant
 
 if TYPE_CHECKING:
@@ -383,7 +383,7 @@ def down_track(up: UpTrack, send: Callable[[bytes], None], track_codec: sdp.Code
                output=None) -> DownTrack:
     """The down-track for a subscriber that negotiated `codec` for a track published as `track_codec`. Only plain
     forwarding takes the compiled path (`output`); the RED conversions and SVC stay in their Python `write`."""
-    if track_codec.name.upper() in SVC_CODECS:
+    if scalable(track_codec):
         return SvcDownTrack(up, send, codec.pt)
     if not red.is_red(track_codec):
         return DownTrack(up, send, codec.pt, output=output)

@@ -4,9 +4,9 @@ quality is chosen per packet instead of per stream.
 A subscriber gets the spatial layers up to the one its quality cap allows and every temporal layer. Going down
 happens at the next picture; going up waits for a keyframe, since the publisher's upper layers only start from
 one (libwebrtc's L3T3_KEY). VP9 names each packet's layers in its payload descriptor; AV1 in the extension header
-of the OBUs a packet starts (a packet continuing an OBU belongs to the packet before it). The packets it leaves out must not look lost to the subscriber, so its sequence
-numbers run on without them (`SeqMap`), and the last packet it gets of each picture carries the marker bit, which
-is where libwebrtc's receiver ends a picture and decodes it.
+of the OBUs a packet starts (a packet continuing an OBU belongs to the packet before it). The packets it leaves out
+must not look lost to the subscriber, so its sequence numbers run on without them (`SeqMap`), and the last packet
+it gets of each picture carries the marker bit, which is where libwebrtc's receiver ends a picture and decodes it.
 
 Where publisher and subscriber both negotiated the dependency descriptor header extension, each packet carries the
 publisher's descriptor on to the subscriber: libwebrtc's AV1 receiver cannot assemble frames without it (Chrome
@@ -27,6 +27,11 @@ SEQ_HISTORY = 1024  # outgoing numbers remembered for NACKs (the up-track's buff
 MAX_RESERVED = 64  # packets not yet arrived that keep their place in the outgoing numbering
 MAX_FRAGMENTS = 64  # packets one AV1 OBU may span
 SVC_CODECS = ("VP9", "AV1")
+
+
+def scalable(codec) -> bool:
+    """Whether a track in `codec` (an sdp.Codec) carries its layers in one stream."""
+    return codec.name.upper() in SVC_CODECS
 
 
 class SvcLayer(NamedTuple):
@@ -110,12 +115,16 @@ def av1_layer(p: bytes | memoryview, seq: int, packet_before: Callable[[int], by
 
 
 class LayerReader:
-    """The layer of each packet of one up-track, read once however many of its subscribers ask."""
+    """The layer (and dependency descriptor) of each packet of one up-track, read once however many of its
+    subscribers ask."""
 
-    def __init__(self, mime: str):
-        self.av1 = mime == "video/AV1"
+    def __init__(self, up):
+        self.up = up
+        self.av1 = up.mime == "video/AV1"
         self.key: tuple[object, int] | None = None
         self.ids: SvcLayer | None = None
+        self.descriptor_key: tuple[object, int] | None = None
+        self.descriptor_value: bytes | None = None
 
     def __call__(self, layer, seq: int, payload: bytes) -> SvcLayer | None:
         if self.key != (layer, seq):
@@ -125,6 +134,14 @@ class LayerReader:
             else:
                 self.ids = vp9_layer(payload)
         return self.ids
+
+    def descriptor(self, layer, seq: int) -> bytes | None:
+        """The dependency descriptor publisher packet `seq` carries, if any."""
+        if self.descriptor_key != (layer, seq):
+            self.descriptor_key = (layer, seq)
+            original = layer.buffer.get(seq)
+            self.descriptor_value = rtp.extensions(original).get(self.up.dd_id) if original else None
+        return self.descriptor_value
 
 
 def _payload(packet: bytes | None) -> bytes | None:
@@ -138,7 +155,7 @@ _readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def reader_for(up) -> LayerReader:
     reader = _readers.get(up)
     if reader is None:
-        reader = _readers[up] = LayerReader(up.mime)
+        reader = _readers[up] = LayerReader(up)
     return reader
 
 
@@ -262,13 +279,10 @@ class SvcDownTrack(DownTrack):
                 self.last_ts = out_ts
                 self.last_ts_at = time.monotonic()
 
-    def header(self, layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int,
-               original: bytes | None = None) -> bytes:
+    def header(self, layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int) -> bytes:
         """The outgoing header, with the publisher's dependency descriptor when both sides negotiated it."""
         if self.dd_id and self.up.dd_id:
-            if original is None:
-                original = layer.buffer.get(seq)
-            descriptor = rtp.extensions(original).get(self.up.dd_id) if original else None
+            descriptor = self.layer_of.descriptor(layer, seq)
             if descriptor:
                 return rtp.with_extension(b0, marker, self.pt, out_seq, out_ts, self.ssrc, self.dd_id, descriptor)
         return rtp.HEADER.pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc)
@@ -276,15 +290,10 @@ class SvcDownTrack(DownTrack):
     def original_seq(self, out_seq: int) -> int | None:
         return self.seqs.original(out_seq)
 
-    def send_padding(self, count: int, size: int) -> None:
-        if not self.packets or self.paused or not self.bound:
-            return
-        padding = bytes(size - 1) + bytes([size])
-        for _ in range(count):
-            seq = self.seqs.next_out  # numbered, but mapped to no publisher packet
-            self.seqs.next_out = (seq + 1) & 0xFFFF
-            self.send(rtp.HEADER.pack(0xA0, self.pt, seq, self.last_ts, self.ssrc) + padding)
-        self.last_seq = (self.seqs.next_out - 1) & 0xFFFF
+    def reserve_seqs(self, count: int) -> int:
+        first = self.seqs.next_out  # numbered, but mapped to no publisher packet
+        self.seqs.next_out = (first + count) & 0xFFFF
+        return first
 
     def probe_rate(self) -> float:
         # The spatial layer above costs about as much again as all those below it.

@@ -20,7 +20,7 @@ from braid.rpc import cluster_pb2
 from .. import sdp
 from ..forward import UpTrack
 from ..publisher import PublishedTrack
-from ..svc import SVC_CODECS
+from ..svc import scalable
 from .relay import RELAY_DD_ID, parse_demand
 from ..interfaces import RelayOrigin
 
@@ -101,7 +101,7 @@ class RelayedTrack:
             on_demand_change=self._demand_changed,
         )
         up.expected_rids = list(spec.expected_rids)
-        if codec.name.upper() in SVC_CODECS:
+        if scalable(codec):
             up.dd_id = RELAY_DD_ID
         up.muted = info.muted
         own_info = models.TrackInfo()
