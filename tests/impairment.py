@@ -43,6 +43,10 @@ class Pipe:
         self._busy_until = 0.0
         self._last_departure = 0.0
 
+    def backlog(self) -> float:
+        """Seconds of datagrams waiting for the bandwidth cap."""
+        return max(0.0, self._busy_until - asyncio.get_running_loop().time())
+
     def push(self, data: bytes) -> None:
         p = self.profile
         if p.loss and self.rng.random() < p.loss:

@@ -120,6 +120,22 @@ def test_each_viewer_gets_its_spatial_layers_numbered_without_gaps():
     assert [(q - got[0][0]) & 0xFFFF for q, _, _ in got] == list(range(24))
 
 
+def test_publisher_padding_leaves_no_gap():
+    """A publisher probing its uplink (send-side estimation once transport-wide feedback is on) sends padding-only
+    packets on the video stream: they are not forwarded, and the numbering goes on without a gap the viewer
+    would count as lost."""
+    stream = Stream()
+    viewer, sent = stream.viewer(0)
+    stream.picture(key=True)
+    for _ in range(5):
+        padding = rtp.HEADER.pack(0xA0, PT, stream.seq & 0xFFFF, stream.ts, SSRC) + bytes(199) + bytes([200])
+        stream.seq += 1
+        stream.feed(padding)
+    stream.picture()
+    got = summary(sent)
+    assert len(got) == 4 and [(q - got[0][0]) & 0xFFFF for q, _, _ in got] == [0, 1, 2, 3]
+
+
 def test_going_up_waits_for_a_keyframe_and_going_down_does_not():
     stream = Stream()
     viewer, sent = stream.viewer(0)

@@ -132,9 +132,7 @@ class LossAdapter:
         if lowest and fraction_lost >= PAUSE_LOSS:
             self._heavy += 1
             if self._heavy >= CONGESTED_REPORTS:
-                recently = self._resumed_at is not None and now - self._resumed_at < 2 * PROBE_AFTER
-                self._pause_for = min(MAX_PAUSE, self._pause_for * 2) if recently else PROBE_AFTER
-                self.paused, self._heavy, self._changed_at, self._clean_since = True, 0, now, None
+                self.pause_now(now)
                 return True
         else:
             self._heavy = 0
@@ -158,6 +156,25 @@ class LossAdapter:
             self._start_probe(now)
             return True
         return False
+
+    def lower_cap(self, quality: int, now: float) -> None:
+        """The subscriber's bandwidth estimate has no room for more than `quality` (allocation.py): as after
+        congested reports, the cap drops, and a probe must prove the link before it rises again."""
+        self.cap, self._changed_at, self._clean_since, self._congested = quality, now, None, 0
+
+    def pause_now(self, now: float) -> None:
+        """The estimate has no room for this stream at all (a lower-priority one): paused, tried again later."""
+        recently = self._resumed_at is not None and now - self._resumed_at < 2 * PROBE_AFTER
+        self._pause_for = min(MAX_PAUSE, self._pause_for * 2) if recently else PROBE_AFTER
+        self.paused, self._heavy, self._changed_at, self._clean_since = True, 0, now, None
+        self.probing_since = None
+
+    def overused(self, now: float) -> bool:
+        """The subscriber's estimator saw a queue build up (bwe.py): a running probe has failed; True if one ran."""
+        if self.probing_since is None:
+            return False
+        self._probe_failed(now)
+        return True
 
     def cancel_probe(self) -> None:
         """The probe stopped for another reason (the subscriber disabled the track): it proved nothing."""

@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from . import red, rtcp, rtp
+from .allocation import PAUSE, Demand
 from .congestion import LinkProbes, LossAdapter, Prober
 from .fastpath import DownTrackBase
 from .forward import Layer, UpTrack
@@ -42,6 +43,7 @@ class DownTrack(DownTrackBase):
         self.pid_off = self.tl0_off = 0
         self.last_pid = self.last_tl0 = -1  # the last sent, as the subscriber saw them; -1: none yet
         self.requested_quality = 2  # what the subscriber asked for (track_setting quality or size)
+        self.priority = 1  # its share of a squeezed link, higher first (allocation.py)
         self.loss = LossAdapter()  # what its link carries, from its receiver reports
         self.prober: Prober | None = None  # padding probing its link for the layer above
         self.link_probes: LinkProbes | None = None  # shared by the subscriber's streams
@@ -100,6 +102,10 @@ class DownTrack(DownTrackBase):
             if out_ts != self.last_ts:
                 self.last_ts = out_ts
                 self.last_ts_at = time.monotonic()
+
+    def skip(self, layer: Layer, seq: int) -> None:
+        """Publisher packet `seq` carried only padding and is not forwarded: its number stays a gap here, which
+        the subscriber's NACK fills from the buffer."""
 
     def _anchor(self, layer: Layer, seq: int, ts: int, payload: bytes) -> None:
         """Continue the outgoing stream from `seq`/`ts` (and a VP8 `payload`'s picture ids) of `layer` (first
@@ -261,6 +267,38 @@ class DownTrack(DownTrackBase):
         log.info("%s -> %s: %s%.0f ms round trip%s: quality cap %d", self.up.track_sid, self.ssrc, loss,
                  self.rtt * 1000, " (probe)" if probed else "", self.loss.cap)
         self.up.reassign()
+
+    # --- the subscriber's bandwidth estimate (allocation.py) -----------------------------------------------
+
+    def demand(self, now: float) -> Demand | None:
+        """What this stream's layers cost, up to the one the subscriber asked for (None: it is not being sent, or
+        its layers are not separate streams)."""
+        current = self.current
+        if not self.video or self.paused or not self.bound or current is None or self.waiting_keyframe:
+            return None
+        layers = [l for l in self.up.active_layers(now) if l.quality <= self.requested_quality or l is current]
+        if current not in layers or not all(l.bitrate for l in layers):
+            return None
+        return Demand(self, self.priority, [l.bitrate for l in layers], [l.quality for l in layers], current.bitrate)
+
+    def fit_to(self, quality: int, now: float) -> None:
+        """The estimate has room for `quality` at most (PAUSE: for none of it)."""
+        if quality == PAUSE:
+            log.info("%s -> %s: paused to fit the subscriber's bandwidth estimate", self.up.track_sid, self.ssrc)
+            self._stop_probe()
+            self.loss.pause_now(now)
+            self.congestion_changed()
+        elif self.current is not None and quality < self.quality_now():
+            log.info("%s -> %s: quality cap %d to fit the subscriber's bandwidth estimate", self.up.track_sid,
+                     self.ssrc, quality)
+            self._stop_probe()
+            self.loss.lower_cap(quality, now)
+            self.up.reassign()
+
+    def overused(self, now: float) -> None:
+        """The subscriber's estimator saw a queue build up: a probe this stream runs has failed."""
+        if self.loss.overused(now):
+            self._adapted(None, now)
 
     def on_nack(self, seqs: list[int]) -> None:
         """Resend what the buffer still has; ask the publisher for the rest."""

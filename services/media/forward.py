@@ -43,6 +43,8 @@ class Receiver(Protocol):
     def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
         ...
 
+    def skip(self, layer: Layer, seq: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -304,10 +306,14 @@ class UpTrack:
             layer.woke_at = now
             if self.downs or self.relays:
                 self.reassign(now)
-        if self.muted or end <= off:
+        if self.muted:
             return
-        for relay in layer.relays:
+        for relay in layer.relays:  # padding too: the other node numbers its subscribers' streams the same way
             relay.write(layer, data, header)
+        if end <= off:  # padding only: the publisher probing its uplink
+            for down in layer.subs:
+                down.skip(layer, seq)
+            return
         if not layer.subs:
             return
         keyframe = self.video and rtp.is_keyframe(self.mime, data[off:off + 24])

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import red, rtp, sdp
+from . import red, rtp, sdp, twcc
 
 AUDIO_CODECS = ("opus",)
 VIDEO_CODECS = ("VP8", "H264", "VP9", "AV1")
 PUBLISH_EXTENSIONS = {
-    "audio": (rtp.EXT_MID, rtp.EXT_AUDIO_LEVEL),
-    "video": (rtp.EXT_MID, rtp.EXT_RID, rtp.EXT_RRID, rtp.EXT_DEPENDENCY_DESCRIPTOR),
+    "audio": (rtp.EXT_MID, rtp.EXT_AUDIO_LEVEL, twcc.EXT_TRANSPORT_CC),
+    "video": (rtp.EXT_MID, rtp.EXT_RID, rtp.EXT_RRID, rtp.EXT_DEPENDENCY_DESCRIPTOR, twcc.EXT_TRANSPORT_CC),
 }
-# In our own subscriber offers: the dependency descriptor of SVC tracks (what libwebrtc's AV1 receiver needs).
-OFFER_EXTENSIONS = {"audio": {}, "video": {1: rtp.EXT_DEPENDENCY_DESCRIPTOR}}
-PUBLISH_FEEDBACK = {"audio": ("nack",), "video": ("goog-remb", "ccm fir", "nack", "nack pli")}
-SUBSCRIBE_FEEDBACK = {"audio": ("nack",), "video": ("ccm fir", "nack", "nack pli")}
+# In our own subscriber offers: the dependency descriptor of SVC tracks (what libwebrtc's AV1 receiver needs), and
+# transport-wide sequence numbers for the subscriber's feedback (bwe.py).
+TWCC_OFFER_ID = 3
+OFFER_EXTENSIONS = {"audio": {TWCC_OFFER_ID: twcc.EXT_TRANSPORT_CC},
+                    "video": {1: rtp.EXT_DEPENDENCY_DESCRIPTOR, TWCC_OFFER_ID: twcc.EXT_TRANSPORT_CC}}
+PUBLISH_FEEDBACK = {"audio": ("nack", "transport-cc"),
+                    "video": ("goog-remb", "transport-cc", "ccm fir", "nack", "nack pli")}
+SUBSCRIBE_FEEDBACK = {"audio": ("nack", "transport-cc"), "video": ("ccm fir", "nack", "nack pli", "transport-cc")}
 
 
 class NegotiationError(ValueError):
@@ -49,6 +53,13 @@ def _extensions(media: sdp.Media) -> dict[int, str]:
     audio/video m-line answers them, even inactive ones: a later simulcast offer needs the RID extensions."""
     allowed = PUBLISH_EXTENSIONS.get(media.kind, ())
     return {i: uri for i, uri in media.extmaps.items() if uri in allowed}
+
+
+def _feedback(media: sdp.Media, table: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The feedback the node answers on `media`: transport-cc only along with the extension it reports on."""
+    if twcc.EXT_TRANSPORT_CC in media.extmaps.values():
+        return table[media.kind]
+    return tuple(fb for fb in table[media.kind] if fb != "transport-cc")
 
 
 AUDIO_NACK = ("nack",)  # answered on Opus even when not offered (as LiveKit does): libwebrtc then resends audio
@@ -89,11 +100,12 @@ def choose_publish_codec(media: sdp.Media, allow_red: bool = True, preferred: st
 
 def publish_section(media: sdp.Media, chosen: PublishCodec) -> sdp.Section:
     """Answer to a publisher's sendonly m-line: we receive, with its rids if it sends simulcast."""
-    codecs = [_with_feedback(chosen.codec, PUBLISH_FEEDBACK[media.kind])]
+    feedback = _feedback(media, PUBLISH_FEEDBACK)
+    codecs = [_with_feedback(chosen.codec, feedback)]
     if red.is_red(chosen.codec):  # its blocks' codec is negotiated too (and carries the NACK feedback)
         inner = media.codec(red.inner_pt(chosen.codec) or -1)
         if inner is not None:
-            codecs.append(_with_feedback(inner, PUBLISH_FEEDBACK[media.kind]))
+            codecs.append(_with_feedback(inner, feedback))
     codecs = [opus_params(c, chosen.stereo, chosen.dtx) for c in codecs]
     if chosen.rtx is not None:
         codecs.append(sdp.Codec(chosen.rtx.pt, chosen.rtx.name, chosen.rtx.clock, 0, chosen.rtx.fmtp))
@@ -133,11 +145,12 @@ def match_subscribe_codec(media: sdp.Media, track_codec: sdp.Codec) -> sdp.Codec
 
 def send_section(media: sdp.Media, codec: sdp.Codec, outgoing: sdp.Outgoing, stereo: bool = False) -> sdp.Section:
     """Answer to a subscriber's recvonly m-line that carries one of our tracks (a stereo Opus track says so)."""
-    codecs = [_with_feedback(codec, SUBSCRIBE_FEEDBACK[media.kind])]
+    feedback = _feedback(media, SUBSCRIBE_FEEDBACK)
+    codecs = [_with_feedback(codec, feedback)]
     if red.is_red(codec):
         inner = media.codec(red.inner_pt(codec) or -1)
         if inner is not None:
-            codecs.append(_with_feedback(inner, SUBSCRIBE_FEEDBACK[media.kind]))
+            codecs.append(_with_feedback(inner, feedback))
     if stereo:
         codecs = [opus_params(c, stereo=True) for c in codecs]
     return sdp.Section(

@@ -3,6 +3,7 @@ receive side of the forwarding path (SSRC → layer demultiplexing, RTCP towards
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -14,7 +15,7 @@ from livekit.protocol import rtc as rtc_pb
 
 from braid.shared import ids
 
-from . import negotiation, rtcp, rtp, sdp
+from . import negotiation, rtcp, rtp, sdp, twcc
 from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
 from .permissions import SubscriptionPermission
@@ -26,7 +27,8 @@ from .interfaces import Participant
 log = logging.getLogger(__name__)
 
 MAX_UNKNOWN_SSRCS = 64
-REMB_BITRATE = 5_000_000
+REMB_BITRATE = 5_000_000  # to publishers without transport-wide feedback (whose browsers estimate from it)
+FEEDBACK_INTERVAL = 0.1
 
 
 @dataclass
@@ -61,6 +63,9 @@ class Publisher:
         self.unknown_ssrcs: set[int] = set()
         self.ext_ids: dict[str, int] = {}
         self.rtcp_ssrc = random.randint(1, 0xFFFFFFFF)
+        self.twcc_id = 0  # the publisher's transport-wide sequence number extension, 0: not negotiated
+        self.arrivals = twcc.ArrivalRecorder(self.rtcp_ssrc)
+        self._feedback_timer: asyncio.TimerHandle | None = None
         self.newly_published: list[PublishedTrack] = []
         self.access = SubscriptionPermission()  # who may subscribe to these tracks
         self._reported: dict[object, tuple[int, ...]] = {}  # counters already reported to the stats worker
@@ -114,6 +119,8 @@ class Publisher:
             for ext_id, uri in media.extmaps.items():
                 if uri in (rtp.EXT_MID, rtp.EXT_RID, rtp.EXT_RRID):
                     self.ext_ids.setdefault(uri, ext_id)
+                elif uri == twcc.EXT_TRANSPORT_CC and media.kind in ("audio", "video") and not self.twcc_id:
+                    self.twcc_id = ext_id
 
     def stopped_mids(self, session: sdp.Session) -> list[PublishedTrack]:
         """Tracks whose m-line no longer sends: the client unpublished them."""
@@ -219,6 +226,8 @@ class Publisher:
         header = rtp.parse(data)
         if header is None:
             return
+        if self.twcc_id:
+            self._arrived(data, header[0])
         entry = self.ssrc_map.get(header[0])
         if entry is None:
             entry = self._learn(data, header)
@@ -231,6 +240,21 @@ class Publisher:
             up.on_packet(layer, data, header)
         elif header[1] == up.rtx_pt:
             up.on_rtx(layer, data, header)
+
+    def _arrived(self, data: bytes, ssrc: int) -> None:
+        """Remember when a packet with a transport-wide number arrived; feedback about it goes within
+        FEEDBACK_INTERVAL, so the publisher's browser estimates its uplink from it."""
+        seq = twcc.transport_seq(data, self.twcc_id)
+        if seq is None:
+            return
+        self.arrivals.on_packet(seq, ssrc, time.monotonic_ns() // 1000)
+        if self._feedback_timer is None:
+            self._feedback_timer = asyncio.get_running_loop().call_later(FEEDBACK_INTERVAL, self._send_feedback)
+
+    def _send_feedback(self) -> None:
+        self._feedback_timer = None
+        for packet in self.arrivals.feedback():
+            self.p.pub_pc_send_rtcp(packet)
 
     def _learn(self, data: bytes, header) -> tuple[UpTrack, Layer, bool] | None:
         ssrc, pt = header[0], header[1]
@@ -335,7 +359,8 @@ class Publisher:
         return level
 
     def tick(self, now: float) -> bytes | None:
-        """Receiver reports and REMB for every received layer, as one compound RTCP packet."""
+        """Receiver reports for every received layer, and REMB to a publisher without transport-wide feedback, as
+        one compound RTCP packet."""
         blocks = []
         ssrcs = []
         for track in self.tracks.values():
@@ -353,11 +378,14 @@ class Publisher:
             return None
         out = rtcp.receiver_report(self.rtcp_ssrc, blocks)
         video = [l.ssrc for t in self.tracks.values() if t.kind == "video" for l in t.up.layers]
-        if video:
+        if video and not self.twcc_id:
             out += rtcp.remb(self.rtcp_ssrc, REMB_BITRATE, video)
         return out
 
     def close(self) -> None:
+        if self._feedback_timer is not None:
+            self._feedback_timer.cancel()
+            self._feedback_timer = None
         for track in list(self.tracks.values()):
             track.up.close()
         self.tracks.clear()

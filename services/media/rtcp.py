@@ -1,10 +1,13 @@
-"""RTCP the SFU reads and writes: SR, RR, PLI, FIR, generic NACK, REMB (RFC 3550, 4585, 5104, draft-alvestrand-rmcat-remb)."""
+"""RTCP the SFU reads and writes: SR, RR, PLI, FIR, generic NACK, REMB (RFC 3550, 4585, 5104, draft-alvestrand-rmcat-remb),
+and transport-wide feedback (twcc.py has its format)."""
 
 from __future__ import annotations
 
 import struct
 import time
 from dataclasses import dataclass, field
+
+from . import twcc
 
 SR, RR, SDES, BYE, RTPFB, PSFB = 200, 201, 202, 203, 205, 206
 FMT_NACK = 1
@@ -39,6 +42,7 @@ class Packet:
     fir: list[tuple[int, int]] = field(default_factory=list)  # FIR: (ssrc, seq nr)
     bitrate: int = 0  # REMB
     ssrcs: list[int] = field(default_factory=list)  # REMB / BYE
+    feedback: twcc.Feedback | None = None  # transport-wide feedback
 
 
 def ntp_now() -> int:
@@ -102,6 +106,8 @@ def _parse_one(ptype: int, count: int, body: bytes) -> Packet | None:
                 for bit in range(16):
                     if blp & (1 << bit):
                         packet.lost.append((pid + bit + 1) & 0xFFFF)
+        elif ptype == RTPFB and count == twcc.FMT_TWCC:
+            packet.feedback = twcc.parse(body)
         elif ptype == PSFB and count == FMT_FIR:
             for off in range(0, len(fci) - 7, 8):
                 ssrc, seq_word = struct.unpack_from("!II", fci, off)

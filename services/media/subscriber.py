@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-from . import negotiation, red, rtcp, rtp, sdp
+from . import negotiation, red, rtcp, rtp, sdp, twcc
+from .allocation import LinkAllocator, effective_priority
+from .bwe import OVERUSING, WARMUP, SendSideBwe
 from .congestion import LinkProbes
 from .downtrack import DownTrack, RepayloadingDownTrack, UnwrappingDownTrack
 from .svc import SvcDownTrack, scalable
@@ -42,6 +45,7 @@ class Subscription:
     codec: sdp.Codec | None = None
     disabled: bool = False
     max_quality: int = 2
+    priority: int = 0  # track_setting priority (0: unset; see allocation.py)
     attempts: int = 0
     offer_id: int = 0  # v0: the subscriber offer that announced it
 
@@ -72,6 +76,8 @@ class Subscriber:
         self.down_by_ssrc: dict[int, DownTrack] = {}
         self.cname = f"braid-{random.getrandbits(32):08x}"
         self.link_probes = LinkProbes()
+        self.bwe = SendSideBwe()  # its downlink, from transport-wide feedback (when its client sends it)
+        self.allocator = LinkAllocator()
         # v1
         self.used_mids: set[str] = set()
         self.free_mids: dict[str, list[str]] = {"audio": [], "video": []}
@@ -141,11 +147,12 @@ class Subscriber:
             if slot.sub is sub:
                 slot.sub = None
 
-    def update_settings(self, track_sid: str, disabled: bool, quality: int | None) -> None:
+    def update_settings(self, track_sid: str, disabled: bool, quality: int | None, priority: int = 0) -> None:
         sub = self.subs.get(track_sid)
         if sub is None:
             return
         sub.disabled = disabled
+        sub.priority = priority
         if quality is not None:
             sub.max_quality = quality
         self._apply_settings(sub)
@@ -153,6 +160,7 @@ class Subscriber:
     def _apply_settings(self, sub: Subscription) -> None:
         if sub.down is None:
             return
+        sub.down.priority = effective_priority(sub.priority, sub.track.info.source == models.TrackSource.SCREEN_SHARE)
         sub.down.set_max_quality(sub.max_quality)
         if sub.disabled:
             sub.down.pause()
@@ -346,6 +354,33 @@ class Subscriber:
             down = self.down_by_ssrc.get(packet.media_ssrc)
             if down is not None:
                 down.on_nack(packet.lost)
+        elif packet.feedback is not None:
+            self.on_transport_feedback(packet.feedback)
+
+    def on_transport_feedback(self, feedback: twcc.Feedback) -> None:
+        """Transport-wide feedback about what we sent it: update its estimate, fail a probe that built a queue,
+        and fit its streams into the estimate by priority."""
+        pc = self.p.sub_pc
+        sent = pc.twcc if pc is not None else None
+        if sent is None:
+            return
+        packets = []
+        for seq, arrival in feedback.arrivals:
+            info = sent.sent(seq)
+            if info is not None:
+                packets.append((info[0], arrival & 0xFFFFFFFF, info[1]))
+        now = time.monotonic()
+        rtts = [d.rtt for d in self.down_by_ssrc.values() if d.rtt]
+        if rtts:
+            self.bwe.rtt_ms = max(rtts) * 1000
+        now_us = int(now * 1_000_000)
+        self.bwe.on_feedback(packets, feedback.lost, now_us)
+        holder = self.link_probes.holder
+        if self.bwe.state == OVERUSING and holder is not None:
+            holder.overused(now)  # type: ignore[attr-defined]
+        if self.bwe.measured_for >= WARMUP:
+            self.allocator.update(self.bwe.estimate, self.bwe.congested(now_us), list(self.down_by_ssrc.values()),
+                                  now)
 
     def report(self, worker) -> None:
         """Downstream deltas since the previous report, per subscribed track."""

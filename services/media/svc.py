@@ -279,6 +279,13 @@ class SvcDownTrack(DownTrack):
                 self.last_ts = out_ts
                 self.last_ts_at = time.monotonic()
 
+    def demand(self, now: float):
+        return None  # its layers are not separate streams with rates of their own: only its loss steps it down
+
+    def skip(self, layer, seq: int) -> None:
+        if layer is self.current:
+            self.seqs.drop(seq)  # numbered over what is sent, padding leaves no gap
+
     def header(self, layer, seq: int, b0: int, marker: int, out_seq: int, out_ts: int) -> bytes:
         """The outgoing header, with the publisher's dependency descriptor when both sides negotiated it."""
         if self.dd_id and self.up.dd_id:

@@ -24,7 +24,7 @@ from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsFingerprint, RTCDtlsP
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceParameters, RTCIceTransport
 from aiortc.rtcsctptransport import RTCSctpCapabilities, RTCSctpTransport
 
-from . import sdp
+from . import sdp, twcc
 from .fastpath import CompiledSendPath, SrtpError
 from .ice import IceHost
 
@@ -94,6 +94,7 @@ class PeerTransport:
         # destination on the first packet sent, `_out_pair`, and None when this connection stays on pylibsrtp.
         self.output = send_path.output() if send_path is not None else None
         self._out_pair = None
+        self.twcc: twcc.SentPackets | None = None  # the transport-wide numbers of what we send, once negotiated
         self.ice_conn.on_pair_change = self._pair_changed
         self._closed = False
         self._tasks: set[asyncio.Future] = set()
@@ -129,6 +130,7 @@ class PeerTransport:
         first = next((m for m in session.media if not m.rejected), None)
         if first is None:
             raise TransportError("every m-line is rejected")
+        self._negotiate_twcc(session)
         if self._remote_ufrag:
             if first.ice_ufrag and first.ice_ufrag != self._remote_ufrag:
                 # The peer restarted ICE (a resume): same socket, DTLS and SCTP, its new credentials (see ice.py).
@@ -153,6 +155,17 @@ class PeerTransport:
                 self._add_candidate_text(cand)
         self._maybe_start_sctp(session)
         self._connect_task = asyncio.create_task(self._connect(), name=f"connect-{self.label}")
+
+    def _negotiate_twcc(self, session: sdp.Session) -> None:
+        """Number what we send transport-wide once both sides have the extension (a remote offer has it, and our
+        answer keeps it; a remote answer kept it from our offer); the numbering goes on through renegotiations."""
+        ext_id = next((i for m in session.media if m.kind in ("audio", "video") and not m.rejected
+                       for i, uri in m.extmaps.items() if uri == twcc.EXT_TRANSPORT_CC), 0)
+        if not 0 < ext_id < 15 or (self.twcc is not None and self.twcc.ext_id == ext_id):
+            return
+        self.twcc = twcc.SentPackets(ext_id)
+        if self.output is not None:
+            self.output.set_twcc(ext_id, self.twcc.ring)
 
     def restart_ice(self) -> None:
         """New local ICE credentials for our next offer (an ICE restart); the socket, DTLS and SCTP stay."""
@@ -315,6 +328,8 @@ class PeerTransport:
         tx = self._tx
         if tx is None:
             return
+        if self.twcc is not None:
+            packet = self.twcc.stamp(packet, time.monotonic_ns() // 1000)
         try:
             data = tx.protect(packet)
         except pylibsrtp.Error:

@@ -648,7 +648,67 @@ typedef struct {
     int fd;
     struct sockaddr_in addr;
     unsigned long long packets, bytes, errors;
+    int twcc_id;           /* the transport-wide sequence number's extension id, 0: not negotiated */
+    PyObject *twcc_ring;   /* twcc.SentPackets.ring: the next number, then (send µs, size, seq) per packet */
 } Output;
+
+#define TWCC_RING 4096
+#define TWCC_ENTRY 8
+
+/* twcc.stamped on the packet in `buf`: add the next transport-wide sequence number to its header extensions and
+ * record when it went and its size in the ring shared with twcc.SentPackets; the new length (len unchanged when
+ * the packet's extensions cannot take one more, as in Python). */
+static Py_ssize_t twcc_stamp(Output *self, uint8_t *buf, Py_ssize_t len) {
+    uint8_t *ring = (uint8_t *)PyByteArray_AS_STRING(self->twcc_ring);
+    uint32_t next;
+    memcpy(&next, ring, 4);
+    uint16_t seq = (uint16_t)next;
+    uint8_t hi = (uint8_t)(seq >> 8), lo = (uint8_t)seq, id = (uint8_t)self->twcc_id;
+    Py_ssize_t off = 12 + 4 * (buf[0] & 0x0F);
+    if (off > len)
+        return len;
+    if (!(buf[0] & 0x10)) {
+        if (len + 8 > MAX_RTP)
+            return len;
+        memmove(buf + off + 8, buf + off, len - off);
+        uint8_t ext[8] = {0xBE, 0xDE, 0, 1, (uint8_t)((id << 4) | 1), hi, lo, 0};
+        memcpy(buf + off, ext, 8);
+        buf[0] |= 0x10;
+        len += 8;
+    } else {
+        if (off + 4 > len || len + 4 > MAX_RTP)
+            return len;
+        unsigned int profile = ((unsigned int)buf[off] << 8) | buf[off + 1];
+        unsigned int words = ((unsigned int)buf[off + 2] << 8) | buf[off + 3];
+        Py_ssize_t end = off + 4 + 4 * (Py_ssize_t)words;
+        if (end > len || words >= 0xFFFF)
+            return len;
+        uint8_t element[4];
+        if (profile == 0xBEDE) {
+            element[0] = (uint8_t)((id << 4) | 1), element[1] = hi, element[2] = lo, element[3] = 0;
+        } else if ((profile & 0xFFF0) == 0x1000) {
+            element[0] = id, element[1] = 2, element[2] = hi, element[3] = lo;
+        } else {
+            return len;
+        }
+        memmove(buf + end + 4, buf + end, len - end);
+        memcpy(buf + end, element, 4);
+        words++;
+        buf[off + 2] = (uint8_t)(words >> 8), buf[off + 3] = (uint8_t)words;
+        len += 4;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    uint32_t at = (uint32_t)((uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u);
+    uint16_t size = (uint16_t)len;
+    uint8_t *entry = ring + 4 + (seq % TWCC_RING) * TWCC_ENTRY;
+    memcpy(entry, &at, 4);
+    memcpy(entry + 4, &size, 2);
+    memcpy(entry + 6, &seq, 2);
+    next = (uint16_t)(seq + 1);
+    memcpy(ring, &next, 4);
+    return len;
+}
 
 static int parse_destination(Output *self, int fd, const char *host, int port) {
     memset(&self->addr, 0, sizeof(self->addr));
@@ -715,7 +775,31 @@ static PyObject *Output_bound(Output *self, void *closure) {
     return PyBool_FromLong(self->sender != NULL && self->fd >= 0);
 }
 
+/* set_twcc(ext_id, ring): number what it sends with the transport-wide sequence in `ring` (a SentPackets.ring);
+ * set_twcc(0, None): stop. */
+static PyObject *Output_set_twcc(Output *self, PyObject *args) {
+    int ext_id;
+    PyObject *ring;
+    if (!PyArg_ParseTuple(args, "iO", &ext_id, &ring))
+        return NULL;
+    if (ext_id == 0) {
+        self->twcc_id = 0;
+        Py_CLEAR(self->twcc_ring);
+        Py_RETURN_NONE;
+    }
+    if (ext_id < 1 || ext_id > 14 || !PyByteArray_Check(ring) ||
+        PyByteArray_GET_SIZE(ring) < 4 + TWCC_RING * TWCC_ENTRY) {
+        PyErr_SetString(PyExc_ValueError, "set_twcc(ext_id in 1..14, ring: bytearray of a SentPackets)");
+        return NULL;
+    }
+    Py_INCREF(ring);
+    Py_XSETREF(self->twcc_ring, ring);
+    self->twcc_id = ext_id;
+    Py_RETURN_NONE;
+}
+
 static void Output_dealloc(Output *self) {
+    Py_XDECREF(self->twcc_ring);
     Py_XDECREF(self->sender);
     Py_XDECREF(self->batch);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -726,6 +810,8 @@ static inline PyObject *queue(Output *self, Entry *e, uint8_t *buf, Py_ssize_t l
         PyErr_SetString(FastpathError, "Output is not bound");
         return NULL;
     }
+    if (self->twcc_id && self->twcc_ring != NULL)
+        len = twcc_stamp(self, buf, len);
     Py_ssize_t n = protect_into(self->sender, buf, len);
     if (n < 0) {
         self->errors++;
@@ -816,6 +902,8 @@ static PyGetSetDef Output_getset[] = {
 static PyMethodDef Output_methods[] = {
     {"bind", (PyCFunction)Output_bind, METH_VARARGS, "bind(sender, fd, host, port): keys and destination"},
     {"unbind", (PyCFunction)Output_unbind, METH_NOARGS, "forget the destination (its path changed)"},
+    {"set_twcc", (PyCFunction)Output_set_twcc, METH_VARARGS,
+     "set_twcc(ext_id, ring): add transport-wide sequence numbers from a twcc.SentPackets ring (0, None: stop)"},
     {"send", (PyCFunction)Output_send, METH_O, "send(rtp): protect and queue"},
     {"forward", (PyCFunction)(void (*)(void))Output_forward, METH_FASTCALL,
      "forward(packet, off, seq, ts, marker, pt, ssrc): rewrite the header, protect and queue"},

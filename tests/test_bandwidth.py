@@ -1,0 +1,135 @@
+"""Bandwidth estimation on both legs, through the UDP impairment relay (tests/impairment.py), with browsers running
+livekit-client's defaults.
+
+Publisher leg: the media node answers transport-wide feedback (twcc.py), so the publishing browser's own
+estimator sees its uplink. Before it did, a browser whose uplink was squeezed to 250 kbit/s went on estimating
+1.3-5.5 Mbit/s, kept its middle layer going into the bottleneck and saw one-second round trips.
+
+Subscriber leg: the node numbers what it sends transport-wide and estimates each subscriber's downlink from the
+feedback (bwe.py), and fits the streams into it (allocation.py). Before, only receiver-report loss moved a
+subscriber down: on a link with a deep queue (250 kbit/s, 3 s of buffer) loss came late, the queue stayed full
+for ten seconds and the picture froze for fourteen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from .impairment import Impairment
+from .test_cluster_simulcast import ENCODER_PROBE, FREEZE_PROBE, _decoded_if, server_freezes
+from .test_browser import browser, chromium_path, fake_speech  # noqa: F401 (fixtures)
+from .test_browser import wait_until as page_wait
+
+pytestmark = pytest.mark.timeout(180)
+
+_PUBLISHER_STATS = """async () => {
+  const pub = window.braidRoom.localParticipant.getTrackPublication('camera');
+  const report = await pub?.videoTrack?.sender?.getStats();
+  const out = {layers: {}, available: null, rtt: null};
+  report?.forEach(s => {
+    if (s.type === 'outbound-rtp') out.layers[s.rid || ''] = {bytes: s.bytesSent, limit: s.qualityLimitationReason};
+    if (s.type === 'candidate-pair' && s.nominated) {
+      out.available = s.availableOutgoingBitrate ?? null;
+      out.rtt = s.currentRoundTripTime ?? null;
+    }
+  });
+  return out;
+}"""
+
+
+async def _layer_rates(page, seconds: float = 2.0) -> dict[str, float]:
+    before = await page.js(_PUBLISHER_STATS)
+    await asyncio.sleep(seconds)
+    after = await page.js(_PUBLISHER_STATS)
+    return {rid: (layer["bytes"] - before["layers"].get(rid, {"bytes": 0})["bytes"]) * 8 / seconds
+            for rid, layer in after["layers"].items()}
+
+
+@pytest.mark.slow
+async def test_a_browser_publisher_on_a_squeezed_uplink_estimates_it_and_recovers(impaired_server_factory,
+                                                                                   browser, room_name):  # noqa: F811
+    """Alice publishes her camera (simulcast) to Bob; her uplink is capped at 250 kbit/s. From the server's
+    transport-wide feedback her browser estimates the link within seconds, says its layers are limited by
+    bandwidth and sends under the cap; once the cap is lifted its estimate climbs back and the middle layer
+    returns."""
+    server, relay = await impaired_server_factory()
+    joined = relay.mark()
+    alice = await browser.join(server, "Alice", room_name)
+    await asyncio.sleep(1)
+    flows = relay.flows_since(joined)
+    assert flows, relay.flows
+    bob = await browser.join(server, "Bob", room_name)
+    pages = [alice, bob]
+    try:
+        await page_wait(lambda: _sending(alice, "h"), timeout=30, what="Alice to send her middle layer", pages=pages)
+        for flow in flows:
+            flow.impair(up=Impairment(rate_bps=250_000))
+        squeezed = await page_wait(lambda: _estimated_below(alice, 300_000), timeout=10,
+                                   what="Alice's browser to estimate her squeezed uplink", pages=pages)
+        assert any(layer["limit"] == "bandwidth" for layer in squeezed["layers"].values()), squeezed
+        await asyncio.sleep(3)
+        rates = await _layer_rates(alice)
+        assert sum(rates.values()) < 250_000, rates
+        for flow in flows:
+            flow.impair()
+        recovered = await page_wait(lambda: _sending(alice, "h"), timeout=40,
+                                    what="Alice's middle layer back once the cap is lifted", pages=pages)
+        print(f"Alice estimated {squeezed['available'] / 1000:.0f} kbit/s at a 250 kbit/s cap, sent "
+              f"{sum(rates.values()) / 1000:.0f} kbit/s ({ {k: round(v / 1000) for k, v in rates.items()} }), "
+              f"then {recovered['available'] / 1000:.0f} kbit/s uncapped")
+    except BaseException:
+        print(server.log()[-6000:])
+        raise
+
+
+async def _sending(page, rid: str) -> dict | None:
+    rates = await _layer_rates(page, 1.0)
+    return await page.js(_PUBLISHER_STATS) if rates.get(rid, 0) > 50_000 else None
+
+
+async def _estimated_below(page, bps: float) -> dict | None:
+    stats = await page.js(_PUBLISHER_STATS)
+    return stats if stats["available"] is not None and stats["available"] < bps else None
+
+
+@pytest.mark.slow
+async def test_a_browser_behind_a_deep_queue_is_moved_down_before_it_freezes(impaired_server_factory,
+                                                                            browser, room_name):  # noqa: F811
+    """Bob's downlink is capped at 250 kbit/s behind a 100 kB buffer, which drops nothing for seconds. The queue
+    building up in the feedback moves him to the low layer within seconds; the buffer drains and his video goes
+    on with no freeze over 1 s while Alice's encoder keeps going; with the cap lifted he climbs back."""
+    server, relay = await impaired_server_factory()
+    alice = await browser.join(server, "Alice", room_name)
+    joined = relay.mark()
+    bob = await browser.join(server, "Bob", room_name)
+    pages = [alice, bob]
+    try:
+        alice_id = await alice.identity()
+        await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: s["frameWidth"] >= 640), timeout=40,
+                        what="Bob to decode Alice's top layers", pages=pages)
+        flows = relay.flows_since(joined)
+        assert flows, relay.flows
+        await bob.js(FREEZE_PROBE, alice_id)
+        await alice.js(ENCODER_PROBE)
+        capped_at = asyncio.get_running_loop().time()
+        for flow in flows:
+            flow.impair(down=Impairment(rate_bps=250_000, queue_bytes=100_000))
+        await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: 0 < s["frameWidth"] <= 320), timeout=15,
+                        what="Bob moved to the layer his link carries", pages=pages)
+        moved_after = asyncio.get_running_loop().time() - capped_at
+        assert "to fit the subscriber's bandwidth estimate" in server.log(), server.log()[-3000:]
+        await asyncio.sleep(12)
+        queued = max(flow.down.backlog() for flow in flows)
+        assert queued < 1.0, f"{queued:.1f} s still queued for Bob"
+        ours, theirs = await server_freezes(bob, alice, reset=True)
+        assert not ours, f"Bob froze while Alice kept sending: {ours} ({theirs})"
+        for flow in flows:
+            flow.impair()
+        await page_wait(lambda: _decoded_if(bob, alice_id, lambda s: s["frameWidth"] > 320), timeout=40,
+                        what="Bob back on a higher layer once the cap is gone", pages=pages)
+        print(f"Bob moved down {moved_after:.1f} s after the cap, {queued:.2f} s queued 12 s later")
+    except BaseException:
+        print(server.log()[-8000:])
+        raise

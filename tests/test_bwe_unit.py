@@ -1,0 +1,133 @@
+"""The send-side estimate (bwe.py) and the allocator (allocation.py) on synthetic feedback: a link with a queue,
+one with random loss, one that merely carries less than it could, and streams of different priorities."""
+
+from __future__ import annotations
+
+import random
+
+from braid.services.media import allocation
+from braid.services.media.allocation import PAUSE, Demand, LinkAllocator, fit
+from braid.services.media.bwe import NORMAL, OVERUSING, SendSideBwe
+
+
+def _drive(bwe: SendSideBwe, send_bps: float, capacity_bps: float, seconds: float, start_us: int = 0,
+           loss: float = 0.0, seed: int = 1) -> int:
+    """Packets of 1200 bytes sent at `send_bps` through a bottleneck of `capacity_bps` (an unbounded queue),
+    reported every 100 ms; returns the time reached."""
+    rng = random.Random(seed)
+    gap = 1200 * 8 / send_bps * 1e6
+    service = 1200 * 8 / capacity_bps * 1e6
+    t, busy, batch, next_feedback = start_us, start_us, [], start_us + 100_000
+    lost = 0
+    while t < start_us + seconds * 1e6:
+        busy = max(busy, t) + service
+        if rng.random() < loss:
+            lost += 1
+        else:
+            batch.append((int(t) & 0xFFFFFFFF, int(busy + 20_000) & 0xFFFFFFFF, 1200))
+        t += gap
+        if t >= next_feedback:
+            bwe.on_feedback(batch, lost, int(t))
+            batch, lost, next_feedback = [], 0, next_feedback + 100_000
+    return int(t)
+
+
+def test_a_link_that_carries_what_is_sent_keeps_the_estimate_above_it():
+    bwe = SendSideBwe()
+    _drive(bwe, 1_000_000, 5_000_000, 10)
+    assert bwe.state == NORMAL
+    assert 1_000_000 <= bwe.estimate <= 1_600_000  # at least what it delivered, at most half as much again
+    assert not bwe.congested(10_000_000)
+
+
+def test_a_queue_building_up_brings_the_estimate_down_to_the_link():
+    bwe = SendSideBwe()
+    now = _drive(bwe, 1_000_000, 5_000_000, 5)
+    states = []
+    feed = bwe.on_feedback
+    bwe.on_feedback = lambda *args: (feed(*args), states.append(bwe.state))  # type: ignore[method-assign]
+    now = _drive(bwe, 1_000_000, 400_000, 3, start_us=now)
+    assert OVERUSING in states[:10]  # within a second
+    assert bwe.estimate < 450_000, bwe.estimate
+    assert bwe.congested(now)
+
+
+def test_sending_less_for_a_while_does_not_lower_the_estimate():
+    """An SFU forwards what publishers send: a quiet publisher says nothing about the link."""
+    bwe = SendSideBwe()
+    now = _drive(bwe, 1_500_000, 5_000_000, 5)
+    before = bwe.estimate
+    _drive(bwe, 100_000, 5_000_000, 5, start_us=now)
+    assert bwe.estimate >= before * 0.99
+
+
+def test_heavy_loss_lowers_the_estimate_and_light_loss_does_not():
+    light, heavy = SendSideBwe(), SendSideBwe()
+    _drive(light, 1_000_000, 5_000_000, 8, loss=0.01)
+    _drive(heavy, 1_000_000, 5_000_000, 8, loss=0.3)
+    assert light.estimate >= 1_000_000
+    assert heavy.estimate < 800_000 and heavy.congested(8_000_000)
+
+
+def test_early_losses_while_the_receiver_keys_up_are_not_the_links():
+    bwe = SendSideBwe()
+    _drive(bwe, 1_000_000, 5_000_000, 1, loss=0.5)
+    _drive(bwe, 1_000_000, 5_000_000, 3, start_us=1_000_000)
+    assert bwe.loss_bps == bwe.loss_bps and not bwe.congested(4_000_000)
+
+
+def test_garbage_feedback_leaves_a_usable_estimate():
+    bwe = SendSideBwe()
+    rng = random.Random(4)
+    for i in range(500):
+        packets = [(rng.getrandbits(32), rng.getrandbits(32), rng.randint(0, 65535)) for _ in range(rng.randint(0, 30))]
+        bwe.on_feedback(packets, rng.randint(0, 100), i * 100_000)
+    assert 0 <= bwe.estimate <= 20_000_000
+
+
+def test_fit_gives_higher_priority_each_layer_first_and_pauses_what_does_not_fit():
+    screen = Demand("screen", 255, [200_000, 600_000, 1_500_000], [0, 1, 2], 1_500_000)
+    alice = Demand("alice", 1, [150_000, 500_000, 1_200_000], [0, 1, 2], 1_200_000)
+    bob = Demand("bob", 1, [150_000, 500_000], [0, 1], 500_000)
+    assert fit(10_000_000, [alice, bob, screen]) == {"alice": 2, "bob": 1, "screen": 2}
+    assert fit(1_000_000, [alice, bob, screen]) == {"screen": 1, "alice": 0, "bob": 0}
+    assert fit(400_000, [alice, bob, screen]) == {"screen": 0, "alice": 0, "bob": PAUSE}
+    assert fit(50_000, [alice, bob, screen]) == {"screen": 0, "alice": PAUSE, "bob": PAUSE}  # the first keeps one
+    assert allocation.effective_priority(0, screen_share=True) > allocation.effective_priority(0, False)
+
+
+class _Stream:
+    def __init__(self, name: str, priority: int, rates: list[float], video: bool = True, send_bps: float = 0.0):
+        self.name, self.priority, self.rates, self.video, self.send_bps = name, priority, rates, video, send_bps
+        self.level = len(rates) - 1
+        self.calls: list[int] = []
+
+    def demand(self, now: float):
+        if not self.video or self.level < 0:
+            return None
+        return Demand(self, self.priority, self.rates, list(range(len(self.rates))), self.rates[self.level])
+
+    def fit_to(self, quality: int, now: float) -> None:
+        self.calls.append(quality)
+        if quality < self.level:
+            self.level = quality
+
+
+def test_the_allocator_cuts_only_a_lasting_congested_deficit_and_then_lets_the_link_settle():
+    alice, bob = _Stream("alice", 1, [150_000, 500_000, 1_200_000]), _Stream("bob", 1, [150_000, 500_000])
+    audio = _Stream("mic", 1, [], video=False, send_bps=40_000)
+    streams = [alice, bob, audio]
+    allocator = LinkAllocator()
+    allocator.update(900_000, False, streams, 0.0)  # below what is sent, but no queue and no loss: nothing
+    allocator.update(900_000, False, streams, 5.0)
+    assert not alice.calls
+    allocator.update(900_000, True, streams, 6.0)
+    allocator.update(900_000, True, streams, 6.5)  # not yet lasting
+    assert not alice.calls
+    allocator.update(900_000, True, streams, 7.1)
+    assert alice.level == 1 and bob.level == 0 and allocator.cuts == 1
+    allocator.update(300_000, True, streams, 7.5)
+    allocator.update(300_000, True, streams, 8.5)  # settling after the last cut
+    assert allocator.cuts == 1
+    allocator.update(300_000, True, streams, 9.0)
+    assert allocator.cuts == 2 and alice.level == 0 and bob.calls[-1] == PAUSE
