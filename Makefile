@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet 'matplotlib>=3.7'
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.cluster
+	$(PY) -m benchmarks.congestion
 
 clean:
 	rm -rf $(VENV) build *.egg-info braid/rpc .pytest_cache

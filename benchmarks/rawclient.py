@@ -21,13 +21,13 @@ from aiortc.rtcdtlstransport import RTCCertificate
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-from braid.services.media import rtp, sdp
+from braid.services.media import rtp, sdp, twcc
 from braid.services.media.ice import IceHost, PortRange
 from braid.services.media.transport import PeerTransport
 
 OPUS = sdp.Codec(111, "opus", 48000, 2, "minptime=10;useinbandfec=1")
 VP8 = sdp.Codec(96, "VP8", 90000, 0, "", ["nack", "nack pli", "ccm fir"])
-EXTMAPS = {4: rtp.EXT_MID}
+EXTMAPS = {4: rtp.EXT_MID, 3: twcc.EXT_TRANSPORT_CC}  # as browsers offer: the node numbers what it sends them
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""`make bench`, congestion control: the CPU that transport-wide feedback costs, per packet and per subscriber.
+
+Measured in this process on synthetic traffic (no network): a subscriber receiving 500 packets/s (the forwarding
+benchmark's 50 audio + 450 video) whose client reports every 100 ms, through the node's own code:
+  * feedback in: parsing one feedback packet (twcc.parse), looking up its 50 packets' send times, the estimate
+    (bwe.SendSideBwe) and the allocator (allocation.LinkAllocator over 3 streams);
+  * feedback out, per publisher packet: reading its transport-wide number and recording its arrival, and the 10
+    feedback packets a second that go back (twcc.ArrivalRecorder);
+  * numbering on the send path, per forwarded packet: twcc.stamped in Python, and the compiled Output with and
+    without transport-wide numbers.
+
+    python -m benchmarks.congestion [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import time
+
+from braid.services.media import fastpath, rtp, twcc
+from braid.services.media.allocation import Demand, LinkAllocator
+from braid.services.media.bwe import SendSideBwe
+
+PPS = 500
+FEEDBACK_HZ = 10
+
+
+class _Stream:
+    def __init__(self, rates: list[float]):
+        self.rates, self.video, self.send_bps, self.priority = rates, True, 0.0, 1
+
+    def demand(self, now: float) -> Demand:
+        return Demand(self, self.priority, self.rates, list(range(len(self.rates))), self.rates[-1])
+
+    def fit_to(self, quality: int, now: float) -> None:
+        pass
+
+
+def _cpu(fn, repeat: int) -> float:
+    """CPU seconds per call of fn()."""
+    start = time.process_time()
+    for _ in range(repeat):
+        fn()
+    return (time.process_time() - start) / repeat
+
+
+def feedback_in(seconds: float) -> tuple[float, float]:
+    """µs per reported packet, and µs of CPU per subscriber per second."""
+    sent = twcc.SentPackets(3)
+    packet = rtp.rewrite(0x80, 0, 96, 1, 1, 1, bytes(1000))
+    per_feedback = PPS // FEEDBACK_HZ
+    rng = random.Random(1)
+    feedbacks = []
+    at = 1_000_000
+    for i in range(int(seconds * FEEDBACK_HZ)):
+        arrivals = []
+        for k in range(per_feedback):
+            sent.stamp(packet, at)
+            at += 1_000_000 // PPS
+            arrivals.append(at + 20_000 + rng.randint(0, 3000) if rng.random() > 0.01 else None)
+        arrivals[0] = arrivals[0] or at
+        feedbacks.append(twcc.build(1, 2, i, (i * per_feedback) & 0xFFFF, arrivals)[4:])
+    bwe = SendSideBwe()
+    allocator = LinkAllocator()
+    streams = [_Stream([150_000, 500_000, 1_200_000]), _Stream([150_000, 500_000, 1_200_000]), _Stream([40_000])]
+    queue = iter(feedbacks)
+
+    def one() -> None:
+        fb = twcc.parse(next(queue))
+        packets = []
+        for seq, arrival in fb.arrivals:
+            info = sent.sent(seq)
+            if info is not None:
+                packets.append((info[0], arrival & 0xFFFFFFFF, info[1]))
+        now = time.monotonic()
+        bwe.on_feedback(packets, fb.lost, int(now * 1e6))
+        allocator.update(bwe.estimate, bwe.congested(int(now * 1e6)), streams, now)  # type: ignore[arg-type]
+
+    per_call = _cpu(one, len(feedbacks) - 1)
+    return per_call / per_feedback * 1e6, per_call * FEEDBACK_HZ * 1e6
+
+
+def feedback_out(seconds: float) -> tuple[float, float]:
+    """µs per publisher packet for reading and recording it, and µs per feedback packet built."""
+    recorder = twcc.ArrivalRecorder(1)
+    packets = [twcc.stamped(rtp.rewrite(0x80, 0, 96, i, i, 7, bytes(900)), 3, i & 0xFFFF) for i in range(PPS)]
+    total = int(seconds * PPS)
+    start = time.process_time()
+    built = 0
+    for i in range(total):
+        data = packets[i % PPS]
+        seq = twcc.transport_seq(data, 3)
+        recorder.on_packet((i & 0xFFFF) if seq is not None else 0, 7, i * 2000)
+        if i % (PPS // FEEDBACK_HZ) == PPS // FEEDBACK_HZ - 1:
+            built += len(recorder.feedback())
+    cpu = time.process_time() - start
+    recorder = twcc.ArrivalRecorder(1)  # the same without building feedback: the difference is the building
+    start = time.process_time()
+    for i in range(total):
+        data = packets[i % PPS]
+        twcc.transport_seq(data, 3)
+        recorder.on_packet(i & 0xFFFF, 7, i * 2000)
+        if len(recorder._pending) >= recorder.MAX_PENDING:
+            recorder._pending.clear()
+    recording = time.process_time() - start
+    return recording / total * 1e6, max(0.0, cpu - recording) / max(built, 1) * 1e6
+
+
+def numbering(count: int) -> tuple[float, float | None, float | None]:
+    """µs per packet: Python twcc.stamped; compiled Output.send (protect, queue, a sendmmsg per 200) without and
+    with transport-wide numbers."""
+    packet = rtp.rewrite(0x80, 0, 96, 1, 1, 1, bytes(1000))
+    python = _cpu(lambda: twcc.stamped(packet, 3, 7), count) * 1e6
+    if fastpath.UNAVAILABLE:
+        return python, None, None
+    from braid.services.media.fastpath import _fastpath
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    batch = _fastpath.Batch(256)
+    out = _fastpath.Output(batch, _fastpath.SrtpContext(bytes(30), 1), tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    seq = [0]
+
+    def send() -> None:
+        seq[0] = (seq[0] + 1) & 0xFFFF
+        out.send(packet[:2] + seq[0].to_bytes(2, "big") + packet[4:])
+        if batch.count >= 200:
+            batch.flush()
+
+    try:
+        plain = _cpu(send, count) * 1e6
+        sent = twcc.SentPackets(3)
+        out.set_twcc(3, sent.ring)
+        numbered = _cpu(send, count) * 1e6
+    finally:
+        rx.close()
+        tx.close()
+    return python, plain, numbered
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.congestion", description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of synthetic traffic per measurement")
+    args = parser.parse_args(argv)
+    per_packet, per_subscriber = feedback_in(args.seconds)
+    recording, per_feedback = feedback_out(args.seconds)
+    python, plain, numbered = numbering(int(args.seconds * PPS * 4))
+    print()
+    print(f"Congestion control CPU (this process, {args.seconds:g} s of synthetic traffic at {PPS} packets/s, "
+          f"feedback every {1000 // FEEDBACK_HZ} ms):")
+    print(f"  subscriber feedback in (parse + estimate + allocate): {per_packet:.2f} us per reported packet, "
+          f"{per_subscriber:.0f} us of CPU per subscriber per second ({per_subscriber / 1e4:.2f} % of a core)")
+    print(f"  publisher feedback out: {recording:.2f} us per received packet, {per_feedback:.0f} us per feedback "
+          "packet built")
+    line = f"  numbering what is sent: Python {python:.2f} us per packet"
+    if plain is not None and numbered is not None:
+        line += (f"; compiled Output.send {plain:.2f} us without, {numbered:.2f} us with "
+                 f"(+{numbered - plain:.2f} us per forwarded packet)")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
