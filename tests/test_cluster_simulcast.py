@@ -332,6 +332,15 @@ async def _decoded(viewer: MeetPage, identity: str, frames: int) -> dict | None:
 
 
 _SET_QUALITY = "([identity, quality]) => window.braidMeet.setVideoQuality(identity, quality)"
+_SET_FPS = """([identity, fps]) => {
+  window.braidRoom.remoteParticipants.get(identity).getTrackPublication('camera').setVideoFPS(fps);
+}"""
+
+
+async def _decode_rate(viewer: MeetPage, identity: str, seconds: float = 3.0) -> float:
+    before = (await _decoded_if(viewer, identity, lambda s: True))["framesDecoded"]
+    await asyncio.sleep(seconds)
+    return ((await _decoded_if(viewer, identity, lambda s: True))["framesDecoded"] - before) / seconds
 _MIME = "(identity) => window.braidRoom.remoteParticipants.get(identity)?.getTrackPublication('camera')?.mimeType"
 
 
@@ -342,7 +351,8 @@ async def test_browser_svc_reaches_a_browser_on_another_node_at_each_spatial_lay
                                                                                    room_name, codec):
     """livekit-client in Chromium publishes its camera in VP9 or AV1 (with the SDK's SVC default, L3T3_KEY); a browser on the
     other media node decodes it, takes the low spatial layer when it asks for LOW and a layer at least twice as
-    wide when it asks for HIGH, without a freeze over 1 s while the publisher's encoder keeps going."""
+    wide when it asks for HIGH, without a freeze over 1 s while the publisher's encoder keeps going; asking for
+    8 fps (setVideoFPS) it decodes fewer frames: the server drops temporal layers."""
     cluster = simulcast_cluster
     eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
     alice = await browser.join(eu.server, "Alice", room_name, query=f"codec={codec}", tokens=token_for(eu))
@@ -367,8 +377,13 @@ async def test_browser_svc_reaches_a_browser_on_another_node_at_each_spatial_lay
                         what="frames to keep coming on the high layer", pages=pages)
         ours, theirs = await server_freezes(bob, alice, reset=False)
         assert not ours, f"Bob froze while Alice kept sending: {ours} ({theirs})"
+        full_rate = await _decode_rate(bob, alice_id)
+        await bob.js(_SET_FPS, [alice_id, 8])  # livekit-client's setVideoFPS: fewer temporal layers
+        await asyncio.sleep(2)
+        few_rate = await _decode_rate(bob, alice_id)
+        assert 2 < few_rate < 0.6 * full_rate, (full_rate, few_rate)
         print(f"{codec} SVC at Bob: {low['frameWidth']}x{low['frameHeight']} low, "
-              f"{high['frameWidth']}x{high['frameHeight']} high")
+              f"{high['frameWidth']}x{high['frameHeight']} high, {full_rate:.0f} fps, {few_rate:.0f} fps asking 8")
     except BaseException:
         print(cluster.logs())
         raise

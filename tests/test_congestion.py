@@ -227,3 +227,47 @@ async def test_a_subscriber_link_is_probed_by_one_stream_at_a_time():
     assert waiting.loss.probing_since is None and waiting.loss.cap == 0
     probing[0].close()
     assert link.holder is None and probing[0].prober is None
+
+
+def test_loss_right_after_a_step_down_is_the_queue_draining_not_a_reason_to_pause():
+    """The reports that follow a step-down still count the queue the higher layer built: pausing on them froze
+    a browser that the lower layer would have served."""
+    adapter = LossAdapter()
+    adapter.lower_cap(0, now=100.0)
+    for t in (100.5, 101.5, 102.5):
+        assert not adapter.on_report(0.5, 0, now=t, lowest=True)
+    assert not adapter.paused
+    adapter.on_report(0.5, 0, now=103.5, lowest=True)
+    assert adapter.on_report(0.5, 0, now=104.5, lowest=True) and adapter.paused  # still heavy: it cannot carry it
+
+
+def test_a_packet_due_before_padding_keeps_its_number():
+    """A packet the publisher sent before a probe's padding but that arrives after it (reordered, or its
+    retransmission) takes the number it had, not one shifted by the padding: shifted, it landed on a later
+    packet's number, the one it stood for never came, and the subscriber froze until the next keyframe (the
+    compiled fan-out hands such packets to this Python path: tests/test_fastpath.py)."""
+    from braid.services.media import rtp
+    from braid.services.media.forward import UpTrack
+
+    up = UpTrack("TR_v", "video", "video/H264", 90000, 102, None, lambda ssrc: None, lambda ssrc, seqs: None)
+    layer = up.add_layer(7)
+    sent: list[bytes] = []
+    down = DownTrack(up, sent.append, pt=102)
+    up.add_down(down)
+    keyframe = bytes([0x65]) + b"idr"
+
+    def feed(seq: int, payload: bytes = b"\x41slice") -> None:
+        packet = rtp.HEADER.pack(0x80, 102, seq, 3000 * (seq // 2), 7) + payload + b"%d" % seq
+        up.on_packet(layer, packet, rtp.parse(packet))
+
+    feed(200, keyframe)
+    feed(201)
+    feed(203)  # 202 is late
+    first = rtp.parse(sent[0])[2]
+    down.send_padding(3, 255)
+    feed(202)
+    feed(204)
+    numbers = {p[-3:]: (rtp.parse(p)[2] - first) & 0xFFFF for p in sent if rtp.parse(p)[5] < rtp.parse(p)[6]}
+    assert numbers == {b"200": 0, b"201": 1, b"203": 3, b"202": 2, b"204": 7}
+    assert [(rtp.parse(p)[2] - first) & 0xFFFF for p in sent if rtp.parse(p)[5] == rtp.parse(p)[6]] == [4, 5, 6]
+    assert down.original_seq((first + 2) & 0xFFFF) == 202 and down.original_seq((first + 7) & 0xFFFF) == 204

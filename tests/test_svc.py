@@ -4,7 +4,7 @@ tests/test_cluster_simulcast.py)."""
 
 from __future__ import annotations
 
-from braid.services.media import rtp
+from braid.services.media import rtp, svc
 from braid.services.media.forward import UpTrack
 from braid.services.media.svc import SeqMap, SvcDownTrack, av1_layer, vp9_layer
 
@@ -77,12 +77,13 @@ class Stream:
         self.up.add_down(down)
         return down, sent
 
-    def picture(self, key: bool = False, skip: set[int] = frozenset()) -> list[bytes]:
+    def picture(self, key: bool = False, skip: set[int] = frozenset(), temporal: int = 0) -> list[bytes]:
         """Sends one picture (except the packets whose index is in `skip`); returns all its packets."""
         packets = []
         for spatial in range(3):
             for part in range(2):
-                payload = vp9_payload(spatial, 0, part == 0, part == 1, not key, b"s%d-%d-%d" % (spatial, part, self.ts))
+                payload = vp9_payload(spatial, temporal, part == 0, part == 1, not key,
+                                      b"s%d-%d-%d" % (spatial, part, self.ts))
                 marker = int(spatial == 2 and part == 1)
                 packets.append(rtp.HEADER.pack(0x80, (marker << 7) | PT, self.seq & 0xFFFF, self.ts, SSRC) + payload)
                 self.seq += 1
@@ -118,6 +119,31 @@ def test_each_viewer_gets_its_spatial_layers_numbered_without_gaps():
     got = summary(to_high)
     assert [s for _, _, s in got] == [0, 0, 1, 1, 2, 2] * 4 and [m for _, m, _ in got] == [0, 0, 0, 0, 0, 1] * 4
     assert [(q - got[0][0]) & 0xFFFF for q, _, _ in got] == list(range(24))
+
+
+def test_a_viewer_asking_for_fewer_frames_gets_fewer_temporal_layers(monkeypatch):
+    """track_setting fps: once the stream's rate per temporal layer is known (L1T3's 0, 2, 1, 2 pattern at 30 fps:
+    7.5, 15 and 30 pictures a second), a viewer asking for 15 gets layers 0 and 1 from the next base-layer
+    picture on, numbered without gaps; one asking for nothing gets them all."""
+    clock = [100.0]
+    monkeypatch.setattr(svc.time, "monotonic", lambda: clock[0])
+    stream = Stream()
+    half, to_half = stream.viewer(2)
+    full, to_full = stream.viewer(2)
+    half.set_max_fps(15)
+    pattern = [0, 2, 1, 2]
+    mark = 0
+    for i in range(80):
+        if i == 40:
+            mark = len(to_half)
+        stream.picture(key=i == 0, temporal=pattern[i % 4])
+        clock[0] += 1 / 30
+    assert [round(f) for f in svc.reader_for(stream.up).fps] == [8, 15, 30]
+    assert len(to_full) == 80 * 6
+    recent = [vp9_layer(p[12:]).temporal for p in to_half[mark:]]
+    assert set(recent) == {0, 1} and len(recent) == 20 * 6  # half of the 40 pictures
+    got = summary(to_half)
+    assert [(q - got[0][0]) & 0xFFFF for q, _, _ in got] == list(range(len(got)))
 
 
 def test_publisher_padding_leaves_no_gap():

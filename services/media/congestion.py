@@ -26,6 +26,7 @@ PROBE_AFTER = 6.0  # seconds of clean reports before stepping up again
 TOP = 2
 PAUSE_LOSS = 0.25  # the lowest layer losing this much: random loss does not, a link far below the stream does
 MAX_PAUSE = 30.0
+PAUSE_GRACE = 3.0  # seconds after the cap fell during which loss is the queue draining, not a reason to pause
 LOSS_WINDOW = 0.9  # seconds of receiver reports judged at once
 PROBE_STAGE = 2.0  # seconds at least that a probe sends half the extra rate, then as long at least all of it
 PROBE_SETTLE = 0.5  # a round trip measured this long into a stage tells of its traffic
@@ -42,6 +43,7 @@ class LossAdapter:
     _congested: int = 0
     _clean_since: float | None = None
     _changed_at: float = 0.0
+    _lowered_at: float = -PAUSE_GRACE
     paused: bool = False
     _heavy: int = 0
     _pause_for: float = PROBE_AFTER
@@ -129,7 +131,7 @@ class LossAdapter:
                 self.cap += 1
                 return True
             return False
-        if lowest and fraction_lost >= PAUSE_LOSS:
+        if lowest and fraction_lost >= PAUSE_LOSS and now - self._lowered_at >= PAUSE_GRACE:
             self._heavy += 1
             if self._heavy >= CONGESTED_REPORTS:
                 self.pause_now(now)
@@ -142,7 +144,7 @@ class LossAdapter:
             if self._congested >= CONGESTED_REPORTS and current_quality > 0 and self.cap >= current_quality:
                 self.cap = current_quality - 1
                 self._congested = 0
-                self._changed_at = now
+                self._changed_at = self._lowered_at = now
                 return True
             return False
         self._congested = 0
@@ -161,6 +163,7 @@ class LossAdapter:
         """The subscriber's bandwidth estimate has no room for more than `quality` (allocation.py): as after
         congested reports, the cap drops, and a probe must prove the link before it rises again."""
         self.cap, self._changed_at, self._clean_since, self._congested = quality, now, None, 0
+        self._lowered_at = now
 
     def pause_now(self, now: float) -> None:
         """The estimate has no room for this stream at all (a lower-priority one): paused, tried again later."""
@@ -168,13 +171,6 @@ class LossAdapter:
         self._pause_for = min(MAX_PAUSE, self._pause_for * 2) if recently else PROBE_AFTER
         self.paused, self._heavy, self._changed_at, self._clean_since = True, 0, now, None
         self.probing_since = None
-
-    def overused(self, now: float) -> bool:
-        """The subscriber's estimator saw a queue build up (bwe.py): a running probe has failed; True if one ran."""
-        if self.probing_since is None:
-            return False
-        self._probe_failed(now)
-        return True
 
     def cancel_probe(self) -> None:
         """The probe stopped for another reason (the subscriber disabled the track): it proved nothing."""

@@ -47,7 +47,10 @@ class DownTrack(DownTrackBase):
         self.loss = LossAdapter()  # what its link carries, from its receiver reports
         self.prober: Prober | None = None  # padding probing its link for the layer above
         self.link_probes: LinkProbes | None = None  # shared by the subscriber's streams
-        self.padded: list[tuple[int, int]] = []  # (first, count) of the padding sequence numbers sent since anchoring
+        # (first, count, boundary) of the padding sent since anchoring: `count` numbers from `first` on, after the
+        # publisher's packet `boundary`; pad_boundary (read by the compiled fan-out) is the latest boundary, -1: none
+        self.padded: list[tuple[int, int, int]] = []
+        self.pad_boundary = -1
         self.send_bps = 0.0
         self.send_rtcp: Callable[[bytes], None] | None = None  # its subscriber connection's RTCP (for probes' SRs)
         self._probe_sr_at = 0.0
@@ -89,7 +92,7 @@ class DownTrack(DownTrackBase):
             self._anchor(layer, seq, ts, payload)
         else:
             return  # another layer's packet, or still waiting for a keyframe
-        out_seq = (seq + self.seq_off) & 0xFFFF
+        out_seq = (seq + self.seq_off - (self._padded_after(seq) if self.padded else 0)) & 0xFFFF
         out_ts = (ts + self.ts_off) & 0xFFFFFFFF
         newest = (out_seq - self.last_seq) & 0xFFFF < 0x8000
         if self.vp8:
@@ -116,7 +119,7 @@ class DownTrack(DownTrackBase):
         else:
             advance = 0
         self.seq_off = (self.last_seq + 1 - seq) & 0xFFFF
-        self.padded = []
+        self.padded, self.pad_boundary = [], -1
         self.ts_off = (self.last_ts + advance - ts) & 0xFFFFFFFF
         ids = rtp.vp8_ids(payload) if self.vp8 else None
         if ids is not None:
@@ -209,11 +212,18 @@ class DownTrack(DownTrackBase):
 
     def reserve_seqs(self, count: int) -> int:
         """The first of `count` outgoing sequence numbers that follow the last sent and belong to no publisher
-        packet; later packets move on past them."""
+        packet; later packets move on past them, while a late one from before keeps the number it had."""
         first = (self.last_seq + 1) & 0xFFFF
+        boundary = (self.last_seq - self.seq_off) & 0xFFFF  # the publisher's number of the last packet sent
         self.seq_off = (self.seq_off + count) & 0xFFFF
-        self.padded = [*self.padded[-15:], (first, count)]
+        self.padded = [*self.padded[-15:], (first, count, boundary)]
+        self.pad_boundary = boundary
         return first
+
+    def _padded_after(self, seq: int) -> int:
+        """How many padding numbers were taken after publisher packet `seq` was due (a late packet, or a
+        retransmission the publisher sent once a probe had begun): they are not its offset's."""
+        return sum(count for _, count, boundary in self.padded if (boundary - seq) & 0xFFFF < 0x8000)
 
     def _probe_send(self, count: int, size: int) -> None:
         """A probe's padding, and every PROBE_SR_INTERVAL a sender report: the round trip a receiver report gives
@@ -295,11 +305,6 @@ class DownTrack(DownTrackBase):
             self.loss.lower_cap(quality, now)
             self.up.reassign()
 
-    def overused(self, now: float) -> None:
-        """The subscriber's estimator saw a queue build up: a probe this stream runs has failed."""
-        if self.loss.overused(now):
-            self._adapted(None, now)
-
     def on_nack(self, seqs: list[int]) -> None:
         """Resend what the buffer still has; ask the publisher for the rest."""
         layer = self.current
@@ -336,7 +341,7 @@ class DownTrack(DownTrackBase):
     def original_seq(self, out_seq: int) -> int | None:
         """The publisher's sequence number of a packet this subscriber got as `out_seq` (None: not one it got)."""
         offset = self.seq_off
-        for first, count in reversed(self.padded):  # each padding moved later packets on by its count
+        for first, count, _ in reversed(self.padded):  # each padding moved later packets on by its count
             if not (out_seq - first) & 0x8000:
                 if (out_seq - first) & 0xFFFF < count:
                     return None  # padding: nothing to resend
@@ -395,6 +400,9 @@ class DownTrack(DownTrackBase):
             ntp = rtcp.ntp_now()
             rtp_ts = self.last_ts + int((now - self.last_ts_at) * self.clock_rate) if self.last_ts_at else self.last_ts
         return rtcp.sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
+
+    def set_max_fps(self, fps: float) -> None:
+        """A simulcast layer is forwarded with every frame it has (temporal layers are an SVC stream's)."""
 
     def set_max_quality(self, quality: int) -> None:
         if quality != self.requested_quality:

@@ -421,7 +421,7 @@ class Participant:
             if sub is None:
                 continue
             quality = quality_for(req, sub.track.info.layers)
-            self.subscriber.update_settings(sid, req.disabled or quality is None, quality, req.priority)
+            self.subscriber.update_settings(sid, req.disabled or quality is None, quality, req.priority, req.fps)
 
     def fields_problem(self, name: str, metadata: str, attributes) -> tuple[str, str] | None:
         """What `update_fields` with these would exceed: (limit, message), or None."""

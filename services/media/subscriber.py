@@ -20,7 +20,7 @@ from livekit.protocol import rtc as rtc_pb
 
 from . import negotiation, red, rtcp, rtp, sdp, twcc
 from .allocation import LinkAllocator, effective_priority
-from .bwe import OVERUSING, WARMUP, SendSideBwe
+from .bwe import WARMUP, SendSideBwe
 from .congestion import LinkProbes
 from .downtrack import DownTrack, RepayloadingDownTrack, UnwrappingDownTrack
 from .svc import SvcDownTrack, scalable
@@ -46,6 +46,7 @@ class Subscription:
     disabled: bool = False
     max_quality: int = 2
     priority: int = 0  # track_setting priority (0: unset; see allocation.py)
+    max_fps: int = 0  # track_setting fps (0: every frame)
     attempts: int = 0
     offer_id: int = 0  # v0: the subscriber offer that announced it
 
@@ -147,12 +148,13 @@ class Subscriber:
             if slot.sub is sub:
                 slot.sub = None
 
-    def update_settings(self, track_sid: str, disabled: bool, quality: int | None, priority: int = 0) -> None:
+    def update_settings(self, track_sid: str, disabled: bool, quality: int | None, priority: int = 0,
+                        fps: int = 0) -> None:
         sub = self.subs.get(track_sid)
         if sub is None:
             return
         sub.disabled = disabled
-        sub.priority = priority
+        sub.priority, sub.max_fps = priority, fps
         if quality is not None:
             sub.max_quality = quality
         self._apply_settings(sub)
@@ -161,6 +163,7 @@ class Subscriber:
         if sub.down is None:
             return
         sub.down.priority = effective_priority(sub.priority, sub.track.info.source == models.TrackSource.SCREEN_SHARE)
+        sub.down.set_max_fps(sub.max_fps)
         sub.down.set_max_quality(sub.max_quality)
         if sub.disabled:
             sub.down.pause()
@@ -358,8 +361,9 @@ class Subscriber:
             self.on_transport_feedback(packet.feedback)
 
     def on_transport_feedback(self, feedback: twcc.Feedback) -> None:
-        """Transport-wide feedback about what we sent it: update its estimate, fail a probe that built a queue,
-        and fit its streams into the estimate by priority."""
+        """Transport-wide feedback about what we sent it: update its estimate and fit its streams into it by
+        priority. Probes stay judged by receiver reports' round trips and loss: the delay trend of a CPU-starved
+        sender or receiver looks like a queue, and failed every probe on a loaded machine."""
         pc = self.p.sub_pc
         sent = pc.twcc if pc is not None else None
         if sent is None:
@@ -375,9 +379,6 @@ class Subscriber:
             self.bwe.rtt_ms = max(rtts) * 1000
         now_us = int(now * 1_000_000)
         self.bwe.on_feedback(packets, feedback.lost, now_us)
-        holder = self.link_probes.holder
-        if self.bwe.state == OVERUSING and holder is not None:
-            holder.overused(now)  # type: ignore[attr-defined]
         if self.bwe.measured_for >= WARMUP:
             self.allocator.update(self.bwe.estimate, self.bwe.congested(now_us), list(self.down_by_ssrc.values()),
                                   now)

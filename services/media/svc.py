@@ -1,7 +1,8 @@
 """Scalable video (VP9 and AV1 SVC): one RTP stream carries every spatial and temporal layer, so a subscriber's
 quality is chosen per packet instead of per stream.
 
-A subscriber gets the spatial layers up to the one its quality cap allows and every temporal layer. Going down
+A subscriber gets the spatial layers up to the one its quality cap allows, and the temporal layers its
+`track_setting` fps asks for (all of them unless it asks; fewer from the next base-layer picture on). Going down
 happens at the next picture; going up waits for a keyframe, since the publisher's upper layers only start from
 one (libwebrtc's L3T3_KEY). VP9 names each packet's layers in its payload descriptor; AV1 in the extension header
 of the OBUs a packet starts (a packet continuing an OBU belongs to the packet before it). The packets it leaves out
@@ -27,6 +28,8 @@ SEQ_HISTORY = 1024  # outgoing numbers remembered for NACKs (the up-track's buff
 MAX_RESERVED = 64  # packets not yet arrived that keep their place in the outgoing numbering
 MAX_FRAGMENTS = 64  # packets one AV1 OBU may span
 SVC_CODECS = ("VP9", "AV1")
+MAX_TEMPORAL = 3  # L3T3: the SDKs' SVC modes have up to three temporal layers
+FPS_WINDOW = 1.0
 
 
 def scalable(codec) -> bool:
@@ -125,6 +128,9 @@ class LayerReader:
         self.ids: SvcLayer | None = None
         self.descriptor_key: tuple[object, int] | None = None
         self.descriptor_value: bytes | None = None
+        self.fps: list[float] = []  # pictures per second with temporal layers 0..t, over the last FPS_WINDOW
+        self._pictures = [0] * MAX_TEMPORAL
+        self._window_at: float | None = None
 
     def __call__(self, layer, seq: int, payload: bytes) -> SvcLayer | None:
         if self.key != (layer, seq):
@@ -133,7 +139,32 @@ class LayerReader:
                 self.ids = av1_layer(payload, seq, lambda s: _payload(layer.buffer.get(s)))
             else:
                 self.ids = vp9_layer(payload)
+            ids = self.ids
+            if ids is not None and ids.begins and ids.spatial == 0:
+                self._count_picture(ids.temporal)
         return self.ids
+
+    def _count_picture(self, temporal: int) -> None:
+        now = time.monotonic()
+        if self._window_at is None:
+            self._window_at = now
+        elif now - self._window_at >= FPS_WINDOW:
+            seen = self._pictures
+            top = max((t for t, n in enumerate(seen) if n), default=0)
+            elapsed = now - self._window_at
+            self.fps = [sum(seen[:t + 1]) / elapsed for t in range(top + 1)]
+            self._pictures, self._window_at = [0] * MAX_TEMPORAL, now
+        self._pictures[min(temporal, MAX_TEMPORAL - 1)] += 1
+
+    def temporal_for(self, fps: float) -> int:
+        """The fewest temporal layers that give at least `fps` pictures a second (all of them: 0 or unknown)."""
+        rates = self.fps
+        if not fps or not rates:
+            return MAX_TEMPORAL - 1
+        for t, rate in enumerate(rates):
+            if rate >= fps * 0.9:
+                return t
+        return MAX_TEMPORAL - 1
 
     def descriptor(self, layer, seq: int) -> bytes | None:
         """The dependency descriptor publisher packet `seq` carries, if any."""
@@ -230,6 +261,8 @@ class SvcDownTrack(DownTrack):
     def __init__(self, up, send, pt: int, ssrc: int | None = None):
         super().__init__(up, send, pt, ssrc)
         self.spatial = -1  # the highest spatial layer forwarded now (-1: none yet)
+        self.max_fps = 0.0  # what the subscriber asked for (0: every picture)
+        self.temporal = MAX_TEMPORAL - 1  # the highest temporal layer forwarded now
         self.seqs = SeqMap()
         self.layer_of = reader_for(up)
 
@@ -244,6 +277,9 @@ class SvcDownTrack(DownTrack):
         if 0 <= self.spatial < self.max_quality and self.current is not None:
             self.up.request_keyframe(self.current, force=True)  # the layers above start from the next one
 
+    def set_max_fps(self, fps: float) -> None:
+        self.max_fps = fps
+
     def write(self, layer, b0, marker, seq, ts, payload, keyframe) -> None:
         if self.paused or not self.bound:
             return
@@ -256,13 +292,16 @@ class SvcDownTrack(DownTrack):
             self._anchor(layer, seq, ts, payload)
             self.seqs.restart(seq, self.last_seq + 1)
             self.spatial = self.max_quality
+            self.temporal = self.layer_of.temporal_for(self.max_fps)
         elif ids.begins and ids.spatial == 0:  # a new picture: the layers may change here
+            if ids.temporal == 0:  # no later picture refers past a base-layer one
+                self.temporal = self.layer_of.temporal_for(self.max_fps)
             wanted = self.max_quality
             if wanted < self.spatial or (wanted > self.spatial and ids.keyframe):
                 self.spatial = wanted
             elif wanted > self.spatial:
                 self.up.request_keyframe(layer)  # throttled: asked again at most every half second
-        if ids.spatial > self.spatial:
+        if ids.spatial > self.spatial or ids.temporal > self.temporal:
             self.seqs.drop(seq)
             return
         out_seq = self.seqs.send(seq)

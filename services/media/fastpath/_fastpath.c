@@ -935,7 +935,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *output, *current, *target;
     char paused, bound, waiting_keyframe, video, vp8;
-    int pt, last_pid, last_tl0;
+    int pt, last_pid, last_tl0, pad_boundary;
     unsigned int ssrc, seq_off, ts_off, switch_seq, last_seq, last_ts, pid_off, tl0_off;
     double last_ts_at;
     unsigned long long packets, octets;
@@ -965,7 +965,7 @@ static PyObject *DownState_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     DownState *self = (DownState *)type->tp_alloc(type, 0);
     if (self != NULL) {
         self->bound = 1;
-        self->last_pid = self->last_tl0 = -1;
+        self->last_pid = self->last_tl0 = self->pad_boundary = -1;
     }
     return (PyObject *)self;
 }
@@ -983,6 +983,8 @@ static PyMemberDef DownState_members[] = {
     {"tl0_off", T_UINT, offsetof(DownState, tl0_off), 0, NULL},
     {"last_pid", T_INT, offsetof(DownState, last_pid), 0, NULL},
     {"last_tl0", T_INT, offsetof(DownState, last_tl0), 0, NULL},
+    {"pad_boundary", T_INT, offsetof(DownState, pad_boundary), 0,
+     "the publisher packet after which padding was last sent (-1: none): packets up to it take the Python path"},
     {"pt", T_INT, offsetof(DownState, pt), 0, NULL},
     {"ssrc", T_UINT, offsetof(DownState, ssrc), 0, NULL},
     {"seq_off", T_UINT, offsetof(DownState, seq_off), 0, NULL},
@@ -1087,7 +1089,8 @@ static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t narg
                     continue;  /* older than the point this layer was joined at */
                 Output *out = (Output *)d->output;
                 slow = out == NULL || (PyObject *)out == Py_None || !PyObject_TypeCheck(out, &OutputType) ||
-                       out->sender == NULL || out->fd < 0;
+                       out->sender == NULL || out->fd < 0 ||
+                       (d->pad_boundary >= 0 && ((d->pad_boundary - seq) & 0xFFFF) < 0x8000);
                 if (!slow) {
                     unsigned int out_seq = (unsigned int)((seq + d->seq_off) & 0xFFFF);
                     unsigned int out_ts = (unsigned int)((ts + d->ts_off) & 0xFFFFFFFF);
