@@ -39,7 +39,6 @@ class _Group:
     first_send: int
     send: int
     arrival: int
-    first_arrival: int
     size: int
 
 
@@ -127,7 +126,6 @@ class SendSideBwe:
         self._last_increase_us: int | None = None
         self._last_decrease_us: int | None = None
         self._capacity_bps: float | None = None  # the delivered rate at the last overuse
-        self._last_arrival: int | None = None
         self.state = NORMAL
         self.rtt_ms = 100.0
         self._first_us: int | None = None
@@ -175,7 +173,7 @@ class SendSideBwe:
     def _group_packet(self, send: int, arrival: int, size: int) -> None:
         group = self._group
         if group is None:
-            self._group = _Group(send, send, arrival, arrival, size)
+            self._group = _Group(send, send, arrival, size)
             return
         since_first = (send - group.first_send) & 0xFFFFFFFF
         if since_first >= 0x80000000:
@@ -190,7 +188,7 @@ class SendSideBwe:
             return
         send_delta = (send - group.send) & 0xFFFFFFFF
         arrival_delta = arrival_gap
-        self._group = _Group(send, send, arrival, arrival, size)
+        self._group = _Group(send, send, arrival, size)
         if send_delta >= 0x80000000:
             return
         self.state = self.trendline.update((arrival_delta - send_delta) / 1000, send_delta / 1000, arrival / 1000)

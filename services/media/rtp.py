@@ -209,10 +209,45 @@ def rewrite(b0: int, marker: int, pt: int, seq: int, ts: int, ssrc: int, payload
     return _FIXED.pack(0x80 | (b0 & 0x20), (marker << 7) | pt, seq, ts, ssrc) + payload
 
 
-def audio_level(data: bytes, ext_id: int) -> int | None:
-    """The RFC 6464 level (dBov, 0 loudest … 127 silence) from a one-byte-header extension, if present."""
+def extension(data: bytes, ext_id: int) -> tuple[int, int] | None:
+    """(offset, length) of one header extension element's value, in either RFC 8285 form: per packet, so it
+    scans for that element instead of collecting them all as `extensions` does."""
     if len(data) < 16 or not data[0] & 0x10:
         return None
+    off = 12 + 4 * (data[0] & 0x0F)
+    if off + 4 > len(data):
+        return None
+    profile = (data[off] << 8) | data[off + 1]
+    pos = off + 4
+    end = min(pos + 4 * ((data[off + 2] << 8) | data[off + 3]), len(data))
+    if profile == 0xBEDE:
+        while pos < end:
+            byte = data[pos]
+            if byte == 0:
+                pos += 1
+                continue
+            if byte >> 4 == 15:
+                return None
+            size = (byte & 0x0F) + 1
+            if byte >> 4 == ext_id:
+                return (pos + 1, size) if pos + 1 + size <= end else None
+            pos += 1 + size
+    elif profile & 0xFFF0 == 0x1000:
+        while pos + 1 < end:
+            if data[pos] == 0:
+                pos += 1
+                continue
+            size = data[pos + 1]
+            if data[pos] == ext_id:
+                return (pos + 2, size) if pos + 2 + size <= end else None
+            pos += 2 + size
+    return None
+
+
+def audio_level(data: bytes, ext_id: int) -> int | None:
+    """The RFC 6464 level (dBov, 0 loudest … 127 silence), if the packet carries it."""
+    found = extension(data, ext_id)
+    return data[found[0]] & 0x7F if found is not None else None
     off = 12 + 4 * (data[0] & 0x0F)
     if data[off] != 0xBE or data[off + 1] != 0xDE:
         return None

@@ -368,11 +368,7 @@ class Subscriber:
         sent = pc.twcc if pc is not None else None
         if sent is None:
             return
-        packets = []
-        for seq, arrival in feedback.arrivals:
-            info = sent.sent(seq)
-            if info is not None:
-                packets.append((info[0], arrival & 0xFFFFFFFF, info[1]))
+        packets = sent.matched(feedback)
         now = time.monotonic()
         rtts = [d.rtt for d in self.down_by_ssrc.values() if d.rtt]
         if rtts:

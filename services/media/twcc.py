@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from . import rtp
+
 
 EXT_TRANSPORT_CC = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 FMT_TWCC = 15
@@ -146,37 +148,12 @@ def parse(body: bytes) -> Feedback | None:
 
 
 def transport_seq(data: bytes, ext_id: int) -> int | None:
-    """The transport-wide sequence number of a received RTP packet (either extension form); per packet, so it
-    scans for the one element rather than parsing them all."""
-    if not data[0] & 0x10:
+    """The transport-wide sequence number of a received RTP packet."""
+    found = rtp.extension(data, ext_id)
+    if found is None or found[1] < 2:
         return None
-    off = 12 + 4 * (data[0] & 0x0F)
-    if off + 4 > len(data):
-        return None
-    profile = (data[off] << 8) | data[off + 1]
-    pos = off + 4
-    end = min(pos + 4 * ((data[off + 2] << 8) | data[off + 3]), len(data))
-    if profile == 0xBEDE:
-        while pos < end:
-            byte = data[pos]
-            if byte == 0:
-                pos += 1
-                continue
-            if byte >> 4 == 15:
-                return None
-            if byte >> 4 == ext_id:
-                return (data[pos + 1] << 8) | data[pos + 2] if pos + 3 <= end and byte & 0x0F else None
-            pos += 2 + (byte & 0x0F)
-    elif profile & 0xFFF0 == 0x1000:
-        while pos + 1 < end:
-            if data[pos] == 0:
-                pos += 1
-                continue
-            size = data[pos + 1]
-            if data[pos] == ext_id:
-                return (data[pos + 2] << 8) | data[pos + 3] if size >= 2 and pos + 4 <= end else None
-            pos += 2 + size
-    return None
+    pos = found[0]
+    return (data[pos] << 8) | data[pos + 1]
 
 
 MAX_RTP = 2032  # what the compiled path's slots hold before the SRTP tag
@@ -308,6 +285,16 @@ class SentPackets:
         self.ENTRY.pack_into(self.ring, self.HEADER.size + (seq % self.RING) * self.ENTRY.size,
                              now_us & 0xFFFFFFFF, min(len(out), 0xFFFF), seq)
         self.HEADER.pack_into(self.ring, 0, (seq + 1) & 0xFFFF)
+        return out
+
+    def matched(self, feedback: Feedback) -> list[tuple[int, int, int]]:
+        """(send µs, arrival µs, size), both mod 2³², of each packet `feedback` reports arrived that the ring still
+        knows: what the estimator (bwe.py) takes."""
+        out = []
+        for seq, arrival in feedback.arrivals:
+            info = self.sent(seq)
+            if info is not None:
+                out.append((info[0], arrival & 0xFFFFFFFF, info[1]))
         return out
 
     def sent(self, seq: int) -> tuple[int, int] | None:
