@@ -118,6 +118,9 @@ def test_the_allocator_cuts_only_a_lasting_congested_deficit_and_then_lets_the_l
     audio = _Stream("mic", 1, [], video=False, send_bps=40_000)
     streams = [alice, bob, audio]
     allocator = LinkAllocator()
+    allocator.update(1_500_000, True, streams, 0.0)  # exceeded by a tenth: a loaded machine's noise, nothing
+    allocator.update(1_500_000, True, streams, 3.0)
+    assert not alice.calls
     allocator.update(900_000, False, streams, 0.0)  # below what is sent, but no queue and no loss: nothing
     allocator.update(900_000, False, streams, 5.0)
     assert not alice.calls
