@@ -263,6 +263,13 @@ async def test_stalled_node_expired_by_its_peer_is_reported_once(tmp_path, redis
         b = await _join(cluster.signals[0], room_name, "bob")
         assert stalled.participants() == 1
         assert await wait_until(lambda: "bob" in {p.identity for p in a.room.remote_participants.values()}, 10)
+        # Bob connected (his node sends participant_joined once he is ACTIVE), and alice's node heard so: a stall
+        # in the few ms between his connecting and his node telling the others would leave them knowing only that
+        # he joined, and they would end him as a connection that never came up (participant_connection_aborted).
+        assert await wait_for(lambda: any(d.event["event"] == "participant_joined" and
+                                          d.event["participant"]["identity"] == "bob"
+                                          for d in webhook_sink.for_room(room_name)), 10)
+        await asyncio.sleep(0.5)
         os.kill(stalled.pid, signal.SIGSTOP)
         try:
             assert await wait_until(lambda: "bob" not in {p.identity for p in a.room.remote_participants.values()},
@@ -282,6 +289,10 @@ async def test_stalled_node_expired_by_its_peer_is_reported_once(tmp_path, redis
     try:
         events = await _room_finished(webhook_sink, room_name)
         assert_balanced(events)
-        assert {e.participant.identity for e in events if e.event == "participant_left"} == {"alice", "bob"}
+        assert {e.participant.identity for e in events if e.event == "participant_left"} == {"alice", "bob"}, [
+            (e.event, e.participant.identity, e.participant.sid, e.participant.disconnect_reason) for e in events]
+    except BaseException:
+        print(cluster.logs())
+        raise
     finally:
         stop_cluster(cluster)
