@@ -261,7 +261,8 @@ async def test_browsers_on_two_nodes_keep_video_and_a_small_tile_takes_the_low_l
     """Two pages with livekit-client's defaults (720p simulcast, dynacast, adaptive stream), one per media node,
     decode each other's camera for 30 s with no freeze over 1 s; shrinking Bob's tile of Alice moves the relay to
     her low layer (the origin sends fewer bytes, Bob decodes <= 320 px wide) and video keeps coming; Bob disabling
-    her video stops it crossing, enabling it brings it back."""
+    her video stops it crossing, enabling it brings it back; asking for 8 fps he gets fewer frames, and all of them
+    again asking for 30."""
     cluster = simulcast_cluster
     eu, us = cluster.signal("eu-west"), cluster.signal("us-east")
     alice = await browser.join(eu.server, "Alice", room_name, tokens=token_for(eu))
@@ -311,6 +312,22 @@ async def test_browsers_on_two_nodes_keep_video_and_a_small_tile_takes_the_low_l
                         what="Alice's video to come back at Bob", pages=pages)
         print(f"relay from Alice's node: {before:.0f} B/s with a full tile, {after:.0f} B/s with a small one, "
               f"{disabled:.0f} B/s of video with her video disabled")
+
+        # Bob asks for 8 fps (setVideoFPS): his node leaves out the upper temporal layers of her VP8 simulcast
+        # layer (libwebrtc sends three), then sends every picture again when he asks for 30, without a freeze.
+        await asyncio.sleep(2)
+        full_rate = await _decode_rate(bob, alice_id)
+        await bob.js(FREEZE_PROBE, alice_id)
+        await bob.js(_SET_FPS, [alice_id, 8])
+        await asyncio.sleep(2)
+        few_rate = await _decode_rate(bob, alice_id)
+        await bob.js(_SET_FPS, [alice_id, 30])
+        await asyncio.sleep(2)
+        back_rate = await _decode_rate(bob, alice_id)
+        print(f"VP8 at Bob: {full_rate:.0f} fps, {few_rate:.0f} fps asking 8, {back_rate:.0f} fps asking 30")
+        assert 2 < few_rate < 0.7 * full_rate and back_rate > 0.8 * full_rate, (full_rate, few_rate, back_rate)
+        ours, theirs = await server_freezes(bob, alice, reset=False)
+        assert not ours, f"Bob froze with fewer temporal layers while Alice kept sending: {ours} ({theirs})"
     except BaseException:
         print(cluster.logs())
         raise

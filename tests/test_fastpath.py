@@ -14,7 +14,7 @@ import pytest
 from aiortc.rtcdtlstransport import RTCCertificate
 
 from braid.services.media import fastpath, rtp, sdp, twcc
-from braid.services.media.downtrack import DownTrack
+from braid.services.media.downtrack import DownTrack, Vp8DownTrack
 from braid.services.media.forward import UpTrack
 from braid.services.media.ice import IceHost, PortRange
 from braid.services.media.icemux import node_ice_host
@@ -357,7 +357,7 @@ def test_a_strangers_malformed_stun_is_dropped_not_raised():
 def _simulcast_stream(rng: random.Random):
     """Packets of a 3-layer VP8 track: (layer index, packet), keyframes every 40 packets per layer, a sequence
     wrap, and each layer numbering its pictures on its own (15-bit picture ids and TL0PICIDX from a random start,
-    7-bit ones on the top layer; every 50th packet a truncated descriptor)."""
+    7-bit ones on the top layer; three temporal layers; every 50th packet a truncated descriptor)."""
     seqs = [65000, 100, 30000]
     pids = [rng.randrange(0x8000) for _ in seqs]
     tl0s = [rng.randrange(256) for _ in seqs]
@@ -367,7 +367,9 @@ def _simulcast_stream(rng: random.Random):
             keyframe = i % 40 == 0
             pid, tl0 = pids[index] + i // 4, (tl0s[index] + i // 4) & 0xFF
             picture = bytes([pid & 0x7F]) if index == 2 else bytes([0x80 | (pid >> 8) & 0x7F, pid & 0xFF])
-            descriptor = bytes([0x90 | (0x10 if i % 4 == 0 else 0), 0xC0]) + picture + bytes([tl0])
+            tid = (0, 2, 1, 2)[(i // 4) % 4]  # L1T3, layer sync on the first TL1 and TL2 after TL0
+            layers = bytes([(tid << 6) | (0x20 if (i // 4) % 4 in (1, 2) else 0)])
+            descriptor = bytes([0x90 | (0x10 if i % 4 == 0 else 0), 0xE0]) + picture + bytes([tl0]) + layers
             if i % 50 == 7:
                 descriptor = descriptor[:3]
             body = descriptor + bytes([0x00 if keyframe else 0x01]) + rng.randbytes(rng.randint(20, 1100))
@@ -379,6 +381,8 @@ def _scenario(up: UpTrack, downs: list[DownTrack], step: int) -> None:
     """What the control plane does to subscribers while media flows: quality changes, pause/resume, rebinding."""
     if step == 300:
         downs[0].set_max_quality(0)
+    elif step == 200:
+        downs[1].set_max_fps(8)  # temporal layers left out (in Python), from once their rates are measured
     elif step == 450:
         downs[1].pause()
     elif step == 600:
@@ -392,6 +396,8 @@ def _scenario(up: UpTrack, downs: list[DownTrack], step: int) -> None:
         downs[0].send_padding(3, 255)
     elif step == 900:
         up.reassign()
+    elif step == 1000:
+        downs[1].set_max_fps(0)  # every picture again: back to plain forwarding
 
 
 def test_compiled_fanout_sends_what_downtrack_write_sends():
@@ -424,14 +430,16 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
                 send = outputs[i].send
             else:
                 send = (lambda packet, i=i: reference_out[i].append(refs[i].protect(packet)))
-            down = DownTrack(up, send, 100 + i, ssrc=0xA00 + i, output=outputs[i] if compiled else None)
+            down = Vp8DownTrack(up, send, 100 + i, ssrc=0xA00 + i, output=outputs[i] if compiled else None)
             down.last_seq, down.last_ts = 1000 * i, 5000 * i
             if compiled:  # count what fanout leaves to Python
-                down.write = (lambda *a, _w=down.write: python_writes.append(1) or _w(*a))
+                down.write = (lambda *a, _w=down.write, _d=down: (_d.python_only or python_writes.append(1)) and
+                              None or _w(*a))
             up.add_down(down)
             downs.append(down)
         return up, downs
 
+    thinned = 0  # packets that came while a subscriber had temporal layers left out
     clock = [1000.0]
     real_monotonic = forward.time.monotonic
     forward.time.monotonic = lambda: clock[0]
@@ -441,11 +449,12 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
         stream = list(_simulcast_stream(rng))
         stream[812], stream[815] = stream[815], stream[812]  # the earlier one arrives after the padding
         for step, (index, pkt) in enumerate(stream):
-            clock[0] += 0.001
+            clock[0] += 0.004  # about 21 pictures a second per layer
             for up, downs in ((fast_up, fast_downs), (ref_up, ref_downs)):
                 _scenario(up, downs, step)
                 layer = up.by_ssrc[0x100 + index]
                 up.on_packet(layer, pkt, rtp.parse(pkt))
+            thinned += ref_downs[1].thinning is not None and ref_downs[1].thinning.top < 2
     finally:
         forward.time.monotonic = real_monotonic
     batch.flush()
@@ -465,6 +474,7 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
         tx.close()
     assert all(len(o) > 100 for o in reference_out)
     assert len(python_writes) < 0.05 * sum(map(len, reference_out))  # the steady state ran in C
+    assert thinned > 100 and not fast_downs[1].python_only  # thinned for a while, then handed back to C
 
 
 def test_compiled_transport_wide_numbers_match_the_python_stamp():

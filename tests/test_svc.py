@@ -4,9 +4,10 @@ tests/test_cluster_simulcast.py)."""
 
 from __future__ import annotations
 
-from braid.services.media import rtp, svc
+from braid.services.media import rtp, svc, temporal
 from braid.services.media.forward import UpTrack
-from braid.services.media.svc import SeqMap, SvcDownTrack, av1_layer, vp9_layer
+from braid.services.media.svc import SvcDownTrack, av1_layer, vp9_layer
+from braid.services.media.temporal import SeqMap
 
 SSRC = 0x1234
 PT = 98
@@ -126,7 +127,7 @@ def test_a_viewer_asking_for_fewer_frames_gets_fewer_temporal_layers(monkeypatch
     7.5, 15 and 30 pictures a second), a viewer asking for 15 gets layers 0 and 1 from the next base-layer
     picture on, numbered without gaps; one asking for nothing gets them all."""
     clock = [100.0]
-    monkeypatch.setattr(svc.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(temporal.time, "monotonic", lambda: clock[0])
     stream = Stream()
     half, to_half = stream.viewer(2)
     full, to_full = stream.viewer(2)
@@ -138,7 +139,7 @@ def test_a_viewer_asking_for_fewer_frames_gets_fewer_temporal_layers(monkeypatch
             mark = len(to_half)
         stream.picture(key=i == 0, temporal=pattern[i % 4])
         clock[0] += 1 / 30
-    assert [round(f) for f in svc.reader_for(stream.up).fps] == [8, 15, 30]
+    assert [round(f) for f in svc.reader_for(stream.up).rates.fps] == [8, 15, 30]
     assert len(to_full) == 80 * 6
     recent = [vp9_layer(p[12:]).temporal for p in to_half[mark:]]
     assert set(recent) == {0, 1} and len(recent) == 20 * 6  # half of the 40 pictures

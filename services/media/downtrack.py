@@ -15,6 +15,7 @@ from .allocation import PAUSE, Demand
 from .congestion import LinkProbes, LossAdapter, Prober
 from .fastpath import DownTrackBase
 from .forward import Layer, UpTrack
+from .temporal import MAX_TEMPORAL, Vp8Thinning, rates_for
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,12 @@ class DownTrack(DownTrackBase):
         newest = (out_seq - self.last_seq) & 0xFFFF < 0x8000
         if self.vp8:
             payload = self._renumber(payload, newest)
-        self.send(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc) + payload)
+        self._emit(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc), payload, out_seq,
+                   out_ts, newest)
+
+    def _emit(self, header: bytes, payload: bytes, out_seq: int, out_ts: int, newest: bool) -> None:
+        """Send one forwarded packet and count it; `newest`: no later one was sent yet."""
+        self.send(header + payload)
         self.packets += 1
         self.octets += len(payload)
         if newest:
@@ -402,7 +408,7 @@ class DownTrack(DownTrackBase):
         return rtcp.sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
 
     def set_max_fps(self, fps: float) -> None:
-        """A simulcast layer is forwarded with every frame it has (temporal layers are an SVC stream's)."""
+        """Only VP8 has temporal layers here (Vp8DownTrack; SVC streams: svc.py): other streams go at full rate."""
 
     def set_max_quality(self, quality: int) -> None:
         if quality != self.requested_quality:
@@ -414,6 +420,112 @@ class DownTrack(DownTrackBase):
             self.closed = True
             self._stop_probe()
             self.up.remove_down(self)
+
+
+class Vp8DownTrack(DownTrack):
+    """A VP8 stream that leaves temporal layers out for a subscriber asking for fewer frames a second
+    (temporal.py). While it does, its packets go through this `write` in Python (`python_only` keeps the compiled
+    fan-out off it), numbered by its `Vp8Thinning`; back at full rate, the next picture hands it back."""
+
+    def __init__(self, up: UpTrack, send: Callable[[bytes], None], pt: int, ssrc: int | None = None,
+                 output=None):
+        super().__init__(up, send, pt, ssrc, output)
+        self.max_fps = 0.0  # what the subscriber asked for (0: every picture)
+        self.thinning: Vp8Thinning | None = None  # numbering what it sends, from the first packet it thinned
+
+    def set_max_fps(self, fps: float) -> None:
+        self.max_fps = fps
+        if fps:
+            self.python_only = True  # the next packet starts thinning
+
+    def write(self, layer: Layer, b0: int, marker: int, seq: int, ts: int, payload: bytes, keyframe: bool) -> None:
+        if not self.python_only:
+            return super().write(layer, b0, marker, seq, ts, payload, keyframe)
+        if self.paused or not self.bound:
+            return
+        if layer is self.current and not self.waiting_keyframe:
+            if (seq - self.switch_seq) & 0x8000:
+                return
+            if self.thinning is None and not self._start_thinning(layer, seq):
+                return super().write(layer, b0, marker, seq, ts, payload, keyframe)  # a late packet: as before
+        elif layer is self.target and keyframe:
+            self._anchor(layer, seq, ts, payload)
+            if not self.python_only:
+                return super().write(layer, b0, marker, seq, ts, payload, keyframe)
+        else:
+            return
+        thinning = self.thinning
+        ids = rtp.vp8_ids(payload)
+        if not thinning.decide(ids, keyframe, self.max_fps, self.pid_off):
+            thinning.seqs.drop(seq)
+            return
+        out_seq = thinning.seqs.send(seq)
+        if out_seq is None:
+            return
+        out_ts = (ts + self.ts_off) & 0xFFFFFFFF
+        newest = out_seq == (thinning.seqs.next_out - 1) & 0xFFFF
+        payload = self._renumber(payload, newest)
+        self._emit(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc), payload, out_seq,
+                   out_ts, newest)
+        if newest:
+            if not self.max_fps and thinning.top == MAX_TEMPORAL - 1 and (ids is None or ids.begins):
+                self._hand_back(seq, out_seq, ids)
+
+    def _hand_back(self, seq: int, out_seq: int, ids: rtp.Vp8Ids | None) -> None:
+        """Every picture is sent again: from picture-starting packet `seq` on, plain forwarding continues the
+        numbering (like a layer switch: packets from before it are not sent)."""
+        self.seq_off = (out_seq - seq) & 0xFFFF
+        self.padded, self.pad_boundary = [], -1
+        if ids is not None and ids.pid_mask:
+            self.pid_off = (self.last_pid - ids.picture_id) & ids.pid_mask
+        self.switch_seq = seq
+        self.python_only, self.thinning = False, None
+
+    def _start_thinning(self, layer: Layer, seq: int) -> bool:
+        """Thin from packet `seq` on, numbered as it would have been; False for a packet older than the last sent
+        (it goes out as before, and thinning starts with a newer one)."""
+        out = (seq + self.seq_off - (self._padded_after(seq) if self.padded else 0)) & 0xFFFF
+        if not 0 < (out - self.last_seq) & 0xFFFF < 0x8000:
+            return False
+        self.thinning = Vp8Thinning(rates_for(layer))
+        self.thinning.restart(seq, out)
+        return True
+
+    def _anchor(self, layer: Layer, seq: int, ts: int, payload: bytes) -> None:
+        super()._anchor(layer, seq, ts, payload)
+        if not self.python_only:
+            return
+        if self.max_fps:
+            self.thinning = Vp8Thinning(rates_for(layer))
+            self.thinning.restart(seq, self.last_seq + 1)
+        else:  # every picture is wanted again: plain forwarding (and the compiled path) from this switch on
+            self.python_only, self.thinning = False, None
+
+    def _renumber(self, payload: bytes, newest: bool) -> bytes:
+        thinning = self.thinning
+        ids = rtp.vp8_ids(payload) if thinning is not None else None
+        pid = thinning.picture_id(ids) if ids is not None else None
+        if pid is None:
+            return super()._renumber(payload, newest)
+        if newest:
+            self.last_pid = pid
+            if ids.tl0 >= 0:
+                self.last_tl0 = (ids.tl0 + self.tl0_off) & 0xFF
+        return rtp.vp8_renumbered(payload, ids, pid - ids.picture_id, self.tl0_off)
+
+    def reserve_seqs(self, count: int) -> int:
+        if self.thinning is None:
+            return super().reserve_seqs(count)
+        seqs = self.thinning.seqs
+        first = seqs.next_out  # numbered, but mapped to no publisher packet
+        seqs.next_out = (first + count) & 0xFFFF
+        return first
+
+    def original_seq(self, out_seq: int) -> int | None:
+        thinning = self.thinning
+        if thinning is None or thinning.numbered_before(out_seq):
+            return super().original_seq(out_seq)
+        return thinning.original_seq(out_seq)
 
 
 class UnwrappingDownTrack(DownTrack):

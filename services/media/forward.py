@@ -75,7 +75,7 @@ class Layer:
     __slots__ = (
         "rid", "quality", "ssrc", "rtx_ssrc", "buffer", "subs", "packets", "bytes", "last_at", "base_seq",
         "max_seq", "cycles", "expected_prior", "received_prior", "jitter", "transit", "sr_ntp", "sr_rtp", "sr_at",
-        "keyframe_requested_at", "nacked", "first_at", "woke_at", "relays", "bitrate", "_rate_mark",
+        "keyframe_requested_at", "nacked", "first_at", "woke_at", "relays", "bitrate", "_rate_mark", "__weakref__",
     )
 
     def __init__(self, rid: str, quality: int, ssrc: int, video: bool):

@@ -11,6 +11,7 @@ from . import red, rtp, sdp, twcc
 
 AUDIO_CODECS = ("opus",)
 VIDEO_CODECS = ("VP8", "H264", "VP9", "AV1")
+SVC_CODECS = ("VP9", "AV1")
 PUBLISH_EXTENSIONS = {
     "audio": (rtp.EXT_MID, rtp.EXT_AUDIO_LEVEL, twcc.EXT_TRANSPORT_CC),
     "video": (rtp.EXT_MID, rtp.EXT_RID, rtp.EXT_RRID, rtp.EXT_DEPENDENCY_DESCRIPTOR, twcc.EXT_TRANSPORT_CC),
@@ -23,6 +24,11 @@ OFFER_EXTENSIONS = {"audio": {TWCC_OFFER_ID: twcc.EXT_TRANSPORT_CC},
 PUBLISH_FEEDBACK = {"audio": ("nack", "transport-cc"),
                     "video": ("goog-remb", "transport-cc", "ccm fir", "nack", "nack pli")}
 SUBSCRIBE_FEEDBACK = {"audio": ("nack", "transport-cc"), "video": ("ccm fir", "nack", "nack pli", "transport-cc")}
+
+
+def scalable(codec: sdp.Codec) -> bool:
+    """Whether a track in `codec` carries its layers in one stream (SVC, svc.py)."""
+    return codec.name.upper() in SVC_CODECS
 
 
 class NegotiationError(ValueError):
@@ -113,9 +119,14 @@ def publish_section(media: sdp.Media, chosen: PublishCodec) -> sdp.Section:
     simulcast = ""
     if rids and media.simulcast.startswith("send "):
         simulcast = "recv " + media.simulcast[len("send "):]
+    extmaps = _extensions(media)
+    if not scalable(chosen.codec):
+        # With the descriptor, libwebrtc leaves VP8's picture id and temporal layer out of its payload descriptor,
+        # and those are what a down-track renumbers across simulcast switches and thins by (temporal.py).
+        extmaps = {i: uri for i, uri in extmaps.items() if uri != rtp.EXT_DEPENDENCY_DESCRIPTOR}
     return sdp.Section(
         kind=media.kind, mid=media.mid, direction="recvonly", proto=media.proto, codecs=codecs,
-        extmaps=_extensions(media), rids=rids, simulcast=simulcast, rtcp_rsize=media.rtcp_rsize,
+        extmaps=extmaps, rids=rids, simulcast=simulcast, rtcp_rsize=media.rtcp_rsize,
     )
 
 

@@ -20,7 +20,7 @@ from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
 from .permissions import SubscriptionPermission
 from .speakers import AudioLevel
-from .svc import scalable
+from .negotiation import scalable
 from .interfaces import Participant
 
 

@@ -129,10 +129,14 @@ class Vp8Ids:
     pid_pos: int
     tl0: int  # -1 when absent
     tl0_pos: int
+    temporal: int = -1  # TID, -1 when absent (a stream without temporal layers)
+    sync: bool = False  # Y: the frame refers only to base-layer frames
+    begins: bool = False  # S set on partition 0: the picture's first packet
 
 
 def vp8_ids(p: bytes | memoryview) -> Vp8Ids | None:
-    """The picture id and TL0PICIDX of a VP8 payload, or None when it carries neither (or is truncated)."""
+    """The picture id, TL0PICIDX and temporal layer of a VP8 payload, or None when it carries neither id (or is
+    truncated)."""
     if len(p) < 2 or not p[0] & 0x80:
         return None
     x = p[1]
@@ -155,9 +159,15 @@ def vp8_ids(p: bytes | memoryview) -> Vp8Ids | None:
         if len(p) <= pos:
             return None
         tl0, tl0_pos = p[pos], pos
+        pos += 1
+    temporal, sync = -1, False
+    if x & 0x20:  # T: TID and Y
+        if len(p) <= pos:
+            return None
+        temporal, sync = p[pos] >> 6, bool(p[pos] & 0x20)
     if not mask and tl0 < 0:
         return None
-    return Vp8Ids(pid, mask, pid_pos, tl0, tl0_pos)
+    return Vp8Ids(pid, mask, pid_pos, tl0, tl0_pos, temporal, sync, p[0] & 0x17 == 0x10)
 
 
 def vp8_renumbered(p: bytes, ids: Vp8Ids, pid_off: int, tl0_off: int) -> bytes:

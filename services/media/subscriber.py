@@ -22,8 +22,9 @@ from . import negotiation, red, rtcp, rtp, sdp, twcc
 from .allocation import LinkAllocator, effective_priority
 from .bwe import WARMUP, SendSideBwe
 from .congestion import LinkProbes
-from .downtrack import DownTrack, RepayloadingDownTrack, UnwrappingDownTrack
-from .svc import SvcDownTrack, scalable
+from .downtrack import DownTrack, RepayloadingDownTrack, UnwrappingDownTrack, Vp8DownTrack
+from .negotiation import scalable
+from .svc import SvcDownTrack
 from .interfaces import Participant
 
 if TYPE_CHECKING:
@@ -417,6 +418,8 @@ def down_track(up: UpTrack, send: Callable[[bytes], None], track_codec: sdp.Code
     forwarding takes the compiled path (`output`); the RED conversions and SVC stay in their Python `write`."""
     if scalable(track_codec):
         return SvcDownTrack(up, send, codec.pt)
+    if track_codec.name.upper() == "VP8":
+        return Vp8DownTrack(up, send, codec.pt, output=output)
     if not red.is_red(track_codec):
         return DownTrack(up, send, codec.pt, output=output)
     if not red.is_red(codec):

@@ -17,26 +17,14 @@ when upper layers are dropped.
 
 from __future__ import annotations
 
-import time
 import weakref
 from typing import Callable, NamedTuple
 
 from . import rtp
 from .downtrack import DownTrack
+from .temporal import MAX_TEMPORAL, PictureRates, SeqMap
 
-SEQ_HISTORY = 1024  # outgoing numbers remembered for NACKs (the up-track's buffer holds as many packets)
-MAX_RESERVED = 64  # packets not yet arrived that keep their place in the outgoing numbering
 MAX_FRAGMENTS = 64  # packets one AV1 OBU may span
-SVC_CODECS = ("VP9", "AV1")
-MAX_TEMPORAL = 3  # L3T3: the SDKs' SVC modes have up to three temporal layers
-FPS_WINDOW = 1.0
-
-
-def scalable(codec) -> bool:
-    """Whether a track in `codec` (an sdp.Codec) carries its layers in one stream."""
-    return codec.name.upper() in SVC_CODECS
-
-
 class SvcLayer(NamedTuple):
     spatial: int
     temporal: int
@@ -128,9 +116,7 @@ class LayerReader:
         self.ids: SvcLayer | None = None
         self.descriptor_key: tuple[object, int] | None = None
         self.descriptor_value: bytes | None = None
-        self.fps: list[float] = []  # pictures per second with temporal layers 0..t, over the last FPS_WINDOW
-        self._pictures = [0] * MAX_TEMPORAL
-        self._window_at: float | None = None
+        self.rates = PictureRates()
 
     def __call__(self, layer, seq: int, payload: bytes) -> SvcLayer | None:
         if self.key != (layer, seq):
@@ -141,30 +127,8 @@ class LayerReader:
                 self.ids = vp9_layer(payload)
             ids = self.ids
             if ids is not None and ids.begins and ids.spatial == 0:
-                self._count_picture(ids.temporal)
+                self.rates.count(ids.temporal)
         return self.ids
-
-    def _count_picture(self, temporal: int) -> None:
-        now = time.monotonic()
-        if self._window_at is None:
-            self._window_at = now
-        elif now - self._window_at >= FPS_WINDOW:
-            seen = self._pictures
-            top = max((t for t, n in enumerate(seen) if n), default=0)
-            elapsed = now - self._window_at
-            self.fps = [sum(seen[:t + 1]) / elapsed for t in range(top + 1)]
-            self._pictures, self._window_at = [0] * MAX_TEMPORAL, now
-        self._pictures[min(temporal, MAX_TEMPORAL - 1)] += 1
-
-    def temporal_for(self, fps: float) -> int:
-        """The fewest temporal layers that give at least `fps` pictures a second (all of them: 0 or unknown)."""
-        rates = self.fps
-        if not fps or not rates:
-            return MAX_TEMPORAL - 1
-        for t, rate in enumerate(rates):
-            if rate >= fps * 0.9:
-                return t
-        return MAX_TEMPORAL - 1
 
     def descriptor(self, layer, seq: int) -> bytes | None:
         """The dependency descriptor publisher packet `seq` carries, if any."""
@@ -188,70 +152,6 @@ def reader_for(up) -> LayerReader:
     if reader is None:
         reader = _readers[up] = LayerReader(up)
     return reader
-
-
-class SeqMap:
-    """Outgoing sequence numbers for a stream that drops packets on purpose: consecutive over what is sent, each
-    packet keeping its place when it arrives late, and mapped back for NACKs."""
-
-    __slots__ = ("mask", "start", "highest", "next_out", "in_keys", "outs", "out_keys", "ins")
-
-    def __init__(self, size: int = SEQ_HISTORY):
-        self.mask = size - 1
-        self.restart(0, 0)
-
-    def restart(self, first: int, next_out: int) -> None:
-        """Number from publisher packet `first` on, the first sent being `next_out`."""
-        size = self.mask + 1
-        self.start = first
-        self.highest = (first - 1) & 0xFFFF
-        self.next_out = next_out & 0xFFFF
-        self.in_keys, self.outs = [-1] * size, [-1] * size
-        self.out_keys, self.ins = [-1] * size, [-1] * size
-
-    def _assign(self, seq: int, out: int) -> None:
-        i = seq & self.mask
-        self.in_keys[i], self.outs[i] = seq, out
-        if out >= 0:
-            j = out & self.mask
-            self.out_keys[j], self.ins[j] = out, seq
-
-    def _advance(self, seq: int) -> bool:
-        """Whether `seq` is newer than any seen; the packets skipped over keep their place (up to a limit)."""
-        gap = (seq - self.highest) & 0xFFFF
-        if gap == 0 or gap >= 0x8000:
-            return False
-        if gap <= MAX_RESERVED:
-            for step in range(1, gap):
-                self._assign((self.highest + step) & 0xFFFF, self.next_out)
-                self.next_out = (self.next_out + 1) & 0xFFFF
-        self.highest = seq
-        return True
-
-    def send(self, seq: int) -> int | None:
-        """The outgoing number for publisher packet `seq`, None if it is not to be sent (older than the start, or
-        a late packet whose place was not kept)."""
-        if self._advance(seq):
-            out = self.next_out
-            self.next_out = (out + 1) & 0xFFFF
-            self._assign(seq, out)
-            return out
-        if (seq - self.start) & 0x8000:
-            return None
-        i = seq & self.mask
-        return self.outs[i] if self.in_keys[i] == seq and self.outs[i] >= 0 else None
-
-    def drop(self, seq: int) -> None:
-        """Publisher packet `seq` is left out: it takes no number (a late one leaves its kept place empty)."""
-        if self._advance(seq) or self.in_keys[seq & self.mask] == seq:
-            self._assign(seq, -1)
-
-    def original(self, out: int) -> int | None:
-        j = out & self.mask
-        if self.out_keys[j] != out:
-            return None
-        seq = self.ins[j]
-        return seq if self.outs[seq & self.mask] == out and self.in_keys[seq & self.mask] == seq else None
 
 
 class SvcDownTrack(DownTrack):
@@ -292,10 +192,10 @@ class SvcDownTrack(DownTrack):
             self._anchor(layer, seq, ts, payload)
             self.seqs.restart(seq, self.last_seq + 1)
             self.spatial = self.max_quality
-            self.temporal = self.layer_of.temporal_for(self.max_fps)
+            self.temporal = self.layer_of.rates.layers_for(self.max_fps)
         elif ids.begins and ids.spatial == 0:  # a new picture: the layers may change here
             if ids.temporal == 0:  # no later picture refers past a base-layer one
-                self.temporal = self.layer_of.temporal_for(self.max_fps)
+                self.temporal = self.layer_of.rates.layers_for(self.max_fps)
             wanted = self.max_quality
             if wanted < self.spatial or (wanted > self.spatial and ids.keyframe):
                 self.spatial = wanted
@@ -309,14 +209,8 @@ class SvcDownTrack(DownTrack):
             return
         out_ts = (ts + self.ts_off) & 0xFFFFFFFF
         marker = marker or (ids.ends and ids.spatial == self.spatial)
-        self.send(self.header(layer, seq, b0, marker, out_seq, out_ts) + payload)
-        self.packets += 1
-        self.octets += len(payload)
-        if out_seq == (self.seqs.next_out - 1) & 0xFFFF:
-            self.last_seq = out_seq
-            if out_ts != self.last_ts:
-                self.last_ts = out_ts
-                self.last_ts_at = time.monotonic()
+        self._emit(self.header(layer, seq, b0, marker, out_seq, out_ts), payload, out_seq, out_ts,
+                   out_seq == (self.seqs.next_out - 1) & 0xFFFF)
 
     def demand(self, now: float):
         return None  # its layers are not separate streams with rates of their own: only its loss steps it down

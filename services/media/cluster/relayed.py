@@ -20,7 +20,7 @@ from braid.rpc import cluster_pb2
 from .. import sdp
 from ..forward import UpTrack
 from ..publisher import PublishedTrack
-from ..svc import scalable
+from ..negotiation import scalable
 from .relay import RELAY_DD_ID, parse_demand
 from ..interfaces import RelayOrigin
 

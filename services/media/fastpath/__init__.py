@@ -40,6 +40,7 @@ class _PlainDownState:
     """Without the extension, a down-track's per-packet fields are ordinary attributes."""
 
     output = None
+    python_only = False
 
 
 # forward.UpTrack calls `fan_out` once per received packet; downtrack.DownTrack derives from `DownTrackBase`, whose

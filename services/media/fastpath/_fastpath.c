@@ -934,7 +934,7 @@ static PyTypeObject OutputType = {
 typedef struct {
     PyObject_HEAD
     PyObject *output, *current, *target;
-    char paused, bound, waiting_keyframe, video, vp8;
+    char paused, bound, waiting_keyframe, video, vp8, python_only;
     int pt, last_pid, last_tl0, pad_boundary;
     unsigned int ssrc, seq_off, ts_off, switch_seq, last_seq, last_ts, pid_off, tl0_off;
     double last_ts_at;
@@ -979,6 +979,8 @@ static PyMemberDef DownState_members[] = {
     {"waiting_keyframe", T_BOOL, offsetof(DownState, waiting_keyframe), 0, NULL},
     {"video", T_BOOL, offsetof(DownState, video), 0, NULL},
     {"vp8", T_BOOL, offsetof(DownState, vp8), 0, NULL},
+    {"python_only", T_BOOL, offsetof(DownState, python_only), 0,
+     "every packet takes the Python write (it leaves some out: VP8 temporal layers)"},
     {"pid_off", T_UINT, offsetof(DownState, pid_off), 0, NULL},
     {"tl0_off", T_UINT, offsetof(DownState, tl0_off), 0, NULL},
     {"last_pid", T_INT, offsetof(DownState, last_pid), 0, NULL},
@@ -1088,7 +1090,8 @@ static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t narg
                 if ((seq - d->switch_seq) & 0x8000)
                     continue;  /* older than the point this layer was joined at */
                 Output *out = (Output *)d->output;
-                slow = out == NULL || (PyObject *)out == Py_None || !PyObject_TypeCheck(out, &OutputType) ||
+                slow = d->python_only || out == NULL || (PyObject *)out == Py_None ||
+                       !PyObject_TypeCheck(out, &OutputType) ||
                        out->sender == NULL || out->fd < 0 ||
                        (d->pad_boundary >= 0 && ((d->pad_boundary - seq) & 0xFFFF) < 0x8000);
                 if (!slow) {
