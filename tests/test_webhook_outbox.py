@@ -115,6 +115,32 @@ async def test_one_event_per_id_whichever_node_reports_it(client, make_receiver)
     assert sorted(d.event.participant.sid for d in receiver.deliveries) == ["PA_x", "PA_y"]
 
 
+async def test_a_participant_reported_joined_ends_as_left_whoever_ends_it(client, make_receiver) -> None:
+    """A peer that never heard a participant become active ends it as a connection that never came up; if its own
+    node had already sent participant_joined, the backend gets participant_left instead (LiveKit never sends
+    aborted after joined), and a joined arriving after the end is not sent at all."""
+    receiver = await make_receiver()
+    a, b = outbox(client, [receiver.url], "node-a"), outbox(client, [receiver.url], "node-b")
+    await a.start()
+    await b.start()
+    try:
+        a.notify(event("participant_joined", "c", "PA_bob"))
+        assert await a.flush()
+        b.notify(event("participant_connection_aborted", "c", "PA_bob"))  # the peer, knowing only JOINED
+        a.notify(event("participant_left", "c", "PA_bob"))  # his own node, later: the same end, sent once
+        b.notify(event("participant_connection_aborted", "c", "PA_eve"))  # never joined: aborted it is
+        assert await b.flush()
+        a.notify(event("participant_joined", "c", "PA_eve"))  # her node, after the peer ended her: not sent
+        await receiver.wait_for(3, timeout=5)
+        await asyncio.sleep(0.5)
+    finally:
+        await a.stop(1.0)
+        await b.stop(1.0)
+    got = [(d.event.event, d.event.participant.sid) for d in receiver.deliveries]
+    assert got == [("participant_joined", "PA_bob"), ("participant_left", "PA_bob"),
+                   ("participant_connection_aborted", "PA_eve")]
+
+
 async def test_retention_bounds_the_outbox_and_counts_what_it_dropped(client, make_receiver) -> None:
     receiver = await make_receiver()
     writer = outbox(client, [receiver.url], "writer", deliver=False, max_events=3, retention=2.0)

@@ -277,6 +277,31 @@ async def test_order_per_url(make_receiver: Callable[..., Awaitable[Receiver]]) 
     assert [d.body for d in a.deliveries] == [d.body for d in b.deliveries]
 
 
+async def test_a_participant_reported_joined_ends_as_left(make_receiver: Callable[..., Awaitable[Receiver]]) -> None:
+    """The single-process notifier keeps the outbox's rule (webhooks.coherence): aborted after joined goes out
+    as participant_left; joined after the end is not sent."""
+    receiver = await make_receiver()
+    n = notifier([receiver.url])
+    await n.start()
+    try:
+        joined, aborted = room_event("participant_joined", room="c"), room_event("participant_connection_aborted",
+                                                                                  room="c")
+        joined.participant.sid = aborted.participant.sid = "PA_bob"
+        late = room_event("participant_joined", room="c")
+        late.participant.sid = "PA_other"
+        ended = room_event("participant_left", room="c")
+        ended.participant.sid = "PA_other"
+        for event in (joined, aborted, ended, late):
+            n.notify(event)
+        await receiver.wait_for(3)
+        await asyncio.sleep(0.3)
+    finally:
+        await n.stop(1.0)
+    assert [(d.event.event, d.event.participant.sid) for d in receiver.deliveries] == [
+        ("participant_joined", joined.participant.sid), ("participant_left", joined.participant.sid),
+        ("participant_left", "PA_other")]
+
+
 async def test_full_queue_drops_oldest_and_reports_num_dropped(
     make_receiver: Callable[..., Awaitable[Receiver]],
 ) -> None:

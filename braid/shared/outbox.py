@@ -2,7 +2,9 @@
 
 Appending: `notify()` buffers the event and one writer task appends it, in order, with one Lua script that drops an
 id already taken (`SET NX` on the id, kept for `retention`: see `webhooks.stable_event_id`), numbers it in its room
-(`INCR`), adds it to the room's stream (`XADD`, at most `max_events` kept) and lists the room as pending. `flush()`
+(`INCR`), adds it to the room's stream (`XADD`, at most `max_events` kept) and lists the room as pending; the same
+script keeps a participant's events coherent whichever nodes report them (`webhooks.coherence`: once its
+participant_joined is in, an aborted end goes out as participant_left; after its end, no joined). `flush()`
 waits until everything notified so far is in Redis: callers await it before acknowledging the change that caused
 the events (a record removed, a room closed), so a node killed after that loses nothing.
 
@@ -25,13 +27,14 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, NamedTuple, Sequence
 
 import aiohttp
 from livekit.protocol.webhook import WebhookEvent
 
 from braid.shared.webhooks import (
-    SessionFactory, UrlStats, WebhookDeliveryError, encode_event, is_retryable, post_event, prepare_event,
+    SessionFactory, UrlStats, WebhookDeliveryError, coherence, encode_event, is_retryable, post_event,
+    prepare_event,
 )
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,18 @@ BATCH = 32
 MAX_BUFFERED = 10_000  # events notified but not yet in Redis (Redis away): oldest dropped beyond this
 MAX_ROOMS = 256  # rooms one node delivers at once
 
-# KEYS: stream, seq, seen, index. ARGV: id, body, seen ttl ms, room, max events.
+# KEYS: stream, seq, seen, index, the related event's seen (webhooks.coherence). ARGV: id, body, seen ttl ms, room,
+# max events, what a related event already taken does ('': nothing, 'drop', 'swap': send the alternative body), the
+# alternative body.
 _APPEND = """
 if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+local body = ARGV[2]
+if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then
+  if ARGV[6] == 'drop' then return 0 end
+  body = ARGV[7]
+end
 local seq = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '*', 'id', ARGV[1], 'seq', seq, 'body', ARGV[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '*', 'id', ARGV[1], 'seq', seq, 'body', body)
 redis.call('SADD', KEYS[4], ARGV[4])
 return 1
 """
@@ -64,6 +74,18 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('SREM', KEYS[4], ARGV[1])
 return 1
 """
+
+
+class _Pending(NamedTuple):
+    """An event notified but not yet in Redis."""
+
+    room: str
+    id: str
+    body: bytes
+    name: str
+    related: str = ""  # webhooks.coherence: the related event's id, what it does, and the alternative body
+    mode: str = ""
+    alternative: bytes = b""
 
 
 @dataclass
@@ -128,7 +150,7 @@ class RedisOutbox:
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self._stats = {url: UrlStats(url) for url in self.urls}
-        self._buffer: collections.deque[tuple[str, str, bytes, str]] = collections.deque()
+        self._buffer: collections.deque[_Pending] = collections.deque()
         self._buffered = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -156,11 +178,17 @@ class RedisOutbox:
             log.warning("webhook outbox is stopped: event %s (%s) not stored", event.id, event.event)
             return
         if len(self._buffer) >= MAX_BUFFERED:
-            _, lost_id, _, lost_name = self._buffer.popleft()
+            lost = self._buffer.popleft()
             self.buffer_dropped += 1
-            log.warning("webhook outbox buffer full (Redis away?): dropped %s (%s), %d so far", lost_id, lost_name,
+            log.warning("webhook outbox buffer full (Redis away?): dropped %s (%s), %d so far", lost.id, lost.name,
                         self.buffer_dropped)
-        self._buffer.append((event.room.name, event.id, encode_event(event), event.event))
+        pending = _Pending(event.room.name, event.id, encode_event(event), event.event)
+        rule = coherence(event)
+        if rule is not None:
+            alternative = encode_event(rule.as_left) if rule.as_left is not None else b""
+            pending = pending._replace(related=rule.related, mode="drop" if rule.drop else "swap",
+                                       alternative=alternative)
+        self._buffer.append(pending)
         self._empty.clear()
         self._buffered.set()
 
@@ -220,11 +248,14 @@ class RedisOutbox:
                 self._buffered.clear()
                 await self._buffered.wait()
                 continue
-            room, event_id, body, _ = self._buffer[0]
+            pending = self._buffer[0]
+            room, event_id = pending.room, pending.id
+            seen = self._key(room, f":seen:{event_id}")
+            related = self._key(room, f":seen:{pending.related}") if pending.related else seen
             try:
-                await self.r.eval(_APPEND, 4, self._key(room, ""), self._key(room, ":seq"),
-                                  self._key(room, f":seen:{event_id}"), self._index,
-                                  event_id, body, int(self.retention * 1000), room, self.max_events)
+                await self.r.eval(_APPEND, 5, self._key(room, ""), self._key(room, ":seq"), seen, self._index,
+                                  related, event_id, pending.body, int(self.retention * 1000), room, self.max_events,
+                                  pending.mode, pending.alternative)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -236,7 +267,7 @@ class RedisOutbox:
             if failing:
                 log.info("webhook outbox: storing events again")
                 failing = False
-            if self._buffer and self._buffer[0][1] == event_id:
+            if self._buffer and self._buffer[0].id == event_id:
                 self._buffer.popleft()
             self._wake.set()
 

@@ -110,6 +110,34 @@ def stable_event_id(event: WebhookEvent) -> str:
     return stable_id("EV_", step, event.room.name, event.room.sid, sid)
 
 
+@dataclass(frozen=True)
+class Coherence:
+    """How one participant's lifecycle events stay coherent when several nodes report them (a peer ends a
+    participant whose node went silent, knowing only what it last heard): LiveKit sends `participant_joined` when a
+    participant becomes active, and then ends it with `participant_left`, never `participant_connection_aborted`;
+    nor is it reported joined once it has ended. `related`: the id of the other event; when it was already taken,
+    the event is dropped (`drop`) or sent as `participant_left` (`as_left`)."""
+
+    related: str
+    drop: bool
+    as_left: WebhookEvent | None = None
+
+
+def coherence(event: WebhookEvent) -> Coherence | None:
+    """The rule for `event` (with its stable id filled), None for events it does not concern."""
+    if event.event not in ("participant_joined", "participant_connection_aborted") or not event.participant.sid:
+        return None
+    joined = event.event == "participant_joined"
+    related = stable_id("EV_", "participant_end" if joined else "participant_joined", event.room.name,
+                        event.room.sid, event.participant.sid)
+    if joined:
+        return Coherence(related, drop=True)
+    left = WebhookEvent()
+    left.CopyFrom(event)
+    left.event = "participant_left"
+    return Coherence(related, drop=False, as_left=left)
+
+
 def prepare_event(event: WebhookEvent) -> None:
     """Fill `id` and `created_at` when empty."""
     if not event.id:
@@ -299,6 +327,12 @@ class WebhookNotifier:
         self._recent[event.id] = None
         if len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
+        rule = coherence(event)
+        if rule is not None and rule.related in self._recent:
+            if rule.drop:
+                logger.info("webhook %s (%s): the participant has ended already; not sent", event.id, event.event)
+                return
+            event = rule.as_left
         if self._closing:
             logger.warning("webhook notifier is stopped: event %s (%s) not sent", event.id, event.event)
             return
