@@ -188,7 +188,9 @@ async def test_probe_padding_takes_its_own_sequence_numbers_and_is_never_resent(
                for p in padding), "padding only"
     sent.clear()
     down.on_nack([(first + 1) & 0xFFFF, (first + 4) & 0xFFFF, (first + 7) & 0xFFFF])
-    assert [p[12:] for p in sent] == [b"opus-101", b"opus-103"]
+    assert [p[12:] for p in sent] == [b"opus-101", bytes([0, 0, 0, 4]), b"opus-103"]  # lost padding: padding again
+    resent = rtp.parse(sent[1])
+    assert sent[1][0] & 0x20 and resent[2] == (first + 4) & 0xFFFF and resent[5] == resent[6]
 
     sent.clear()
     share = [0.5]

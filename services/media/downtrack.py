@@ -5,6 +5,7 @@ link. The RED variants convert audio to what the subscriber negotiated; svc.py h
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _pack = rtp.HEADER.pack
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
+PADDING_RESENT = bytes(3) + bytes([4])  # what a NACK of a probe's padding gets: its number, with 4 bytes of padding
 PROBE_SR_INTERVAL = 0.1
 
 
@@ -52,6 +54,9 @@ class DownTrack(DownTrackBase):
         # publisher's packet `boundary`; pad_boundary (read by the compiled fan-out) is the latest boundary, -1: none
         self.padded: list[tuple[int, int, int]] = []
         self.pad_boundary = -1
+        # (first, count) of the padding sent lately, however numbered: a NACK of one gets padding again, since a
+        # receiver without picture ids (H264) holds every later frame until the gap in its numbers is filled
+        self.padding_sent: collections.deque[tuple[int, int]] = collections.deque(maxlen=16)
         self.send_bps = 0.0
         self.send_rtcp: Callable[[bytes], None] | None = None  # its subscriber connection's RTCP (for probes' SRs)
         self._probe_sr_at = 0.0
@@ -211,6 +216,7 @@ class DownTrack(DownTrackBase):
         if not self.packets or self.paused or not self.bound:
             return
         first = self.reserve_seqs(count)
+        self.padding_sent.append((first, count))
         padding = bytes(size - 1) + bytes([size])
         for i in range(count):
             self.send(_pack(0xA0, self.pt, (first + i) & 0xFFFF, self.last_ts, self.ssrc) + padding)
@@ -320,6 +326,9 @@ class DownTrack(DownTrackBase):
             return  # (paused for congestion: resends would fill the link the pause is clearing)
         missing = []
         for out_seq in seqs[:MAX_RETRANSMIT_PER_NACK]:
+            if any((out_seq - first) & 0xFFFF < count for first, count in self.padding_sent):
+                self.send(_pack(0xA0, self.pt, out_seq, self.last_ts, self.ssrc) + PADDING_RESENT)
+                continue
             seq = self.original_seq(out_seq)
             if seq is None:
                 continue
