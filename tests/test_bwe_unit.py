@@ -52,6 +52,32 @@ def test_a_queue_building_up_brings_the_estimate_down_to_the_link():
     assert bwe.congested(now)
 
 
+def test_a_queue_building_up_under_bursty_video_is_seen():
+    """Video leaves in bursts (a frame's packets within a millisecond, every 33 ms), so a queue grows within each
+    burst at the bottleneck: comparing only the packets either side of a burst boundary never saw it (Chrome behind
+    a deep 250 kbit/s queue was judged underusing for 30 s)."""
+    bwe = SendSideBwe()
+    states: list[str] = []
+    t = busy = 0.0
+    batch: list[tuple[int, int, int]] = []
+    next_feedback = 100_000.0
+    for frame in range(300):  # 10 s of 30 fps: 1 Mbit/s for 5 s, then a bottleneck of 250 kbit/s
+        capacity = 5_000_000 if frame < 150 else 250_000
+        for i in range(4):
+            send = t + i * 100
+            busy = max(busy, send) + 1000 * 8 / capacity * 1e6
+            batch.append((int(send), int(busy + 20_000), 1000))
+        t += 1e6 / 30
+        if t >= next_feedback:
+            arrived = [p for p in batch if p[1] <= t]  # reported once arrived
+            batch = [p for p in batch if p[1] > t]
+            bwe.on_feedback(arrived, 0, int(t))
+            states.append(bwe.state)
+            next_feedback += 100_000
+    assert OVERUSING in states[55:70], states[50:80]  # within half a second of the squeeze
+    assert bwe.estimate < 400_000, bwe.estimate
+
+
 def test_sending_less_for_a_while_does_not_lower_the_estimate():
     """An SFU forwards what publishers send: a quiet publisher says nothing about the link."""
     bwe = SendSideBwe()

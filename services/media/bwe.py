@@ -119,7 +119,8 @@ class SendSideBwe:
         self.trendline = Trendline()
         self.delay_bps = initial_bps  # 0: not yet known (the first acked rate sets it)
         self.loss_bps = MAX_BPS
-        self._group: _Group | None = None
+        self._group: _Group | None = None  # the packet group being received
+        self._previous: _Group | None = None  # the last complete one
         self._acked: deque = deque()  # (arrival µs, size) of the last ACKED_WINDOW_US
         self._acked_bytes = 0
         self._losses: deque = deque()  # (at µs, received, lost)
@@ -186,12 +187,21 @@ class SendSideBwe:
             group.send, group.size = send, group.size + size
             group.arrival = arrival if arrival_gap > 0 else group.arrival
             return
-        send_delta = (send - group.send) & 0xFFFFFFFF
-        arrival_delta = arrival_gap
+        # The group is complete: compare it with the one before, last packet with last packet. A queue grows
+        # within a group (a frame's packets sent in a burst leave the bottleneck one by one), so comparing only the
+        # packets either side of a boundary would miss it.
+        previous, self._previous = self._previous, group
         self._group = _Group(send, send, arrival, size)
+        if previous is None:
+            return
+        send_delta = (group.send - previous.send) & 0xFFFFFFFF
+        arrival_delta = (group.arrival - previous.arrival) & 0xFFFFFFFF
         if send_delta >= 0x80000000:
             return
-        self.state = self.trendline.update((arrival_delta - send_delta) / 1000, send_delta / 1000, arrival / 1000)
+        if arrival_delta >= 0x80000000:
+            arrival_delta -= 0x100000000
+        self.state = self.trendline.update((arrival_delta - send_delta) / 1000, send_delta / 1000,
+                                           group.arrival / 1000)
 
     def _loss_update(self, received: int, lost: int, now_us: int) -> None:
         losses = self._losses
