@@ -379,10 +379,10 @@ def _simulcast_stream(rng: random.Random):
 
 def _scenario(up: UpTrack, downs: list[DownTrack], step: int) -> None:
     """What the control plane does to subscribers while media flows: quality changes, pause/resume, rebinding."""
-    if step == 300:
-        downs[0].set_max_quality(0)
-    elif step == 200:
+    if step == 200:
         downs[1].set_max_fps(8)  # temporal layers left out (in Python), from once their rates are measured
+    elif step == 300:
+        downs[0].set_max_quality(0)
     elif step == 450:
         downs[1].pause()
     elif step == 600:
@@ -420,6 +420,15 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
     reference_out: list[list[bytes]] = [[] for _ in keys]
     python_writes: list[int] = []
 
+    def counted(down: DownTrack):
+        write = down.write
+
+        def wrapped(*args) -> None:
+            if not down.python_only:  # a thinned stream is Python's on purpose
+                python_writes.append(1)
+            write(*args)
+        return wrapped
+
     def build(compiled: bool):
         up = UpTrack("TR_x", "video", "video/VP8", 90000, 96, None, lambda ssrc: None, lambda ssrc, seqs: None)
         for index, rid in enumerate("qhf"):
@@ -433,8 +442,7 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
             down = Vp8DownTrack(up, send, 100 + i, ssrc=0xA00 + i, output=outputs[i] if compiled else None)
             down.last_seq, down.last_ts = 1000 * i, 5000 * i
             if compiled:  # count what fanout leaves to Python
-                down.write = (lambda *a, _w=down.write, _d=down: (_d.python_only or python_writes.append(1)) and
-                              None or _w(*a))
+                down.write = counted(down)
             up.add_down(down)
             downs.append(down)
         return up, downs

@@ -473,7 +473,7 @@ class Vp8DownTrack(DownTrack):
             return
         out_ts = (ts + self.ts_off) & 0xFFFFFFFF
         newest = out_seq == (thinning.seqs.next_out - 1) & 0xFFFF
-        payload = self._renumber(payload, newest)
+        payload = self._renumbered(payload, ids, newest)
         self._emit(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc), payload, out_seq,
                    out_ts, newest)
         if newest:
@@ -511,9 +511,12 @@ class Vp8DownTrack(DownTrack):
             self.python_only, self.thinning = False, None
 
     def _renumber(self, payload: bytes, newest: bool) -> bytes:
+        return self._renumbered(payload, rtp.vp8_ids(payload) if self.thinning is not None else None, newest)
+
+    def _renumbered(self, payload: bytes, ids: rtp.Vp8Ids | None, newest: bool) -> bytes:
+        """`_renumber` with the payload's descriptor already read (while thinning, its picture ids are ours)."""
         thinning = self.thinning
-        ids = rtp.vp8_ids(payload) if thinning is not None else None
-        pid = thinning.picture_id(ids) if ids is not None else None
+        pid = thinning.picture_id(ids) if thinning is not None and ids is not None else None
         if pid is None:
             return super()._renumber(payload, newest)
         if newest:
@@ -525,10 +528,7 @@ class Vp8DownTrack(DownTrack):
     def reserve_seqs(self, count: int) -> int:
         if self.thinning is None:
             return super().reserve_seqs(count)
-        seqs = self.thinning.seqs
-        first = seqs.next_out  # numbered, but mapped to no publisher packet
-        seqs.next_out = (first + count) & 0xFFFF
-        return first
+        return self.thinning.seqs.reserve(count)
 
     def original_seq(self, out_seq: int) -> int | None:
         thinning = self.thinning

@@ -25,6 +25,8 @@ from .downtrack import DownTrack
 from .temporal import MAX_TEMPORAL, PictureRates, SeqMap
 
 MAX_FRAGMENTS = 64  # packets one AV1 OBU may span
+
+
 class SvcLayer(NamedTuple):
     spatial: int
     temporal: int
@@ -231,9 +233,7 @@ class SvcDownTrack(DownTrack):
         return self.seqs.original(out_seq)
 
     def reserve_seqs(self, count: int) -> int:
-        first = self.seqs.next_out  # numbered, but mapped to no publisher packet
-        self.seqs.next_out = (first + count) & 0xFFFF
-        return first
+        return self.seqs.reserve(count)
 
     def probe_rate(self) -> float:
         # The spatial layer above costs about as much again as all those below it.

@@ -120,6 +120,12 @@ class SeqMap:
         i = seq & self.mask
         return self.outs[i] if self.in_keys[i] == seq and self.outs[i] >= 0 else None
 
+    def reserve(self, count: int) -> int:
+        """The first of `count` outgoing numbers taken by nothing that arrived (padding)."""
+        first = self.next_out
+        self.next_out = (first + count) & self.wrap
+        return first
+
     def drop(self, seq: int) -> None:
         """`seq` is left out: it takes no number (a late one leaves its kept place empty)."""
         if self._advance(seq) or self.in_keys[seq & self.mask] == seq:
