@@ -211,6 +211,8 @@ class MediaNode:
             log.debug("load announcement failed: %r", exc)
 
     async def heartbeat(self) -> None:
+        if not self.cluster.store_ok:
+            return  # joins here are refused until the store is back and this node's state is in it again
         await self.registry.heartbeat(self.node_info(), HEARTBEAT_TTL)
 
     async def _heartbeat_loop(self) -> None:

@@ -178,6 +178,8 @@ class Cluster:
                 log.info("store reachable again; re-asserting this node's rooms and participants")
                 try:
                     await self.reassert()
+                    self.store_ok = True
+                    await self.node.heartbeat()  # placeable again, now that joins are taken
                 except Exception as exc:
                     log.warning("re-asserting state failed (%r); retrying", exc)
                     ok = False
@@ -188,7 +190,6 @@ class Cluster:
     async def reassert(self) -> None:
         """Put back what a store that lost its data forgot: rooms (kept if present), claims, participants."""
         store = self.store
-        await self.node.heartbeat()  # placeable again at once
         for room in list(self.node.rooms.values()):
             if room.closed:
                 continue
