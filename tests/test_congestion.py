@@ -1,6 +1,7 @@
 """Loss in a subscriber's receiver reports caps its simulcast layer; clean reports lift the cap again; heavy loss
 on the lowest layer pauses the stream, and the subscriber is told."""
 
+import asyncio
 from types import SimpleNamespace
 
 from livekit.protocol import rtc as rtc_pb
@@ -161,7 +162,6 @@ def test_the_subscriber_gets_stream_state_updates():
 
 
 async def test_probe_padding_takes_its_own_sequence_numbers_and_is_never_resent():
-    import asyncio
 
     from braid.services.media import rtp
     from braid.services.media.forward import UpTrack
@@ -173,7 +173,7 @@ async def test_probe_padding_takes_its_own_sequence_numbers_and_is_never_resent(
     up.add_down(down)
 
     def feed(seq: int) -> None:
-        packet = rtp.HEADER.pack(0x80, 111, seq, seq * 960, 5) + b"opus-%d" % seq
+        packet = rtp.HEADER.pack(0x80, 0x80 | 111, seq, seq * 960, 5) + b"opus-%d" % seq  # marked: padding may follow
         up.on_packet(layer, packet, rtp.parse(packet))
 
     for seq in (100, 101, 102):
@@ -205,6 +205,40 @@ async def test_probe_padding_takes_its_own_sequence_numbers_and_is_never_resent(
     assert len(sent) == half + full, "stopped"
     expected = 400_000 / 8 * 0.3 / 255  # packets at the whole rate in 0.3 s
     assert 0.3 * expected <= half <= 0.8 * expected and 0.7 * expected <= full <= 1.5 * expected, (half, full)
+
+
+async def test_probe_padding_waits_for_the_end_of_a_frame():
+    """A receiver assembles a frame from consecutive sequence numbers: padding between two of its packets would
+    leave it unassembled for good (libwebrtc holds the later pictures until it asks for a keyframe, after 3 s), so
+    a probe's padding goes out only after a frame's last packet, and what it could not send stays owed."""
+    from braid.services.media import rtp
+    from braid.services.media.forward import UpTrack
+
+    up = UpTrack("TR_v", "video", "video/H264", 90000, 102, None, lambda ssrc: None, lambda ssrc, seqs: None)
+    layer = up.add_layer(7)
+    sent: list[bytes] = []
+    down = DownTrack(up, sent.append, pt=102)
+    up.add_down(down)
+
+    def feed(seq: int, last: bool, payload: bytes = b"\x41slice") -> None:
+        packet = rtp.HEADER.pack(0x80, last << 7 | 102, seq, 3000 * (seq // 3), 7) + payload
+        up.on_packet(layer, packet, rtp.parse(packet))
+
+    feed(300, False, bytes([0x65]) + b"idr")
+    assert not down.send_padding(2, 255), "inside the keyframe"
+    prober = Prober(down.send_padding, rate_bps=400_000)
+    await asyncio.sleep(0.1)
+    assert len(sent) == 1, "nothing while the frame is open"
+    feed(301, False)
+    feed(302, True)
+    await asyncio.sleep(0.05)
+    prober.stop()
+    feed(303, False)
+    kinds = ["pad" if p[0] & 0x20 else "media" for p in sent]
+    assert kinds[:3] == ["media"] * 3 and kinds[-1] == "media" and set(kinds[3:-1]) == {"pad"}
+    assert len(kinds) - 4 >= 10, "the padding owed while it waited went out at once"
+    seqs = [rtp.parse(p)[2] for p in sent]
+    assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:]))
 
 
 async def test_a_subscriber_link_is_probed_by_one_stream_at_a_time():
@@ -259,7 +293,7 @@ def test_a_packet_due_before_padding_keeps_its_number():
     keyframe = bytes([0x65]) + b"idr"
 
     def feed(seq: int, payload: bytes = b"\x41slice") -> None:
-        packet = rtp.HEADER.pack(0x80, 102, seq, 3000 * (seq // 2), 7) + payload + b"%d" % seq
+        packet = rtp.HEADER.pack(0x80, (seq % 2) << 7 | 102, seq, 3000 * (seq // 2), 7) + payload + b"%d" % seq
         up.on_packet(layer, packet, rtp.parse(packet))
 
     feed(200, keyframe)

@@ -465,6 +465,7 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
             thinned += ref_downs[1].thinning is not None and ref_downs[1].thinning.top < 2
     finally:
         forward.time.monotonic = real_monotonic
+    assert fast_downs[0].padding_sent and ref_downs[0].padding_sent, "the probe's padding (after a frame's end)"
     batch.flush()
     for i, (rx, tx) in enumerate(rxs):
         got = _drain(rx, len(reference_out[i]))

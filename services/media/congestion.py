@@ -192,13 +192,14 @@ class LossAdapter:
 
 class Prober:
     """Sends padding (a probe of a subscriber's link) in bursts every TICK seconds at `fraction()` of `rate_bps`,
-    until its owner stops it. `send_padding(count, size)` sends `count` padding-only packets of `size` bytes."""
+    until its owner stops it. `send_padding(count, size)` sends `count` padding-only packets of `size` bytes, or
+    returns False when it cannot now (the padding stays owed)."""
 
     TICK = 0.02
     PACKET = 255  # the largest padding one RTP packet can say it carries
     MAX_BURST = 40
 
-    def __init__(self, send_padding: Callable[[int, int], None], rate_bps: float,
+    def __init__(self, send_padding: Callable[[int, int], bool], rate_bps: float,
                  fraction: Callable[[], float] = lambda: 1.0):
         self.send_padding = send_padding
         self.rate_bps = rate_bps
@@ -209,9 +210,8 @@ class Prober:
     def _tick(self) -> None:
         self._owed += self.rate_bps / 8 * self.TICK * self.fraction()
         count = min(self.MAX_BURST, int(self._owed // self.PACKET))
-        if count > 0:
+        if count > 0 and self.send_padding(count, self.PACKET):
             self._owed -= count * self.PACKET
-            self.send_padding(count, self.PACKET)
         self._owed = min(self._owed, self.PACKET * self.MAX_BURST)
         self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
 

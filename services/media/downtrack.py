@@ -113,6 +113,7 @@ class DownTrack(DownTrackBase):
         self.octets += len(payload)
         if newest:
             self.last_seq = out_seq
+            self.last_marker = header[1] >= 0x80
             if out_ts != self.last_ts:
                 self.last_ts = out_ts
                 self.last_ts_at = time.monotonic()
@@ -210,17 +211,21 @@ class DownTrack(DownTrackBase):
 
     # --- probing the link before switching up ------------------------------------------------------------
 
-    def send_padding(self, count: int, size: int) -> None:
+    def send_padding(self, count: int, size: int) -> bool:
         """`count` padding-only packets after the last one sent: they take sequence numbers of their own (the
-        receiver counts them, so its reports tell whether the link carried them) and later packets move on."""
-        if not self.packets or self.paused or not self.bound:
-            return
+        receiver counts them, so its reports tell whether the link carried them) and later packets move on.
+        Only between frames (False: not now): a receiver assembles a frame from consecutive numbers, and padding
+        inside one leaves it unassembled for good, the pictures after it held until a keyframe that libwebrtc asks
+        for only after 3 s without one."""
+        if not self.packets or self.paused or not self.bound or not self.last_marker:
+            return False
         first = self.reserve_seqs(count)
         self.padding_sent.append((first, count))
         padding = bytes(size - 1) + bytes([size])
         for i in range(count):
             self.send(_pack(0xA0, self.pt, (first + i) & 0xFFFF, self.last_ts, self.ssrc) + padding)
         self.last_seq = (first + count - 1) & 0xFFFF
+        return True
 
     def reserve_seqs(self, count: int) -> int:
         """The first of `count` outgoing sequence numbers that follow the last sent and belong to no publisher
@@ -237,16 +242,18 @@ class DownTrack(DownTrackBase):
         retransmission the publisher sent once a probe had begun): they are not its offset's."""
         return sum(count for _, count, boundary in self.padded if (boundary - seq) & 0xFFFF < 0x8000)
 
-    def _probe_send(self, count: int, size: int) -> None:
+    def _probe_send(self, count: int, size: int) -> bool:
         """A probe's padding, and every PROBE_SR_INTERVAL a sender report: the round trip a receiver report gives
         is that of the last SR it got, so frequent ones show a queue building up while it is still short."""
-        self.send_padding(count, size)
+        if not self.send_padding(count, size):
+            return False
         now = time.monotonic()
         if self.send_rtcp is not None and now - self._probe_sr_at >= PROBE_SR_INTERVAL:
             self._probe_sr_at = now
             report = self.sender_report(now)
             if report is not None:
                 self.send_rtcp(report)
+        return True
 
     def probe_rate(self) -> float:
         """The extra bits per second the next layer up would need (0: there is none)."""

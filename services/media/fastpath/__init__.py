@@ -41,6 +41,7 @@ class _PlainDownState:
 
     output = None
     python_only = False
+    last_marker = False
 
 
 # forward.UpTrack calls `fan_out` once per received packet; downtrack.DownTrack derives from `DownTrackBase`, whose

@@ -934,7 +934,7 @@ static PyTypeObject OutputType = {
 typedef struct {
     PyObject_HEAD
     PyObject *output, *current, *target;
-    char paused, bound, waiting_keyframe, video, vp8, python_only;
+    char paused, bound, waiting_keyframe, video, vp8, python_only, last_marker;
     int pt, last_pid, last_tl0, pad_boundary;
     unsigned int ssrc, seq_off, ts_off, switch_seq, last_seq, last_ts, pid_off, tl0_off;
     double last_ts_at;
@@ -981,6 +981,8 @@ static PyMemberDef DownState_members[] = {
     {"vp8", T_BOOL, offsetof(DownState, vp8), 0, NULL},
     {"python_only", T_BOOL, offsetof(DownState, python_only), 0,
      "every packet takes the Python write (it leaves some out: VP8 temporal layers)"},
+    {"last_marker", T_BOOL, offsetof(DownState, last_marker), 0,
+     "the last packet sent ended a frame: padding may follow it (inside a frame it would break the frame up)"},
     {"pid_off", T_UINT, offsetof(DownState, pid_off), 0, NULL},
     {"tl0_off", T_UINT, offsetof(DownState, tl0_off), 0, NULL},
     {"last_pid", T_INT, offsetof(DownState, last_pid), 0, NULL},
@@ -1122,6 +1124,7 @@ static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t narg
                     d->octets += size - off;
                     if (newest) {
                         d->last_seq = out_seq;
+                        d->last_marker = marker ? 1 : 0;
                         if (out_ts != d->last_ts) {
                             d->last_ts = out_ts;
                             d->last_ts_at = now;
