@@ -42,6 +42,7 @@ class Pipe:
         self.passed = self.dropped = self.bytes = 0
         self._busy_until = 0.0
         self._last_departure = 0.0
+        self.closed = False  # the relay closed: what is still queued is dropped, not sent on a closed socket
 
     def backlog(self) -> float:
         """Seconds of datagrams waiting for the bandwidth cap."""
@@ -69,7 +70,11 @@ class Pipe:
         if departure <= now:
             self.send(data)
         else:
-            loop.call_at(departure, self.send, data)
+            loop.call_at(departure, self._deliver, data)
+
+    def _deliver(self, data: bytes) -> None:
+        if not self.closed:
+            self.send(data)
 
 
 @dataclass
@@ -172,6 +177,7 @@ class UdpImpairmentRelay:
             if listener.transport is not None:
                 listener.transport.close()
         for flow in self.flows.values():
+            flow.up.closed = flow.down.closed = True
             if flow.transport is not None:
                 flow.transport.close()
         self.flows.clear()

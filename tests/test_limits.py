@@ -102,10 +102,10 @@ async def test_data_size_and_rate(node):
     _, gen, p = await _joined(node, "lim2", "dora")
     relayed = []
     p.room.relay_data = lambda sender, packet, reliable, dest: relayed.append(packet)
-    p._on_data("_reliable", b"\x00" * 501)
+    p.data.on_message("_reliable", b"\x00" * 501)
     packet = models.DataPacket(user=models.UserPacket(payload=b"x" * 300)).SerializeToString()
     for _ in range(20):
-        p._on_data("_reliable", packet)
+        p.data.on_message("_reliable", packet)
     assert node.refusals.counts["data_packet_size"] == 1
     assert 5 <= len(relayed) <= 8, "a 2000-byte burst at 1000 bytes/s"
     assert node.refusals.counts["data_rate"] == 20 - len(relayed)

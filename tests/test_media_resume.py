@@ -224,11 +224,11 @@ async def test_sync_state_applies_subscriptions_published_tracks_and_reliable_da
     resumed = Session(node, _start("alice", sid=alice.sid))
     await resumed.wait(lambda s: "reconnect" in s.kinds())
     sent = []
-    alice._deliver = lambda reliable, payload: sent.append(payload) or True
+    alice.data._deliver = lambda reliable, payload: sent.append(payload) or True
     for seq in (1, 2, 3):
-        alice.send_data(True, f"b{seq}".encode(), "PA_bob", seq)
-    alice.send_data(True, b"c1", "PA_carol", 1)
-    alice.send_data(True, b"unsequenced", "", 0)
+        alice.data.send(True, f"b{seq}".encode(), "PA_bob", seq)
+    alice.data.send(True, b"c1", "PA_carol", 1)
+    alice.data.send(True, b"unsequenced", "", 0)
     sent.clear()
     resumed.up.request(sync_state=rtc_pb.SyncState(
         subscription=rtc_pb.UpdateSubscription(track_sids=["TR_unknown"], subscribe=True),

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 
 from google.protobuf.message import DecodeError
 from livekit.protocol import models
@@ -17,12 +16,12 @@ from braid.shared.auth import Claims
 
 from . import negotiation, resume, rtcp, sdp
 from .data import ServerRpc, is_agent, stamp_sender
-from .limits import TokenBucket, fields_problem, merged_attributes
+from .datachannels import LOSSY, RELIABLE, DataChannels
+from .limits import fields_problem, merged_attributes
 from .link import SignalLink
 from .permissions import InvalidPermission
 from .publisher import Publisher, PublishedTrack
 from .quality import ParticipantQuality
-from .reliable import InboundSequence, ReliableLog
 from .subscriber import Subscriber, Subscription, quality_for
 from .telemetry import ReferenceGuard
 from .transport import PeerTransport
@@ -31,9 +30,6 @@ from .interfaces import Room
 
 log = logging.getLogger(__name__)
 
-RELIABLE, LOSSY = "_reliable", "_lossy"
-LOSSY_BUFFER_LIMIT = 256 * 1024
-PENDING_RELIABLE = 256  # reliable packets kept for a participant whose data channel is not open yet
 State = models.ParticipantInfo.State
 Reason = models.DisconnectReason
 
@@ -94,8 +90,6 @@ class Participant:
         self.limits = self.node.config.limits
         self.last_signal_at = time.monotonic()  # the last request from the client (SDKs ping every few seconds)
         self.candidates: dict[int, int] = {}  # trickled candidates per signal target
-        data_rate = self.limits.max_data_bytes_per_second
-        self.data_budget = TokenBucket(data_rate, burst=2 * data_rate)
         self.link = SignalLink()  # the signal connection it is reached through; a resume swaps it
         self.closed = False
         self.removing = False
@@ -106,10 +100,7 @@ class Participant:
         self.subscriber = Subscriber(self)
         self.pub_pc: PeerTransport | None = None
         self.sub_pc: PeerTransport | None = None
-        self.channels: dict[str, list] = {RELIABLE: [], LOSSY: []}
-        self.pending_reliable: deque[bytes] = deque(maxlen=PENDING_RELIABLE)
-        self.sent_reliable = ReliableLog()  # what a resume may have to send again
-        self.data_in = InboundSequence()  # last reliable sequence relayed from this client
+        self.data = DataChannels(self.limits, self._on_data_packet, self.refuse, self._slow_data_receiver)
         self.server_rpc = ServerRpc()  # PerformRpc calls waiting on this participant
         self.resuming = False  # between a resume and the client's sync_state
         self.last_answer_mids: set[str] = set()
@@ -239,7 +230,7 @@ class Participant:
             on_rtp=self.publisher.on_rtp if not offerer else _drop,
             on_rtcp=self.on_rtcp,
             on_state=lambda state: self._on_transport_state(label, state),
-            on_datachannel=self._on_datachannel,
+            on_datachannel=lambda channel: self.data.add(channel.label, channel),
             send_path=self.node.send_path,
         )
 
@@ -254,7 +245,7 @@ class Participant:
             await self.sub_pc.prepare()
             for label, ordered, retransmits in ((RELIABLE, True, None), (LOSSY, False, 0)):
                 channel = self.sub_pc.create_data_channel(label, ordered=ordered, max_retransmits=retransmits)
-                self._add_channel(label, channel, first=True)
+                self.data.add(label, channel, first=True)
 
     @property
     def subscriber_primary(self) -> bool:
@@ -537,47 +528,10 @@ class Participant:
 
     # --- data ------------------------------------------------------------------------------------------
 
-    def _on_datachannel(self, channel) -> None:
-        label = channel.label
-        if label not in self.channels:
-            return
-        self._add_channel(label, channel)
-
-    def _add_channel(self, label: str, channel, first: bool = False) -> None:
-        if first:
-            self.channels[label].insert(0, channel)
-        else:
-            self.channels[label].append(channel)
-        channel.on("message", lambda message, label=label: self._on_data(label, message))
-        if label == RELIABLE:
-            if channel.readyState == "open":
-                self._flush_reliable()
-            else:
-                channel.on("open", self._flush_reliable)
-
-    def _flush_reliable(self) -> None:
-        while self.pending_reliable:
-            if not self._send_on(RELIABLE, self.pending_reliable[0]):
-                return
-            self.pending_reliable.popleft()
-
-    def _on_data(self, label: str, message) -> None:
-        if not isinstance(message, (bytes, bytearray)):
-            return
-        if self.limits.max_data_packet_size and len(message) > self.limits.max_data_packet_size:
-            self.refuse("data_packet_size", f"{len(message)}-byte data packet dropped")
-            return
-        if not self.data_budget.take(len(message)):
-            self.refuse("data_rate", f"over {self.limits.max_data_bytes_per_second} data bytes/s: packet dropped")
-            return
-        try:
-            packet = models.DataPacket.FromString(bytes(message))
-        except DecodeError:
-            return
+    def _on_data_packet(self, packet: models.DataPacket, reliable: bool) -> None:
         if not self.permission.can_publish_data:
             return
-        reliable = label == RELIABLE
-        if reliable and not self.data_in.accept(packet.sequence):
+        if reliable and not self.data.received.accept(packet.sequence):
             return  # a copy the client resent after a resume; relayed already
         packet.kind = models.DataPacket.RELIABLE if reliable else models.DataPacket.LOSSY
         if self.server_rpc.take(packet):
@@ -589,48 +543,8 @@ class Participant:
     async def perform_rpc(self, method: str, payload: str, response_timeout_ms: int) -> str:
         """RoomService PerformRpc: the server calls this participant's RPC method."""
         def send(packet: models.DataPacket) -> bool:
-            return self.send_data(True, packet.SerializeToString())
+            return self.data.send(True, packet.SerializeToString())
         return await self.server_rpc.perform(send, method, payload, response_timeout_ms)
-
-    def send_data(self, reliable: bool, payload: bytes, sender_sid: str = "", sequence: int = 0) -> bool:
-        if reliable:
-            self.sent_reliable.record(sender_sid, sequence, payload)
-        return self._deliver(reliable, payload)
-
-    def resend_reliable(self, payload: bytes) -> bool:
-        """Send again a reliable packet the client reported missing after a resume."""
-        if any(item is payload for item in self.pending_reliable):
-            return False  # still waiting for the channel: it goes out anyway
-        return self._deliver(True, payload)
-
-    def _deliver(self, reliable: bool, payload: bytes) -> bool:
-        if reliable and self.pending_reliable:
-            self.pending_reliable.append(payload)  # keep the order behind what is waiting
-            self._flush_reliable()
-            return True
-        if self._send_on(RELIABLE if reliable else LOSSY, payload):
-            return True
-        if reliable and not self.closed:
-            self.pending_reliable.append(payload)
-            return True
-        return False
-
-    def _send_on(self, label: str, payload: bytes) -> bool:
-        for channel in self.channels[label]:
-            if channel.readyState != "open":
-                continue
-            if label == LOSSY and channel.bufferedAmount > LOSSY_BUFFER_LIMIT:
-                return False
-            if label == RELIABLE and self.limits.max_data_buffered \
-                    and channel.bufferedAmount > self.limits.max_data_buffered:
-                self._slow_data_receiver(channel.bufferedAmount)
-                return True  # it is being disconnected: nothing more is kept for it
-            try:
-                channel.send(payload)
-            except Exception:  # closed underneath us
-                continue
-            return True
-        return False
 
     def _slow_data_receiver(self, buffered: int) -> None:
         if self.removing or self.closed:
@@ -686,7 +600,7 @@ class Participant:
     async def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
+        self.closed = self.data.closed = True
         self.server_rpc.close()
         self.link.force(None)
         self.subscriber.close()

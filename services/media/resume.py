@@ -78,7 +78,7 @@ def reconnect_response(room: Room, p: Participant) -> rtc_pb.SignalResponse:
         ice_servers=joined.ice_servers,
         client_configuration=joined.client_configuration,
         server_info=joined.server_info,
-        last_message_seq=p.data_in.last,
+        last_message_seq=p.data.received.last,
     ))
 
 
@@ -116,8 +116,8 @@ async def apply_sync_state(p: Participant, state: rtc_pb.SyncState) -> None:
     if p.resuming:
         p.resuming = False
         _sync_published(p, state.publish_tracks)
-    missing = p.sent_reliable.missing(reliable.receive_states(state.datachannel_receive_states))
-    resent = sum(p.resend_reliable(payload) for payload in missing)
+    missing = p.data.sent_reliable.missing(reliable.receive_states(state.datachannel_receive_states))
+    resent = sum(p.data.resend_reliable(payload) for payload in missing)
     if missing:
         log.info("%s: resent %d/%d reliable packets the client had not received", p, resent, len(missing))
 

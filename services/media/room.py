@@ -304,7 +304,7 @@ class Room:
         for p in self.participants.values():
             if p is sender or (wanted and p.identity not in wanted):
                 continue
-            delivered += p.send_data(reliable, payload, packet.participant_sid, packet.sequence)
+            delivered += p.data.send(reliable, payload, packet.participant_sid, packet.sequence)
         return delivered
 
     # --- leaving ---------------------------------------------------------------------------------------
