@@ -2,8 +2,8 @@
 
 Measured in this process on synthetic traffic (no network): a subscriber receiving 500 packets/s (the forwarding
 benchmark's 50 audio + 450 video) whose client reports every 100 ms, through the node's own code:
-  * feedback in: parsing one feedback packet (twcc.parse), looking up its 50 packets' send times, the estimate
-    (bwe.SendSideBwe) and the allocator (allocation.LinkAllocator over 3 streams);
+  * feedback in: parsing one feedback packet and looking up its 50 packets' send times (twcc.SentPackets.matched,
+    in Python and in C), the estimate (bwe.SendSideBwe) and the allocator (allocation.LinkAllocator, 3 streams);
   * feedback out, per publisher packet: reading its transport-wide number, recording its arrival, and its share of
     the 10 feedback packets a second that go back (twcc.ArrivalRecorder);
   * numbering on the send path, per forwarded packet: twcc.stamped in Python, and the compiled Output with and
@@ -46,9 +46,9 @@ def _cpu(fn, repeat: int) -> float:
     return (time.process_time() - start) / repeat
 
 
-def feedback_in(seconds: float) -> tuple[float, float]:
-    """µs per reported packet, and µs of CPU per subscriber per second."""
-    sent = twcc.SentPackets(3)
+def feedback_in(seconds: float, compiled: bool) -> tuple[float, float]:
+    """µs per reported packet, and µs of CPU per subscriber per second; `compiled`: parsed and matched in C."""
+    sent = twcc.SentPackets(3, compiled=compiled)
     packet = rtp.rewrite(0x80, 0, 96, 1, 1, 1, bytes(1000))
     per_feedback = PPS // FEEDBACK_HZ
     rng = random.Random(1)
@@ -68,9 +68,9 @@ def feedback_in(seconds: float) -> tuple[float, float]:
     queue = iter(feedbacks)
 
     def one() -> None:
-        fb = twcc.parse(next(queue))
+        packets, lost = sent.matched(next(queue))
         now = time.monotonic()
-        bwe.on_feedback(sent.matched(fb), fb.lost, int(now * 1e6))
+        bwe.on_feedback(packets, lost, int(now * 1e6))
         allocator.update(bwe.estimate, bwe.congested(int(now * 1e6)), streams, now)  # type: ignore[arg-type]
 
     per_call = _cpu(one, len(feedbacks) - 1)
@@ -131,14 +131,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.congestion", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of synthetic traffic per measurement")
     args = parser.parse_args(argv)
-    per_packet, per_subscriber = feedback_in(args.seconds)
+    feedback = {"Python": feedback_in(args.seconds, compiled=False)}
+    if not fastpath.UNAVAILABLE:
+        feedback["compiled"] = feedback_in(args.seconds, compiled=True)
     recording, built = feedback_out(args.seconds)
     python, plain, numbered = numbering(int(args.seconds * PPS * 4))
     print()
     print(f"Congestion control CPU (this process, {args.seconds:g} s of synthetic traffic at {PPS} packets/s, "
           f"feedback every {1000 // FEEDBACK_HZ} ms):")
-    print(f"  subscriber feedback in (parse + estimate + allocate): {per_packet:.2f} us per reported packet, "
-          f"{per_subscriber:.0f} us of CPU per subscriber per second ({per_subscriber / 1e4:.2f} % of a core)")
+    for how, (per_packet, per_subscriber) in feedback.items():
+        print(f"  subscriber feedback in (parse + estimate + allocate), {how} parse: {per_packet:.2f} us per "
+              f"reported packet, {per_subscriber:.0f} us of CPU per subscriber per second "
+              f"({per_subscriber / 1e4:.2f} % of a core)")
     print(f"  publisher feedback out: {recording:.2f} us per received packet, its {built} feedback packets included")
     line = f"  numbering what is sent: Python {python:.2f} us per packet"
     if plain is not None and numbered is not None:

@@ -42,7 +42,7 @@ class Packet:
     fir: list[tuple[int, int]] = field(default_factory=list)  # FIR: (ssrc, seq nr)
     bitrate: int = 0  # REMB
     ssrcs: list[int] = field(default_factory=list)  # REMB / BYE
-    feedback: twcc.Feedback | None = None  # transport-wide feedback
+    transport_feedback: bytes | None = None  # a transport-wide feedback's body (twcc.SentPackets.matched reads it)
 
 
 def ntp_now() -> int:
@@ -107,7 +107,7 @@ def _parse_one(ptype: int, count: int, body: bytes) -> Packet | None:
                     if blp & (1 << bit):
                         packet.lost.append((pid + bit + 1) & 0xFFFF)
         elif ptype == RTPFB and count == twcc.FMT_TWCC:
-            packet.feedback = twcc.parse(body)
+            packet.transport_feedback = body
         elif ptype == PSFB and count == FMT_FIR:
             for off in range(0, len(fci) - 7, 8):
                 ssrc, seq_word = struct.unpack_from("!II", fci, off)

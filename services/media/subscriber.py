@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-from . import negotiation, red, rtcp, rtp, sdp, twcc
+from . import negotiation, red, rtcp, rtp, sdp
 from .allocation import LinkAllocator, effective_priority
 from .bwe import WARMUP, SendSideBwe
 from .congestion import LinkProbes
@@ -358,10 +358,10 @@ class Subscriber:
             down = self.down_by_ssrc.get(packet.media_ssrc)
             if down is not None:
                 down.on_nack(packet.lost)
-        elif packet.feedback is not None:
-            self.on_transport_feedback(packet.feedback)
+        elif packet.transport_feedback is not None:
+            self.on_transport_feedback(packet.transport_feedback)
 
-    def on_transport_feedback(self, feedback: twcc.Feedback) -> None:
+    def on_transport_feedback(self, body: bytes) -> None:
         """Transport-wide feedback about what we sent it: update its estimate and fit its streams into it by
         priority. Probes stay judged by receiver reports' round trips and loss: the delay trend of a CPU-starved
         sender or receiver looks like a queue, and failed every probe on a loaded machine."""
@@ -369,13 +369,16 @@ class Subscriber:
         sent = pc.twcc if pc is not None else None
         if sent is None:
             return
-        packets = sent.matched(feedback)
+        matched = sent.matched(body)
+        if matched is None:
+            return  # malformed
+        packets, lost = matched
         now = time.monotonic()
         rtts = [d.rtt for d in self.down_by_ssrc.values() if d.rtt]
         if rtts:
             self.bwe.rtt_ms = max(rtts) * 1000
         now_us = int(now * 1_000_000)
-        self.bwe.on_feedback(packets, feedback.lost, now_us)
+        self.bwe.on_feedback(packets, lost, now_us)
         if self.bwe.measured_for >= WARMUP:
             self.allocator.update(self.bwe.estimate, self.bwe.congested(now_us), list(self.down_by_ssrc.values()),
                                   now)

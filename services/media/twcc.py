@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import rtp
+from .fastpath import _fastpath
 
 
 EXT_TRANSPORT_CC = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
@@ -272,9 +273,10 @@ class SentPackets:
     ENTRY = struct.Struct("=IHH")
     HEADER = struct.Struct("=I")
 
-    def __init__(self, ext_id: int) -> None:
+    def __init__(self, ext_id: int, compiled: bool = False) -> None:
         self.ext_id = ext_id
         self.ring = bytearray(self.HEADER.size + self.RING * self.ENTRY.size)
+        self._matched_c = _fastpath.twcc_matched if compiled and _fastpath is not None else None
 
     def stamp(self, packet: bytes, now_us: int) -> bytes:
         (seq,) = self.HEADER.unpack_from(self.ring, 0)
@@ -287,15 +289,21 @@ class SentPackets:
         self.HEADER.pack_into(self.ring, 0, (seq + 1) & 0xFFFF)
         return out
 
-    def matched(self, feedback: Feedback) -> list[tuple[int, int, int]]:
-        """(send µs, arrival µs, size), both mod 2³², of each packet `feedback` reports arrived that the ring still
-        knows: what the estimator (bwe.py) takes."""
+    def matched(self, body: bytes) -> tuple[list[tuple[int, int, int]], int] | None:
+        """(send µs, arrival µs, size), both mod 2³², of each packet the feedback `body` (after its RTCP header)
+        reports arrived that the ring still knows, what the estimator (bwe.py) takes; and how many it reports lost.
+        None when malformed. Compiled, the same in C (a client reports each packet it was sent)."""
+        if self._matched_c is not None:
+            return self._matched_c(body, self.ring)
+        feedback = parse(body)
+        if feedback is None:
+            return None
         out = []
         for seq, arrival in feedback.arrivals:
             info = self.sent(seq)
             if info is not None:
                 out.append((info[0], arrival & 0xFFFFFFFF, info[1]))
-        return out
+        return out, feedback.lost
 
     def sent(self, seq: int) -> tuple[int, int] | None:
         """(send µs mod 2³², size) of transport seq `seq`, if it is still in the ring."""
