@@ -265,6 +265,36 @@ async def test_a_subscriber_link_is_probed_by_one_stream_at_a_time():
     assert link.holder is None and probing[0].prober is None
 
 
+async def test_a_stream_of_higher_priority_takes_the_link_probe_from_a_lower_one():
+    """Probes go in priority order, as the allocator fits streams: a screen share waiting behind a camera's probe
+    would stay on its low layer for as long as the camera's probe takes, and longer if the camera goes first again."""
+    from braid.services.media.congestion import LinkProbes
+
+    link = LinkProbes()
+    downs = []
+    for priority in (1, 255):
+        layers = [SimpleNamespace(quality=q, bitrate=150_000.0 * (q + 1)) for q in range(3)]
+        up = SimpleNamespace(track_sid=f"TR_{priority}", clock_rate=90000, video=True, mime="video/VP8",
+                             layers=layers, reassign=lambda: None, remove_down=lambda down: None)
+        down = DownTrack(up, send=lambda packet: None, pt=96)
+        down.current, down.link_probes, down.priority = layers[0], link, priority
+        down.loss.cap = 0
+        downs.append(down)
+    camera, screen = downs
+    for t in range(int(PROBE_AFTER) + 2):
+        _reports(camera, loss=0.0, seconds=1, start=float(t))
+    assert link.holder is camera and camera.prober is not None
+    for t in range(int(PROBE_AFTER) + 2):
+        _reports(screen, loss=0.0, seconds=1, start=float(t))
+    assert link.holder is screen and screen.prober is not None
+    assert camera.prober is None and camera.loss.probing_since is None and camera.loss.cap == 0
+    _reports(camera, loss=0.0, seconds=1, start=PROBE_AFTER + 2)
+    assert link.holder is screen and camera.prober is None, "the lower priority waits its turn"
+    for down in downs:
+        down.close()
+    assert link.holder is None
+
+
 def test_loss_right_after_a_step_down_is_the_queue_draining_not_a_reason_to_pause():
     """The reports that follow a step-down still count the queue the higher layer built: pausing on them froze
     a browser that the lower layer would have served."""

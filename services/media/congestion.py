@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 CONGESTED = 0.10  # fraction of packets lost in a report interval
 CLEAN = 0.02
@@ -223,17 +223,28 @@ class Prober:
 
 class LinkProbes:
     """One subscriber's link carries all its streams: one of them probes it at a time, or each would take the
-    others' padding for its own and the link would get all their probes at once."""
+    others' padding for its own and the link would get all their probes at once. The higher priority goes first:
+    a stream of higher priority (`priority`, as the allocator ranks them) that is ready to probe takes the link
+    from a lower one, whose probe then ends proving nothing (`yield_probe`) and waits for the next turn."""
 
     def __init__(self) -> None:
-        self.holder: object | None = None
+        self.holder: ProbingStream | None = None
 
-    def acquire(self, stream: object) -> bool:
-        if self.holder is None or self.holder is stream:
-            self.holder = stream
-            return True
-        return False
+    def acquire(self, stream: ProbingStream) -> bool:
+        holder = self.holder
+        if holder is not None and holder is not stream:
+            if holder.priority >= stream.priority:
+                return False
+            holder.yield_probe()
+        self.holder = stream
+        return True
 
-    def release(self, stream: object) -> None:
+    def release(self, stream: ProbingStream) -> None:
         if self.holder is stream:
             self.holder = None
+
+
+class ProbingStream(Protocol):
+    priority: int
+
+    def yield_probe(self) -> None: ...

@@ -272,6 +272,13 @@ class DownTrack(DownTrackBase):
         if self.link_probes is not None:
             self.link_probes.release(self)
 
+    def yield_probe(self) -> None:
+        """A stream of higher priority probes the subscriber's link now: this probe ends, proving nothing."""
+        if self.prober is not None:
+            log.info("%s -> %s: probe yields to a stream of higher priority", self.up.track_sid, self.ssrc)
+        self.loss.cancel_probe()
+        self._stop_probe()
+
     def _adapted(self, lost: float | None, now: float) -> None:
         """The loss adapter changed its mind: pause, start or end a probe, or move the cap."""
         if self.loss.paused:
