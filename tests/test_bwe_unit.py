@@ -7,7 +7,7 @@ import random
 
 from braid.services.media import allocation
 from braid.services.media.allocation import PAUSE, Demand, LinkAllocator, fit
-from braid.services.media.bwe import NORMAL, OVERUSING, SendSideBwe
+from braid.services.media.bwe import NORMAL, OVERUSING, ReceiveSideBwe, SendSideBwe
 
 
 def _drive(bwe: SendSideBwe, send_bps: float, capacity_bps: float, seconds: float, start_us: int = 0,
@@ -160,3 +160,94 @@ def test_the_allocator_cuts_only_a_lasting_congested_deficit_and_then_lets_the_l
     assert allocator.cuts == 1
     allocator.update(300_000, True, streams, 9.0)
     assert allocator.cuts == 2 and alice.level == 0 and bob.calls[-1] == PAUSE
+
+
+def _publish(estimator, phases, seed: int = 2, rates=(150_000, 650_000)) -> list[float]:
+    """Two simulcast layers of 30 fps video (frames of 1000-byte packets, all of a frame's packets sent at once,
+    timestamps at 90 kHz) through a bottleneck, as a publisher without transport-wide numbers sends them, in
+    `phases` of (capacity bps, seconds, loss); the estimate is updated every 250 ms. Returns the estimate at the end
+    of each phase."""
+    rng = random.Random(seed)
+    seqs, timestamps = [100, 60_000], [5_000, 0xFFFFF000]  # the second layer's timestamp wraps
+    busy = t = 0.0
+    next_update = 250_000.0
+    estimates = []
+    for capacity_bps, seconds, loss in phases:
+        end = t + seconds * 1e6
+        while t < end:
+            for layer, rate in enumerate(rates):
+                for _ in range(max(1, round(rate / 30 / 8 / 1000))):
+                    seqs[layer] = (seqs[layer] + 1) & 0xFFFF
+                    if rng.random() < loss:
+                        continue
+                    busy = max(busy, t) + 1000 * 8 / capacity_bps * 1e6
+                    estimator.on_packet(10 + layer, seqs[layer], timestamps[layer], 1000, int(busy + 20_000))
+                timestamps[layer] = (timestamps[layer] + 3000) & 0xFFFFFFFF
+            t += 1e6 / 30
+            if t >= next_update:
+                estimate = estimator.update(int(t))
+                next_update += 250_000
+        estimates.append(estimate)
+    return estimates
+
+
+def test_the_estimate_for_a_publisher_without_transport_wide_feedback_follows_its_uplink():
+    """REMB to an aiortc publisher (no transport-cc) is this estimate: it must let it send what it sends on a
+    free link, fall to the link's rate when a queue builds, and fall with heavy loss."""
+    sent = 8 * 1000 * 30 * (1 + 3)  # 1 and 3 packets a frame
+    free, squeezed = _publish(ReceiveSideBwe(), [(5_000_000, 6, 0.0), (400_000, 4, 0.0)])
+    assert sent <= free <= 1.8 * sent, free  # at least what it sends, and room to grow, not a fixed 5 Mbit/s
+    assert squeezed < 450_000, squeezed
+    _, lossy = _publish(ReceiveSideBwe(), [(5_000_000, 6, 0.0), (5_000_000, 4, 0.3)])
+    assert lossy < 0.8 * free, lossy
+
+
+def test_the_uplink_estimate_is_bounded_whatever_a_publisher_sends():
+    uplink = ReceiveSideBwe()
+    rng = random.Random(3)
+    for i in range(20_000):
+        uplink.on_packet(rng.randrange(1 << 32), rng.randrange(1 << 16), rng.randrange(1 << 32), 1200, i * 10)
+    assert len(uplink._streams) == ReceiveSideBwe.MAX_STREAMS
+    assert all(len(s._pending) <= ReceiveSideBwe.MAX_PENDING for s in uplink._streams.values())
+    assert uplink.update(200_000) >= 0
+
+
+async def test_a_publisher_without_transport_wide_feedback_is_sent_remb_with_its_uplink_estimate(monkeypatch):
+    """The REMB a publisher gets is the estimate, sent when it falls and refreshed every second; before, a
+    constant 5 Mbit/s told an aiortc publisher on a 400 kbit/s uplink to send as much as its encoder allows."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from livekit.protocol import models
+
+    from braid.services.media import publisher as publisher_module, rtcp, rtp
+    from braid.services.media.forward import UpTrack
+    from braid.services.media.publisher import PublishedTrack, Publisher
+
+    monkeypatch.setattr(publisher_module, "REMB_INTERVAL", 0.01)
+    sent: list[bytes] = []
+    pub = Publisher(SimpleNamespace(pub_pc_send_rtcp=sent.append))
+    up = UpTrack("TR_v", "video", "video/VP8", 90000, 96, None, lambda ssrc: None, lambda ssrc, seqs: None)
+    layer = up.add_layer(1234)
+    pub.tracks["TR_v"] = PublishedTrack(models.TrackInfo(sid="TR_v"), "video", "0", None, None, up)
+    pub.ssrc_map[1234] = (up, layer, False)
+    clock = [0]
+    monkeypatch.setattr(publisher_module, "time", SimpleNamespace(monotonic_ns=lambda: clock[0] * 1000,
+                                                                  monotonic=lambda: clock[0] / 1e6))
+    seq, ts = 1, 0
+    for frame in range(120):  # 4 s of 30 fps at 3 packets a frame, arriving as sent
+        for i in range(3):
+            packet = rtp.HEADER.pack(0x80, (i == 2) << 7 | 96, seq, ts, 1234) + b"\x10\x00" + bytes(998)
+            pub.on_rtp(packet)
+            seq += 1
+        ts += 3000
+        clock[0] += 33_333
+        if frame % 8 == 0:
+            await asyncio.sleep(0.02)  # the estimate's timer
+    report = pub.tick(clock[0] / 1e6)
+    assert report and not [p for p in rtcp.parse(report) if p.bitrate], "receiver reports only, no fixed REMB"
+    pub.close()
+    rembs = [p for data in sent for p in rtcp.parse(data) if p.bitrate]
+    assert rembs and all(r.ssrcs == [1234] for r in rembs)
+    assert 720_000 <= rembs[-1].bitrate <= 1_400_000, [r.bitrate for r in rembs]
+    assert all(r.bitrate < 5_000_000 for r in rembs)

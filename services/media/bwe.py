@@ -256,3 +256,76 @@ class SendSideBwe:
             self.delay_bps *= 1.08 ** elapsed
         grown = max(self.delay_bps, acked)
         self.delay_bps = min(grown, max(before, 1.5 * acked + 10_000), MAX_BPS)  # app-limited: hold, not fall
+
+
+class ReceiveSideBwe:
+    """What REMB tells a publisher that sends no transport-wide numbers (aiortc, older clients), so that it still
+    sends what its uplink carries: the same estimator, one per video stream, fed as the publisher's packets
+    arrive, with their send times read from the RTP timestamps (a frame's packets share one; libwebrtc's
+    single-stream receive-side estimator does the same without abs-send-time). One REMB covers all of the
+    publisher's video, so their estimates add up. Bounded: at most MAX_STREAMS streams, MAX_PENDING packets each
+    between two updates."""
+
+    MAX_STREAMS = 8
+    MAX_PENDING = 2_000
+
+    def __init__(self) -> None:
+        self._streams: dict[int, _StreamArrivals] = {}
+
+    def on_packet(self, ssrc: int, seq: int, timestamp: int, size: int, arrival_us: int,
+                  clock_rate: int = 90_000) -> None:
+        stream = self._streams.get(ssrc)
+        if stream is None:
+            if len(self._streams) >= self.MAX_STREAMS:
+                return
+            stream = self._streams[ssrc] = _StreamArrivals(clock_rate)
+        stream.on_packet(seq, timestamp, size, arrival_us)
+
+    def update(self, now_us: int) -> float:
+        """Bits per second all the streams' link is judged to carry, from what arrived since the last update (0:
+        not measured yet)."""
+        total = 0.0
+        for stream in self._streams.values():
+            stream.flush(now_us)
+            total += stream.bwe.estimate
+        return total
+
+    def forget(self, ssrc: int) -> None:
+        self._streams.pop(ssrc, None)
+
+
+class _StreamArrivals:
+    def __init__(self, clock_rate: int) -> None:
+        self.bwe = SendSideBwe()
+        self.clock_rate = clock_rate
+        self._pending: list[tuple[int, int, int]] = []
+        self._highest: int | None = None  # extended sequence number of the newest packet
+        self._flushed_highest = 0
+        self._received = 0  # since the last flush
+        self._timestamp = 0  # the last timestamp, and its unwrapped value
+        self._unwrapped = 0
+
+    def on_packet(self, seq: int, timestamp: int, size: int, arrival_us: int) -> None:
+        if self._highest is None:
+            self._highest = self._flushed_highest = seq
+            self._timestamp = self._unwrapped = timestamp
+        else:
+            step = (seq - self._highest) & 0xFFFF
+            if step and step < 0x8000:
+                self._highest += step
+            step = (timestamp - self._timestamp) & 0xFFFFFFFF
+            self._unwrapped += step - 0x100000000 if step >= 0x80000000 else step
+            self._timestamp = timestamp
+        self._received += 1
+        if len(self._pending) < ReceiveSideBwe.MAX_PENDING:
+            send_us = (self._unwrapped * 1_000_000 // self.clock_rate) & 0xFFFFFFFF
+            self._pending.append((send_us, arrival_us & 0xFFFFFFFF, size))
+
+    def flush(self, now_us: int) -> None:
+        if self._highest is None:
+            return
+        expected = self._highest - self._flushed_highest
+        lost = max(0, expected - self._received) if self._received else 0
+        self.bwe.on_feedback(self._pending, lost, now_us)
+        self._pending = []
+        self._flushed_highest, self._received = self._highest, 0

@@ -15,7 +15,7 @@ from livekit.protocol import rtc as rtc_pb
 
 from braid.shared import ids
 
-from . import negotiation, rtcp, rtp, sdp, twcc
+from . import bwe, negotiation, rtcp, rtp, sdp, twcc
 from .dynacast import Dynacast
 from .forward import QUALITY_OF_RID, Layer, UpTrack
 from .permissions import SubscriptionPermission
@@ -27,8 +27,10 @@ from .interfaces import Participant
 log = logging.getLogger(__name__)
 
 MAX_UNKNOWN_SSRCS = 64
-REMB_BITRATE = 5_000_000  # to publishers without transport-wide feedback (whose browsers estimate from it)
 FEEDBACK_INTERVAL = 0.1
+REMB_INTERVAL = 0.25  # how often the estimate for a publisher without transport-wide feedback is revised
+REMB_REFRESH = 1.0  # a REMB goes out at least this often, and at once when the estimate falls by REMB_DROP
+REMB_DROP = 0.03
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Publisher:
         self.twcc_id = 0  # the publisher's transport-wide sequence number extension, 0: not negotiated
         self.arrivals = twcc.ArrivalRecorder(self.rtcp_ssrc)
         self._feedback_timer: asyncio.TimerHandle | None = None
+        self.uplink = bwe.ReceiveSideBwe()  # for REMB, when there is no transport-wide feedback
+        self._remb_timer: asyncio.TimerHandle | None = None
+        self._remb_sent = (0.0, 0.0)  # (bits per second, when)
         self.newly_published: list[PublishedTrack] = []
         self.access = SubscriptionPermission()  # who may subscribe to these tracks
         self._reported: dict[object, tuple[int, ...]] = {}  # counters already reported to the stats worker
@@ -218,6 +223,7 @@ class Publisher:
             del self.by_mid[track.mid]
         for ssrc in [s for s, entry in self.ssrc_map.items() if entry[0] is track.up]:
             del self.ssrc_map[ssrc]
+            self.uplink.forget(ssrc)
         track.up.close()
 
     # --- packets from the publisher ------------------------------------------------------------------------
@@ -237,6 +243,8 @@ class Publisher:
         if is_rtx:
             up.on_rtx(layer, data, header)
         elif header[1] == up.pt:
+            if up.video and not self.twcc_id:
+                self._estimate_uplink(data, header, up.clock_rate)
             up.on_packet(layer, data, header)
         elif header[1] == up.rtx_pt:
             up.on_rtx(layer, data, header)
@@ -255,6 +263,24 @@ class Publisher:
         self._feedback_timer = None
         for packet in self.arrivals.feedback():
             self.p.pub_pc_send_rtcp(packet)
+
+    def _estimate_uplink(self, data: bytes, header, clock_rate: int) -> None:
+        self.uplink.on_packet(header[0], header[2], header[3], len(data), time.monotonic_ns() // 1000, clock_rate)
+        if self._remb_timer is None:
+            self._remb_timer = asyncio.get_running_loop().call_later(REMB_INTERVAL, self._send_remb)
+
+    def _send_remb(self) -> None:
+        """Tell the publisher the estimate of its uplink: when it fell, at once; otherwise every REMB_REFRESH."""
+        self._remb_timer = None
+        now = time.monotonic()
+        estimate = self.uplink.update(int(now * 1_000_000))
+        video = [l.ssrc for t in self.tracks.values() if t.kind == "video" for l in t.up.layers]
+        if not estimate or not video:
+            return
+        sent, sent_at = self._remb_sent
+        if estimate < sent * (1 - REMB_DROP) or now - sent_at >= REMB_REFRESH:
+            self.p.pub_pc_send_rtcp(rtcp.remb(self.rtcp_ssrc, int(estimate), video))
+            self._remb_sent = (estimate, now)
 
     def _learn(self, data: bytes, header) -> tuple[UpTrack, Layer, bool] | None:
         ssrc, pt = header[0], header[1]
@@ -359,8 +385,7 @@ class Publisher:
         return level
 
     def tick(self, now: float) -> bytes | None:
-        """Receiver reports for every received layer, and REMB to a publisher without transport-wide feedback, as
-        one compound RTCP packet."""
+        """Receiver reports for every received layer, as one compound RTCP packet."""
         blocks = []
         ssrcs = []
         for track in self.tracks.values():
@@ -376,16 +401,13 @@ class Publisher:
                     ssrcs.append(layer.ssrc)
         if not blocks:
             return None
-        out = rtcp.receiver_report(self.rtcp_ssrc, blocks)
-        video = [l.ssrc for t in self.tracks.values() if t.kind == "video" for l in t.up.layers]
-        if video and not self.twcc_id:
-            out += rtcp.remb(self.rtcp_ssrc, REMB_BITRATE, video)
-        return out
+        return rtcp.receiver_report(self.rtcp_ssrc, blocks)
 
     def close(self) -> None:
-        if self._feedback_timer is not None:
-            self._feedback_timer.cancel()
-            self._feedback_timer = None
+        for timer in (self._feedback_timer, self._remb_timer):
+            if timer is not None:
+                timer.cancel()
+        self._feedback_timer = self._remb_timer = None
         for track in list(self.tracks.values()):
             track.up.close()
         self.tracks.clear()
