@@ -263,7 +263,7 @@ async def test_peer_transport_sends_through_the_chosen_path_across_a_rollover(co
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["recvmmsg", "recvfrom"])
 async def test_burst_endpoint_drains_every_ready_datagram_per_wake_up(compiled):
-    """The media node's sockets: a burst is read in one go (then the socket rests 1 ms), datagrams keep their
+    """The media node's sockets: a burst is read in one go, datagrams keep their
     order and source address, sendto works, close reports connection_lost once."""
     from braid.services.media.fastpath.endpoint import create_endpoint
 
