@@ -486,6 +486,57 @@ def test_compiled_fanout_sends_what_downtrack_write_sends():
     assert thinned > 100 and not fast_downs[1].python_only  # thinned for a while, then handed back to C
 
 
+def test_a_layer_keeps_flowing_past_half_the_sequence_space_on_both_paths():
+    """A subscriber that stays on one layer: 32768 packets after the point it joined that layer at, every packet
+    looked older than that point, and nothing was forwarded for the next 32768 (a 720p layer froze after about
+    three minutes, in C and in Python alike). A probe's padding early on, and a late packet long after, included."""
+    batch = _fast.Batch(4096)
+    rx, tx = _udp_pair()
+    output = _fast.Output(batch)
+    output.bind(_fast.SrtpContext(bytes(30), 1), tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    python_sent: list[bytes] = []
+    pairs = []
+    for compiled in (True, False):
+        up = UpTrack("TR_v", "video", "video/VP8", 90000, 96, None, lambda ssrc: None, lambda ssrc, seqs: None)
+        layer = up.add_layer(0x77)
+        down = Vp8DownTrack(up, output.send if compiled else python_sent.append, 96, ssrc=0xB0,
+                            output=output if compiled else None)
+        down.last_seq = 500
+        up.add_down(down)
+        pairs.append((up, layer, down))
+    total = 70_000
+    late = 50_000
+    try:
+        for i in range(total):
+            seq = (40_000 + i) & 0xFFFF
+            order = [i] if i not in (late, late + 1) else [late + 1] if i == late else [late]
+            for j in order:
+                seq = (40_000 + j) & 0xFFFF
+                body = (b"\x10\x00" if j == 0 else b"\x10\x01") + bytes(40)
+                pkt = rtp.HEADER.pack(0x80, (j % 2) << 7 | 96, seq, (j // 2) * 3000, 0x77) + body
+                for up, layer, down in pairs:
+                    up.on_packet(layer, pkt, rtp.parse(pkt))
+                    if j == 101:  # after a frame's last packet
+                        assert down.send_padding(2, 255)
+            if i % 1000 == 0:
+                batch.flush()
+                rx.setblocking(False)
+                try:
+                    while rx.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+    finally:
+        rx.close()
+        tx.close()
+    fast, ref = pairs[0][2], pairs[1][2]
+    assert ref.packets == fast.packets == total, (fast.packets, ref.packets)
+    assert fast.last_seq == ref.last_seq == (500 + total + 2) & 0xFFFF  # every packet and the padding, in order
+    seqs = [rtp.parse(p)[2] for p in python_sent[-2000:]]
+    assert seqs == [(seqs[0] + k) & 0xFFFF for k in range(2000)]
+    assert not ref.padded and ref.pad_boundary == -1, "the probe's padding is forgotten once far behind"
+
+
 def test_compiled_transport_wide_numbers_match_the_python_stamp():
     """With transport-wide feedback negotiated, the compiled Output numbers each packet in the ring it shares with
     twcc.SentPackets: the same bytes as twcc.stamped + pylibsrtp (no extension yet, a one-byte block, a two-byte

@@ -105,6 +105,21 @@ def test_seq_map_numbers_picture_ids_in_their_width():
     assert pictures.send(1) == 1 and pictures.newer(2) and not pictures.newer(1)
 
 
+@pytest.mark.parametrize("bits", [16, 15, 7])
+def test_seq_map_keeps_late_numbers_however_long_it_runs(bits):
+    """The oldest number a late packet may still have trails the newest: fixed at the first one, everything late
+    looked older than it once half the number space had gone by (64 pictures, for 7-bit picture ids)."""
+    wrap = (1 << bits) - 1
+    seqs = SeqMap(64, bits)
+    seqs.restart(5, 900)
+    for i in range(3 * (wrap + 1)):
+        seqs.send((5 + i) & wrap)
+    newest = (5 + 3 * (wrap + 1) - 1) & wrap
+    late = (newest - 3) & wrap
+    assert seqs.sent_as(late) == (seqs.next_out - 4) & wrap
+    assert seqs.send(late) == (seqs.next_out - 4) & wrap
+
+
 def test_a_viewer_asking_for_fewer_frames_gets_the_lower_temporal_layers_without_gaps(clock):
     """Asking for 15 fps of a 30 fps L1T3 stream: layers 0 and 1, once the rates are measured, with consecutive
     sequence numbers and picture ids across what it leaves out (the picture ids wrap) and TL0PICIDX as sent; a

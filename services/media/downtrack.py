@@ -24,6 +24,10 @@ _pack = rtp.HEADER.pack
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
 PADDING_RESENT = bytes(3) + bytes([4])  # what a NACK of a probe's padding gets: its number, with 4 bytes of padding
 PROBE_SR_INTERVAL = 0.1
+# How far behind the newest forwarded packet a late one is still forwarded. The point a layer was joined at trails
+# the stream by at most this much: fixed, it would stand half the number space behind after 32768 packets, and
+# every packet from then on would look older than it (a 720p layer's video stopped after about three minutes).
+HORIZON = 0x4000
 
 
 class DownTrack(DownTrackBase):
@@ -92,7 +96,7 @@ class DownTrack(DownTrackBase):
         if self.paused or not self.bound:
             return
         if layer is self.current and not self.waiting_keyframe:
-            if (seq - self.switch_seq) & 0x8000:
+            if self._stale(seq):
                 return  # older than the point this layer was joined at
         elif layer is self.target and (keyframe or not self.video):
             self._anchor(layer, seq, ts, payload)
@@ -105,6 +109,20 @@ class DownTrack(DownTrackBase):
             payload = self._renumber(payload, newest)
         self._emit(_pack(0x80 | (b0 & 0x20), (marker << 7) | self.pt, out_seq, out_ts, self.ssrc), payload, out_seq,
                    out_ts, newest)
+
+    def _stale(self, seq: int) -> bool:
+        """Whether publisher packet `seq` of the current layer is older than the join point, which this moves on
+        to HORIZON behind `seq` once it is further back (and with it the probes' padding it no longer concerns)."""
+        ahead = (seq - self.switch_seq) & 0xFFFF
+        if ahead & 0x8000:
+            return True
+        if ahead > HORIZON:
+            self.switch_seq = switch = (seq - HORIZON) & 0xFFFF
+            if self.padded:
+                self.padded = [p for p in self.padded if not (p[2] - switch) & 0x8000]
+                if not self.padded:
+                    self.pad_boundary = -1
+        return False
 
     def _emit(self, header: bytes, payload: bytes, out_seq: int, out_ts: int, newest: bool) -> None:
         """Send one forwarded packet and count it; `newest`: no later one was sent yet."""
@@ -467,7 +485,7 @@ class Vp8DownTrack(DownTrack):
         if self.paused or not self.bound:
             return
         if layer is self.current and not self.waiting_keyframe:
-            if (seq - self.switch_seq) & 0x8000:
+            if self._stale(seq):
                 return
             if self.thinning is None and not self._start_thinning(layer, seq):
                 return super().write(layer, b0, marker, seq, ts, payload, keyframe)  # a late packet: as before

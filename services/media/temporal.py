@@ -101,6 +101,8 @@ class SeqMap:
                 self._assign((self.highest + step) & self.wrap, self.next_out)
                 self.next_out = (self.next_out + 1) & self.wrap
         self.highest = seq
+        if (seq - self.start) & self.wrap > self.half // 2:
+            self.start = (seq - self.half // 2) & self.wrap  # what is further behind is too late to send
         return True
 
     def send(self, seq: int) -> int | None:
@@ -181,6 +183,8 @@ class Vp8Thinning:
             pictures.restart(ids.picture_id, ids.picture_id + pid_off)
         pid = ids.picture_id
         if pictures.newer(pid):  # a new picture: the layers may change here
+            if (self.seqs.next_out - self.first_out) & 0xFFFF > 0x4000:  # older numbers are not resendable anyway
+                self.first_out = (self.seqs.next_out - 0x4000) & 0xFFFF
             if ids.begins:
                 self.rates.count(ids.temporal, pid)
             wanted = self.rates.layers_for(max_fps)

@@ -39,6 +39,7 @@
 #define WINDOW_WORDS (WINDOW_BITS / 64)
 #define SLOT_SIZE 2048
 #define MAX_RTP (SLOT_SIZE - 16)
+#define HORIZON 0x4000  /* a late packet further behind the newest is not forwarded (downtrack.HORIZON) */
 
 static PyObject *FastpathError;
 
@@ -1089,10 +1090,12 @@ static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t narg
             if (d->paused || !d->bound)
                 continue;
             if (d->current == layer && !d->waiting_keyframe) {
-                if ((seq - d->switch_seq) & 0x8000)
+                unsigned long ahead = (seq - d->switch_seq) & 0xFFFF;
+                if (ahead & 0x8000)
                     continue;  /* older than the point this layer was joined at */
                 Output *out = (Output *)d->output;
-                slow = d->python_only || out == NULL || (PyObject *)out == Py_None ||
+                slow = ahead > HORIZON ||  /* the Python write moves the join point on (downtrack.HORIZON) */
+                       d->python_only || out == NULL || (PyObject *)out == Py_None ||
                        !PyObject_TypeCheck(out, &OutputType) ||
                        out->sender == NULL || out->fd < 0 ||
                        (d->pad_boundary >= 0 && ((d->pad_boundary - seq) & 0xFFFF) < 0x8000);
