@@ -24,10 +24,11 @@ _pack = rtp.HEADER.pack
 MAX_RETRANSMIT_PER_NACK = 64  # bounds what one (possibly hostile) NACK packet can make us resend
 PADDING_RESENT = bytes(3) + bytes([4])  # what a NACK of a probe's padding gets: its number, with 4 bytes of padding
 PROBE_SR_INTERVAL = 0.1
-# How far behind the newest forwarded packet a late one is still forwarded. The point a layer was joined at trails
-# the stream by at most this much: fixed, it would stand half the number space behind after 32768 packets, and
-# every packet from then on would look older than it (a 720p layer's video stopped after about three minutes).
+# The point a layer was joined at (older packets are not forwarded) trails the stream: once a packet is HORIZON past
+# it, it moves on to LATE_LIMIT behind that packet. Fixed, it stood half the number space behind after 32768
+# packets, and every packet from then on looked older than it (a 720p layer's video stopped after three minutes).
 HORIZON = 0x4000
+LATE_LIMIT = 0x1000  # a packet this late is seconds late: no decoder waits for it
 
 
 class DownTrack(DownTrackBase):
@@ -112,12 +113,13 @@ class DownTrack(DownTrackBase):
 
     def _stale(self, seq: int) -> bool:
         """Whether publisher packet `seq` of the current layer is older than the join point, which this moves on
-        to HORIZON behind `seq` once it is further back (and with it the probes' padding it no longer concerns)."""
+        to LATE_LIMIT behind `seq` once it is HORIZON behind (and with it the probes' padding it no longer
+        concerns); the compiled fan-out leaves that packet to this Python write."""
         ahead = (seq - self.switch_seq) & 0xFFFF
         if ahead & 0x8000:
             return True
         if ahead > HORIZON:
-            self.switch_seq = switch = (seq - HORIZON) & 0xFFFF
+            self.switch_seq = switch = (seq - LATE_LIMIT) & 0xFFFF
             if self.padded:
                 self.padded = [p for p in self.padded if not (p[2] - switch) & 0x8000]
                 if not self.padded:
