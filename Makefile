@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.cluster
 	$(PY) -m benchmarks.congestion
+	$(PY) -m benchmarks.scaling
 
 clean:
 	rm -rf $(VENV) build *.egg-info braid/rpc .pytest_cache
