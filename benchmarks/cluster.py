@@ -10,9 +10,10 @@
 3. **Cluster** (real processes: redis-server, a router, 2 signal and 2 media nodes in 2 regions): a publisher on
    one media node (audio + video, synthetic RTP), N subscribers on the other, so every packet crosses the relay
    once. Reports join latency through the cluster (WebSocket open → JoinResponse, through signal → router →
-   media, and → first media packet), delivered packet rate, and each media node's CPU per packet.
+   media, and → first media packet), delivered packet rate, and each media node's CPU per packet; then
+   `--concurrent-joins` subscribers (100) join one room at the same moment: join and first-media p50/p99.
 
-    python -m benchmarks.cluster [--subscribers 1,10] [--duration 10] [--skip-cluster]
+    python -m benchmarks.cluster [--subscribers 1,10] [--duration 10] [--concurrent-joins 100] [--skip-cluster]
 """
 
 from __future__ import annotations
@@ -252,6 +253,54 @@ async def cluster_case(n: int, named: dict[str, Proc], args: argparse.Namespace)
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def concurrent_joins(n: int, named: dict[str, Proc]) -> dict:
+    """`n` subscribers joining one room at once through the other region's signal node (the publisher's media
+    node hosts the room, so every join crosses signal -> router -> media): join and first-media latency."""
+    from aiortc.rtcdtlstransport import RTCCertificate
+
+    from braid.clients.harness import join_token
+    from braid.services.media.ice import PortRange
+
+    from .rawclient import RawParticipant, start_publisher
+
+    eu = f"ws://127.0.0.1:{named['signal-eu-west'].http_port}"
+    us = f"ws://127.0.0.1:{named['signal-us-east'].http_port}"
+    ports = PortRange(47000, 47999, host="127.0.0.1")
+    cert = RTCCertificate.generateCertificate()
+    room = f"bench-joins-{n}-{int(time.time())}"
+    clients: list[RawParticipant] = []
+    sender = None
+    try:
+        sender = await start_publisher(eu, join_token(KEY, SECRET, room, "publisher"), ports, cert, 30.0, 4, clients)
+        subs = [RawParticipant(us, join_token(KEY, SECRET, room, f"joiner-{i}"), ports, cert, f"joiner-{i}",
+                               count_only=True) for i in range(n)]
+        clients.extend(subs)
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(s.connect() for s in subs), return_exceptions=True)
+        deadline = time.monotonic() + 30
+        while any(s.counters.packets == 0 for s, r in zip(subs, results) if r is None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        joined = [s for s, r in zip(subs, results) if r is None]
+        return {
+            "n": n, "joined": len(joined), "all_joined_s": max((s.join_seconds for s in joined), default=0.0),
+            "wall_s": time.monotonic() - t0,
+            "join_p50": 1000 * _percentile([s.join_seconds for s in joined], 0.5),
+            "join_p99": 1000 * _percentile([s.join_seconds for s in joined], 0.99),
+            "media_p50": 1000 * _percentile([s.first_media_seconds for s in joined if s.first_media_seconds], 0.5),
+            "media_p99": 1000 * _percentile([s.first_media_seconds for s in joined if s.first_media_seconds], 0.99),
+            "with_media": sum(1 for s in joined if s.first_media_seconds),
+        }
+    finally:
+        if sender is not None:
+            await sender.stop()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
 async def main_async(args: argparse.Namespace) -> None:
     print("Relay path, one process, both ends (uvloop, loopback UDP, 1100-byte RTP, SRTP AES-CM-128/HMAC-SHA1-80):")
     for label, rate in (("paced 2000 pps", 2000.0), ("flat out", None)):
@@ -271,9 +320,12 @@ async def main_async(args: argparse.Namespace) -> None:
     log_dir.mkdir(exist_ok=True)
     procs, named = start_cluster(log_dir)
     rows = []
+    joins = None
     try:
         for n in args.subscribers:
             rows.append(await cluster_case(n, named, args))
+        if args.concurrent_joins:
+            joins = await concurrent_joins(args.concurrent_joins, named)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -290,6 +342,12 @@ async def main_async(args: argparse.Namespace) -> None:
     print("origin us/pkt: CPU of the publisher's media node per packet it received and relayed (ingest included); "
           "edge us/pkt: CPU of the subscribers' node per packet delivered; join: WebSocket open to JoinResponse "
           "through signal, router and media nodes; 1st media: join start to the first relayed RTP packet.")
+    if joins is not None:
+        print()
+        print(f"{joins['n']} concurrent joins through the cluster (signal us-east -> router -> media eu-west, one "
+              f"room): {joins['joined']} joined, {joins['with_media']} received media; join p50 "
+              f"{joins['join_p50']:.0f} ms, p99 {joins['join_p99']:.0f} ms; first media p50 {joins['media_p50']:.0f} ms, "
+              f"p99 {joins['media_p99']:.0f} ms (the clients' own ICE/DTLS run in this one benchmark process)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--relay-packets", type=int, default=100_000)
     parser.add_argument("--quality-seconds", type=float, default=4.0, help="window per quality (relay bytes)")
     parser.add_argument("--skip-cluster", action="store_true", help="only the in-process relay path")
+    parser.add_argument("--concurrent-joins", type=int, default=100, help="subscribers joining at once (0: none)")
     args = parser.parse_args(argv)
     args.subscribers = [int(v) for v in args.subscribers.split(",") if v.strip()]
     run(main_async(args))

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import time
 import signal as os_signal
 import sys
 
@@ -26,6 +27,8 @@ log = logging.getLogger("braid")
 
 BACKEND_CHECK_INTERVAL = 0.5
 BACKEND_PING_TIMEOUT = 2.0  # a stalled Redis (a refused connection fails at once)
+RECHECK_INTERVAL = 0.2
+RECHECK_TIMEOUT = 0.5
 
 
 class Server:
@@ -54,7 +57,21 @@ class Server:
         self._started = False
         self._draining = False
         self._backend_ok = True
+        self._rechecked_at = 0.0
         self._health_task: asyncio.Task | None = None
+
+    async def store_up_now(self) -> bool:
+        """Whether Redis answers. While the last check said no, asks again (at most every RECHECK_INTERVAL; the
+        others are refused at once): polled only, a join right after Redis came back was refused for up to a
+        check interval after the media nodes had seen it back."""
+        if self._backend_ok:
+            return True
+        now = time.monotonic()
+        if now - self._rechecked_at < RECHECK_INTERVAL:
+            return False
+        self._rechecked_at = now
+        self._backend_ok = await self.backends.healthy(timeout=RECHECK_TIMEOUT)
+        return self._backend_ok
 
     def ready(self) -> bool:
         serving = self.media is None or self.media.state == "SERVING"
@@ -116,7 +133,7 @@ class Server:
             NodeSelector(self.config.router.node_selector, regions),
             auto_create=self.config.room.auto_create,
             dispatcher=self.dispatcher,
-            store_up=lambda: self._backend_ok,
+            store_up=self.store_up_now,
         )
         router_pb2_grpc.add_RouterServicer_to_server(service, self.grpc_server)
         self.reaper = RoomReaper(directory, registry=self.backends.registry, owner=self.node_id)

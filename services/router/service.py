@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -37,6 +37,10 @@ def _reply(message: Message) -> common_pb2.RoomReply:
     return common_pb2.RoomReply(response=message.SerializeToString())
 
 
+async def _always_up() -> bool:
+    return True
+
+
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(
         self,
@@ -46,10 +50,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         selector: NodeSelector,
         auto_create: bool = True,
         dispatcher: AgentDispatcher | None = None,
-        store_up: Callable[[], bool] = lambda: True,
+        store_up: Callable[[], Awaitable[bool]] | None = None,
     ):
         self.selector = selector
-        self.store_up = store_up  # what this router last saw of the store: placements fail at once while it is down
+        # Whether the store answers: placements fail at once while it is down (braid.server.Server.store_up_now)
+        self.store_up = store_up or _always_up
         self.directory = directory
         self.store: RoomStore = directory.store
         self.registry = registry
@@ -254,7 +259,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         problem = validate_room_name(request.room)
         if problem:
             return router_pb2.Placement(error=rpc_error("invalid_argument", problem))
-        if not self.store_up():
+        if not await self.store_up():
             return router_pb2.Placement(error=rpc_error("unavailable", "the room store is unreachable"))
         room = await self.store.get_room(request.room)
         if room is None:
