@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
-import time
 import signal as os_signal
 import sys
+import time
 
 import grpc
 from aiohttp import web
