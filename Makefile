@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test bench cluster clean install web-build
 
-$(STAMP): pyproject.toml setup.py services/media/fastpath/_fastpath.c $(wildcard proto/braid/rpc/*.proto)
+$(STAMP): pyproject.toml setup.py $(wildcard services/media/fastpath/*.c services/media/fastpath/*.h) $(wildcard proto/braid/rpc/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	bash scripts/ensure-build-deps.sh
 	$(PY) -m pip install --quiet --upgrade pip

@@ -66,7 +66,8 @@ class OptionalBuildExt(build_ext):
 
 FASTPATH = Extension(
     "braid.services.media.fastpath._fastpath",
-    sources=["services/media/fastpath/_fastpath.c"],
+    sources=["services/media/fastpath/_fastpath.c", "services/media/fastpath/_twcc.c"],
+    depends=["services/media/fastpath/_twcc.h"],
     libraries=["crypto"],
     extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wno-deprecated-declarations"],
     optional=True,

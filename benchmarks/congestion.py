@@ -2,8 +2,9 @@
 
 Measured in this process on synthetic traffic (no network): a subscriber receiving 500 packets/s (the forwarding
 benchmark's 50 audio + 450 video) whose client reports every 100 ms, through the node's own code:
-  * feedback in: parsing one feedback packet and looking up its 50 packets' send times (twcc.SentPackets.matched,
-    in Python and in C), the estimate (bwe.SendSideBwe) and the allocator (allocation.LinkAllocator, 3 streams);
+  * feedback in: parsing one feedback packet, looking up its 50 packets' send times and grouping them for the
+    delay trend (bwe.ArrivalDelay in Python, bwe.CompiledArrivalDelay in C), the rate control (bwe.SendSideBwe)
+    and the allocator (allocation.LinkAllocator, 3 streams);
   * feedback out, per publisher packet: reading its transport-wide number, recording its arrival, and its share of
     the 10 feedback packets a second that go back (twcc.ArrivalRecorder);
   * numbering on the send path, per forwarded packet: twcc.stamped in Python, and the compiled Output with and
@@ -46,35 +47,42 @@ def _cpu(fn, repeat: int) -> float:
     return (time.process_time() - start) / repeat
 
 
+def _traffic(seconds: float) -> list[tuple[int, int]]:
+    """(send µs, size) of the forwarding benchmark's stream: 30 video frames a second of 15 packets sent in a
+    burst, and an audio packet every 20 ms."""
+    packets = [(int(f * 1e6 / 30) + k * 60, 1100) for f in range(int(seconds * 30)) for k in range(15)]
+    packets += [(a * 20_000 + 7_000, 120) for a in range(int(seconds * 50))]
+    return sorted(packets)
+
+
 def feedback_in(seconds: float, compiled: bool) -> tuple[float, float]:
-    """µs per reported packet, and µs of CPU per subscriber per second; `compiled`: parsed and matched in C."""
-    sent = twcc.SentPackets(3, compiled=compiled)
-    packet = rtp.rewrite(0x80, 0, 96, 1, 1, 1, bytes(1000))
-    per_feedback = PPS // FEEDBACK_HZ
-    rng = random.Random(1)
-    feedbacks = []
-    at = 1_000_000
-    for i in range(int(seconds * FEEDBACK_HZ)):
-        arrivals = []
-        for k in range(per_feedback):
-            sent.stamp(packet, at)
-            at += 1_000_000 // PPS
-            arrivals.append(at + 20_000 + rng.randint(0, 3000) if rng.random() > 0.01 else None)
-        arrivals[0] = arrivals[0] or at
-        feedbacks.append(twcc.build(1, 2, i, (i * per_feedback) & 0xFFFF, arrivals)[4:])
-    bwe = SendSideBwe()
+    """µs per reported packet, and µs of CPU per subscriber per second; `compiled`: parsed, matched and grouped in
+    C. Each feedback is measured with what it reports still in the ring, as on a real transport."""
+    sent = twcc.SentPackets(3)
+    recorder = twcc.ArrivalRecorder(1)
+    bwe = SendSideBwe(compiled=compiled)
     allocator = LinkAllocator()
     streams = [_Stream([150_000, 500_000, 1_200_000]), _Stream([150_000, 500_000, 1_200_000]), _Stream([40_000])]
-    queue = iter(feedbacks)
-
-    def one() -> None:
-        packets, lost = sent.matched(next(queue))
-        now = time.monotonic()
-        bwe.on_feedback(packets, lost, int(now * 1e6))
-        allocator.update(bwe.estimate, bwe.congested(int(now * 1e6)), streams, now)  # type: ignore[arg-type]
-
-    per_call = _cpu(one, len(feedbacks) - 1)
-    return per_call / per_feedback * 1e6, per_call * FEEDBACK_HZ * 1e6
+    rng = random.Random(1)
+    bodies = {size: rtp.rewrite(0x80, 0, 96, 1, 1, 1, bytes(size)) for size in (1100, 120)}
+    cpu = 0.0
+    next_feedback, link_free = 100_000, 0
+    for at, size in _traffic(seconds):
+        out = sent.stamp(bodies[size], at)
+        link_free = max(link_free, at) + len(out) * 8 // 20  # a 20 Mbit/s link
+        if rng.random() > 0.01:
+            recorder.on_packet(twcc.transport_seq(out, 3), 2, link_free + 20_000 + rng.randint(0, 300))
+        if at < next_feedback:
+            continue
+        next_feedback += 1_000_000 // FEEDBACK_HZ
+        for packet in recorder.feedback():
+            body = packet[4:]
+            start = time.process_time()
+            bwe.on_transport_feedback(body, sent, at)
+            allocator.update(bwe.estimate, bwe.congested(at), streams, at / 1e6)  # type: ignore[arg-type]
+            cpu += time.process_time() - start
+    per_second = cpu / seconds
+    return per_second / PPS * 1e6, per_second * 1e6
 
 
 def feedback_out(seconds: float) -> tuple[float, int]:
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Congestion control CPU (this process, {args.seconds:g} s of synthetic traffic at {PPS} packets/s, "
           f"feedback every {1000 // FEEDBACK_HZ} ms):")
     for how, (per_packet, per_subscriber) in feedback.items():
-        print(f"  subscriber feedback in (parse + estimate + allocate), {how} parse: {per_packet:.2f} us per "
+        print(f"  subscriber feedback in (parse + estimate + allocate), {how} estimator: {per_packet:.2f} us per "
               f"reported packet, {per_subscriber:.0f} us of CPU per subscriber per second "
               f"({per_subscriber / 1e4:.2f} % of a core)")
     print(f"  publisher feedback out: {recording:.2f} us per received packet, its {built} feedback packets included")

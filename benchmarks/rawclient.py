@@ -27,7 +27,8 @@ from braid.services.media.transport import PeerTransport
 
 OPUS = sdp.Codec(111, "opus", 48000, 2, "minptime=10;useinbandfec=1")
 VP8 = sdp.Codec(96, "VP8", 90000, 0, "", ["nack", "nack pli", "ccm fir"])
-EXTMAPS = {4: rtp.EXT_MID, 3: twcc.EXT_TRANSPORT_CC}  # as browsers offer: the node numbers what it sends them
+TRANSPORT_CC_ID = 3
+EXTMAPS = {4: rtp.EXT_MID, TRANSPORT_CC_ID: twcc.EXT_TRANSPORT_CC}  # as browsers offer: the node numbers what it sends them
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RawParticipant:
     join_seconds: float = 0.0
     first_media_seconds: float = 0.0
     count_only: bool = False
+    feedback: bool = True  # report arrivals transport-wide every 100 ms, as browsers do
 
     def __post_init__(self) -> None:
         self.pc = PeerTransport(
@@ -64,6 +66,8 @@ class RawParticipant:
         self._answered: asyncio.Future | None = None
         self._offer_id = 0
         self._started = 0.0
+        self._arrivals = twcc.ArrivalRecorder(random.randint(1, 0xFFFFFFFF))
+        self._reporter: asyncio.Task | None = None
 
     # --- offers ----------------------------------------------------------------------------------------
 
@@ -142,16 +146,35 @@ class RawParticipant:
             self.first_media_seconds = c.first_packet_at - self._started
             if self.count_only:
                 self.pc.ice_conn.set_fast(self._count_datagram)
+            if self.feedback and self._reporter is None:
+                self._reporter = asyncio.create_task(self._report_arrivals(), name=f"bench-twcc-{self.identity}")
         c.packets += 1
         c.bytes += len(data)
+        self._record_arrival(data)
 
     def _count_datagram(self, data: bytes) -> None:
         """Once media flows: count SRTP datagrams without decrypting them, so that hundreds of subscribers in
-        one benchmark process stay cheaper than the server they measure."""
+        one benchmark process stay cheaper than the server they measure (the RTP header, and with it the
+        transport-wide number, is not encrypted)."""
         if not 192 <= data[1] <= 223:
             c = self.counters
             c.packets += 1
             c.bytes += len(data)
+            self._record_arrival(data)
+
+    def _record_arrival(self, data: bytes) -> None:
+        if self.feedback:
+            seq = twcc.transport_seq(data, TRANSPORT_CC_ID)
+            if seq is not None:
+                self._arrivals.on_packet(seq, int.from_bytes(data[8:12], "big"), time.monotonic_ns() // 1000)
+
+    async def _report_arrivals(self) -> None:
+        """What a browser's receiver does: transport-wide feedback every 100 ms, so the server's estimator and
+        allocator run in the benchmark as they run for real subscribers."""
+        while True:
+            await asyncio.sleep(0.1)
+            for packet in self._arrivals.feedback():
+                self.pc.send_rtcp(packet)
 
     # --- publishing ------------------------------------------------------------------------------------
 
@@ -190,9 +213,10 @@ class RawParticipant:
             except Exception:
                 pass
             await self.ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, self._reporter):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.pc.close()
         if self.session is not None:
             await self.session.close()
@@ -274,12 +298,13 @@ JOIN_ATTEMPTS = 5
 
 async def join_subscribers(url: str, room: str, n: int, token, ports, cert,
                            clients: list[RawParticipant], wait: float = 15.0,
-                           count_only: bool = False) -> list[RawParticipant]:
+                           count_only: bool = False, feedback: bool = True) -> list[RawParticipant]:
     """Join `n` subscribers (appended to `clients`) and wait until each has received media, or `wait` passed."""
     subscribers = []
     for i in range(n):
         for attempt in range(JOIN_ATTEMPTS):
-            sub = RawParticipant(url, token(room, f"sub-{i}"), ports, cert, f"sub-{i}", count_only=count_only)
+            sub = RawParticipant(url, token(room, f"sub-{i}"), ports, cert, f"sub-{i}", count_only=count_only,
+                                 feedback=feedback)
             clients.append(sub)
             try:
                 await sub.connect()

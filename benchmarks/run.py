@@ -71,7 +71,7 @@ async def run_case(n: int, path: str, mode: str, args: argparse.Namespace, log_d
         await asyncio.sleep(1.0)
         rss_before = server.rss_mb()
         subscribers = await join_subscribers(server.url, room, n, lambda r, i: join_token(KEY, SECRET, r, i), ports, cert,
-                                             clients, count_only=True)
+                                             clients, count_only=True, feedback=args.feedback)
         await asyncio.sleep(args.warmup)
         packets0 = sum(s.counters.packets for s in subscribers)
         sent0, cpu0, t0 = sender.sent, server.cpu_seconds(), time.monotonic()
@@ -105,7 +105,9 @@ async def run_case(n: int, path: str, mode: str, args: argparse.Namespace, log_d
 def _print(rows: list[dict], args: argparse.Namespace) -> None:
     print()
     print(f"Braid forwarding benchmark: 1 publisher (Opus 50 pps + video {args.fps:g} fps x "
-          f"{args.packets_per_frame} packets), N subscribers, {args.duration:g} s window, "
+          f"{args.packets_per_frame} packets), N subscribers "
+          f"({'sending transport-wide feedback every 100 ms' if args.feedback else 'sending no feedback'}), "
+          f"{args.duration:g} s window, "
           f"{os.cpu_count()} CPUs, loop={'uvloop' if os.environ.get('BRAID_NO_UVLOOP') != '1' else 'asyncio'}, "
           f"load average {os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
     header = (f"{'path':>8} {'mode':>10} {'N':>4} {'in pps':>7} {'fwd pps':>8} {'delivered':>9} {'srv CPU':>8} "
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of media before measuring")
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--packets-per-frame", type=int, default=15)
+    parser.add_argument("--no-feedback", dest="feedback", action="store_false",
+                        help="subscribers send no transport-wide feedback (browsers do: by default they do too)")
     parser.add_argument("--modes", default=",".join(MODES), help="udp-port,port-range (port-range: first path only)")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

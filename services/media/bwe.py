@@ -8,14 +8,18 @@ congestion control (draft-ietf-rmcat-gcc-02, and libwebrtc's trendline filter):
   times what was delivered;
 * loss-based: over 10 % lost, the estimate falls with the loss; under 2 %, it may grow.
 
-The estimate is the lower of the two. It costs a few µs per reported packet, every ~100 ms, off the forwarding
-path (`make bench` prints the figure).
+The estimate is the lower of the two. The per-packet part (matching, the acked window, packet groups and the
+trendline) runs in C where the extension is built (`CompiledArrivalDelay`), the once-per-feedback rate and loss
+control in Python; `make bench` prints what it costs per reported packet.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+from . import twcc
+from .fastpath import _fastpath
 
 GROUP_US = 5_000
 BURST_US = 5_000
@@ -32,6 +36,7 @@ LOSS_WINDOW_US = 1_000_000
 WARMUP = 2.0  # seconds of feedback whose losses are not the link's: the first packets reach a receiver still keying
 
 NORMAL, OVERUSING, UNDERUSING = "normal", "overusing", "underusing"
+STATES = (NORMAL, OVERUSING, UNDERUSING)  # as the compiled estimator numbers them
 
 
 @dataclass
@@ -109,41 +114,36 @@ def _slope(points) -> float:
     return num / den if den else 0.0
 
 
-class SendSideBwe:
-    """One subscriber's estimate (bits per second), fed each feedback with `on_feedback`; times wrap at 2³² µs on
-    either clock. An SFU does not choose its send rate, it forwards what publishers send: so without overuse
-    the estimate is never below what the link just delivered, and it only falls when a queue builds up or
-    packets are lost."""
+class ArrivalDelay:
+    """The per-packet part of the estimate: the window of what was acked, and the packet groups whose delay change
+    feeds the trendline. This is the reference; `CompiledArrivalDelay` does the same in C (fastpath/_twcc.c), as a
+    subscriber's client reports every packet it was forwarded. Bounded: at most ACKED_MAX packets acked."""
 
-    def __init__(self, initial_bps: float = 0.0) -> None:
+    ACKED_MAX = 2048
+
+    def __init__(self) -> None:
         self.trendline = Trendline()
-        self.delay_bps = initial_bps  # 0: not yet known (the first acked rate sets it)
-        self.loss_bps = MAX_BPS
+        self.state = NORMAL
         self._group: _Group | None = None  # the packet group being received
         self._previous: _Group | None = None  # the last complete one
         self._acked: deque = deque()  # (arrival µs, size) of the last ACKED_WINDOW_US
         self._acked_bytes = 0
-        self._losses: deque = deque()  # (at µs, received, lost)
-        self._last_increase_us: int | None = None
-        self._last_decrease_us: int | None = None
-        self._capacity_bps: float | None = None  # the delivered rate at the last overuse
-        self.state = NORMAL
-        self.rtt_ms = 100.0
-        self._first_us: int | None = None
-        self._overused_us: int | None = None
-        self.measured_for = 0.0  # seconds of feedback so far
 
-    @property
-    def estimate(self) -> float:
-        """Bits per second the link is judged to carry (0 until feedback has measured it)."""
-        if not self.delay_bps:
-            return 0.0
-        return max(MIN_BPS, min(self.delay_bps, self.loss_bps, MAX_BPS))
+    def measure(self, body: bytes, sent: twcc.SentPackets) -> tuple[int, int] | None:
+        """Feed what a transport-wide feedback `body` reports arrived of what `sent` numbered; (packets matched,
+        packets reported lost), None when malformed."""
+        matched = sent.matched(body)
+        if matched is None:
+            return None
+        packets, lost = matched
+        self.feed(packets)
+        return len(packets), lost
 
-    def congested(self, now_us: int, within_us: int = 2_000_000) -> bool:
-        """A queue built up lately, or loss holds the estimate down: what the streams are sent may not fit."""
-        recent = self._overused_us is not None and now_us - self._overused_us <= within_us
-        return recent or self.loss_bps < self.delay_bps
+    def feed(self, packets: list[tuple[int, int, int]]) -> None:
+        """Packets that arrived, as (send µs, arrival µs, size)."""
+        for send, arrival, size in packets:
+            self._ack(arrival, size)
+            self._group_packet(send, arrival, size)
 
     def acked_bps(self) -> float:
         acked = self._acked
@@ -152,20 +152,24 @@ class SendSideBwe:
         span = (acked[-1][0] - acked[0][0]) & 0xFFFFFFFF
         return self._acked_bytes * 8 * 1_000_000 / max(span, 100_000)
 
-    def on_feedback(self, packets: list[tuple[int, int, int]], lost: int, now_us: int) -> None:
-        """One feedback's packets that arrived, as (send µs, arrival µs, size), and how many it says were lost."""
-        for send, arrival, size in packets:
-            self._ack(arrival, size)
-            self._group_packet(send, arrival, size)
-        if (packets or lost) and self.measured_for >= WARMUP:
-            self._loss_update(len(packets), lost, now_us)
-        self._rate_update(now_us)
-        if self._first_us is None:
-            self._first_us = now_us
-        self.measured_for = (now_us - self._first_us) / 1_000_000
+    def snapshot(self) -> dict:
+        """Every field, as the compiled one reports its own (the comparison test holds them equal)."""
+        t = self.trendline
+
+        def group(g: _Group | None):
+            return None if g is None else (g.first_send, g.send, g.arrival, g.size)
+
+        return {"group": group(self._group), "previous": group(self._previous), "acked": len(self._acked),
+                "acked_bytes": self._acked_bytes, "acked_bps": self.acked_bps(), "threshold": t.threshold,
+                "accumulated": t._accumulated, "smoothed": t._smoothed, "first_arrival": t._first_arrival,
+                "previous_trend": t._previous_trend, "deltas": t._deltas, "over_ms": t._over_ms,
+                "over_count": t._over_count, "last_update_ms": t._last_update_ms, "points": list(t._points),
+                "state": STATES.index(self.state)}
 
     def _ack(self, arrival: int, size: int) -> None:
         acked = self._acked
+        if len(acked) == self.ACKED_MAX:
+            self._acked_bytes -= acked.popleft()[1]
         acked.append((arrival, size))
         self._acked_bytes += size
         while acked and (arrival - acked[0][0]) & 0xFFFFFFFF > ACKED_WINDOW_US:
@@ -202,6 +206,94 @@ class SendSideBwe:
             arrival_delta -= 0x100000000
         self.state = self.trendline.update((arrival_delta - send_delta) / 1000, send_delta / 1000,
                                            group.arrival / 1000)
+
+
+class CompiledArrivalDelay:
+    """ArrivalDelay in C: one call per feedback parses it, looks its packets up in the ring and feeds them."""
+
+    def __init__(self) -> None:
+        assert _fastpath is not None
+        self._state = bytearray(_fastpath.DELAY_STATE_SIZE)
+        self.state = NORMAL
+        self._acked_bps = 0.0
+
+    def measure(self, body: bytes, sent: twcc.SentPackets) -> tuple[int, int] | None:
+        measured = _fastpath.twcc_feed(body, sent.ring, self._state)
+        if measured is None:
+            return None
+        received, lost, self._acked_bps, state = measured
+        self.state = STATES[state]
+        return received, lost
+
+    def acked_bps(self) -> float:
+        return self._acked_bps
+
+    def snapshot(self) -> dict:
+        return _fastpath.delay_snapshot(self._state)
+
+
+class SendSideBwe:
+    """One subscriber's estimate (bits per second), fed each feedback with `on_transport_feedback` (or, with
+    packets already matched, `on_feedback`); times wrap at 2³² µs on either clock. An SFU does not choose its send
+    rate, it forwards what publishers send: so without overuse the estimate is never below what the link just
+    delivered, and it only falls when a queue builds up or packets are lost. `compiled`: the per-packet part in C."""
+
+    def __init__(self, initial_bps: float = 0.0, compiled: bool = False) -> None:
+        self.delay: ArrivalDelay | CompiledArrivalDelay = (
+            CompiledArrivalDelay() if compiled and _fastpath is not None else ArrivalDelay())
+        self.delay_bps = initial_bps  # 0: not yet known (the first acked rate sets it)
+        self.loss_bps = MAX_BPS
+        self._losses: deque = deque()  # (at µs, received, lost)
+        self._last_increase_us: int | None = None
+        self._last_decrease_us: int | None = None
+        self._capacity_bps: float | None = None  # the delivered rate at the last overuse
+        self.rtt_ms = 100.0
+        self._first_us: int | None = None
+        self._overused_us: int | None = None
+        self.measured_for = 0.0  # seconds of feedback so far
+
+    @property
+    def state(self) -> str:
+        return self.delay.state
+
+    @property
+    def estimate(self) -> float:
+        """Bits per second the link is judged to carry (0 until feedback has measured it)."""
+        if not self.delay_bps:
+            return 0.0
+        return max(MIN_BPS, min(self.delay_bps, self.loss_bps, MAX_BPS))
+
+    def congested(self, now_us: int, within_us: int = 2_000_000) -> bool:
+        """A queue built up lately, or loss holds the estimate down: what the streams are sent may not fit."""
+        recent = self._overused_us is not None and now_us - self._overused_us <= within_us
+        return recent or self.loss_bps < self.delay_bps
+
+    def acked_bps(self) -> float:
+        return self.delay.acked_bps()
+
+    def on_transport_feedback(self, body: bytes, sent: twcc.SentPackets, now_us: int) -> bool:
+        """One transport-wide feedback packet's body (after its RTCP header) about what `sent` numbered; False when
+        malformed."""
+        measured = self.delay.measure(body, sent)
+        if measured is None:
+            return False
+        self._measured(*measured, now_us)
+        return True
+
+    def on_feedback(self, packets: list[tuple[int, int, int]], lost: int, now_us: int) -> None:
+        """One feedback's packets that arrived, as (send µs, arrival µs, size), and how many it says were lost
+        (the Python estimator only)."""
+        assert isinstance(self.delay, ArrivalDelay)
+        self.delay.feed(packets)
+        self._measured(len(packets), lost, now_us)
+
+    def _measured(self, received: int, lost: int, now_us: int) -> None:
+        if (received or lost) and self.measured_for >= WARMUP:
+            self._loss_update(received, lost, now_us)
+        self._rate_update(now_us)
+        if self._first_us is None:
+            self._first_us = now_us
+        self.measured_for = (now_us - self._first_us) / 1_000_000
 
     def _loss_update(self, received: int, lost: int, now_us: int) -> None:
         losses = self._losses

@@ -78,7 +78,8 @@ class Subscriber:
         self.down_by_ssrc: dict[int, DownTrack] = {}
         self.cname = f"braid-{random.getrandbits(32):08x}"
         self.link_probes = LinkProbes()
-        self.bwe = SendSideBwe()  # its downlink, from transport-wide feedback (when its client sends it)
+        # its downlink, from transport-wide feedback (when its client sends it); per packet in C with the compiled path
+        self.bwe = SendSideBwe(compiled=participant.node.send_path is not None)
         self.allocator = LinkAllocator()
         # v1
         self.used_mids: set[str] = set()
@@ -369,16 +370,13 @@ class Subscriber:
         sent = pc.twcc if pc is not None else None
         if sent is None:
             return
-        matched = sent.matched(body)
-        if matched is None:
-            return  # malformed
-        packets, lost = matched
         now = time.monotonic()
         rtts = [d.rtt for d in self.down_by_ssrc.values() if d.rtt]
         if rtts:
             self.bwe.rtt_ms = max(rtts) * 1000
         now_us = int(now * 1_000_000)
-        self.bwe.on_feedback(packets, lost, now_us)
+        if not self.bwe.on_transport_feedback(body, sent, now_us):
+            return  # malformed
         if self.bwe.measured_for >= WARMUP:
             self.allocator.update(self.bwe.estimate, self.bwe.congested(now_us), list(self.down_by_ssrc.values()),
                                   now)

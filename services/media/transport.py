@@ -163,7 +163,7 @@ class PeerTransport:
                        for i, uri in m.extmaps.items() if uri == twcc.EXT_TRANSPORT_CC), 0)
         if not 0 < ext_id < 15 or (self.twcc is not None and self.twcc.ext_id == ext_id):
             return
-        self.twcc = twcc.SentPackets(ext_id, compiled=self._send_path is not None)
+        self.twcc = twcc.SentPackets(ext_id)
         if self.output is not None:
             self.output.set_twcc(ext_id, self.twcc.ring)
 

@@ -13,8 +13,6 @@ import struct
 from dataclasses import dataclass, field
 
 from . import rtp
-from .fastpath import _fastpath
-
 
 EXT_TRANSPORT_CC = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 FMT_TWCC = 15
@@ -273,10 +271,9 @@ class SentPackets:
     ENTRY = struct.Struct("=IHH")
     HEADER = struct.Struct("=I")
 
-    def __init__(self, ext_id: int, compiled: bool = False) -> None:
+    def __init__(self, ext_id: int) -> None:
         self.ext_id = ext_id
         self.ring = bytearray(self.HEADER.size + self.RING * self.ENTRY.size)
-        self._matched_c = _fastpath.twcc_matched if compiled and _fastpath is not None else None
 
     def stamp(self, packet: bytes, now_us: int) -> bytes:
         (seq,) = self.HEADER.unpack_from(self.ring, 0)
@@ -292,9 +289,7 @@ class SentPackets:
     def matched(self, body: bytes) -> tuple[list[tuple[int, int, int]], int] | None:
         """(send µs, arrival µs, size), both mod 2³², of each packet the feedback `body` (after its RTCP header)
         reports arrived that the ring still knows, what the estimator (bwe.py) takes; and how many it reports lost.
-        None when malformed. Compiled, the same in C (a client reports each packet it was sent)."""
-        if self._matched_c is not None:
-            return self._matched_c(body, self.ring)
+        None when malformed. The compiled estimator reads the ring itself (fastpath/_twcc.c)."""
         feedback = parse(body)
         if feedback is None:
             return None

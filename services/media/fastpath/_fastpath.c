@@ -31,6 +31,8 @@
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
 
+#include "_twcc.h"
+
 #define PROFILE_AES128_CM_SHA1_80 1
 #define PROFILE_AEAD_AES_128_GCM 7
 #define PROFILE_AEAD_AES_256_GCM 8
@@ -1258,123 +1260,13 @@ static PyObject *recv_batch(PyObject *module, PyObject *args) {
     return out;
 }
 
-/* --- transport-wide feedback ------------------------------------------------------------------------------ */
-
-/* twcc_matched(body, ring) -> ([(send µs, arrival µs, size), ...], lost) | None: a transport-wide feedback packet's
- * body (after its 4-byte RTCP header) read as twcc.parse reads it, each packet it reports arrived looked up in a
- * SentPackets `ring` as SentPackets.matched does (both times mod 2^32; packets the ring no longer knows are left
- * out), and how many it reports lost; None when malformed. A subscriber's client reports every packet it got, so
- * this runs once per forwarded packet: in Python it cost more than forwarding the packet. */
-#define TWCC_RING 4096
-#define TWCC_ENTRY 8
-
-static PyObject *twcc_matched(PyObject *module, PyObject *args) {
-    Py_buffer body, ring;
-    if (!PyArg_ParseTuple(args, "y*y*", &body, &ring))
-        return NULL;
-    PyObject *result = NULL, *packets = NULL;
-    uint8_t *symbols = NULL;
-    const uint8_t *b = (const uint8_t *)body.buf;
-    Py_ssize_t n = body.len;
-    if (ring.len < 4 + TWCC_RING * TWCC_ENTRY) {
-        PyErr_SetString(PyExc_ValueError, "ring: the bytearray of a twcc.SentPackets");
-        goto done;
-    }
-    if (n < 16) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
-    unsigned int base = ((unsigned int)b[8] << 8) | b[9];
-    unsigned int count = ((unsigned int)b[10] << 8) | b[11];
-    int32_t reference = (int32_t)(((uint32_t)b[12] << 16) | ((uint32_t)b[13] << 8) | b[14]);
-    if (reference & 0x800000)
-        reference -= 0x1000000;
-    symbols = PyMem_Malloc(count ? count : 1);
-    if (symbols == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t pos = 16;
-    unsigned int seen = 0;
-    while (seen < count) {
-        if (pos + 2 > n) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        unsigned int word = ((unsigned int)b[pos] << 8) | b[pos + 1];
-        pos += 2;
-        if (!(word & 0x8000)) {
-            unsigned int run = word & 0x1FFF;
-            if (run > count - seen)
-                run = count - seen;
-            memset(symbols + seen, (word >> 13) & 3, run);
-            seen += run;
-        } else if (!(word & 0x4000)) {
-            for (int k = 0; k < 14 && seen < count; k++)
-                symbols[seen++] = (word >> (13 - k)) & 1;
-        } else {
-            for (int k = 0; k < 7 && seen < count; k++)
-                symbols[seen++] = (word >> (12 - 2 * k)) & 3;
-        }
-    }
-    packets = PyList_New(0);
-    if (packets == NULL)
-        goto done;
-    const uint8_t *entries = (const uint8_t *)ring.buf + 4;
-    int64_t at = (int64_t)reference * 64000;
-    unsigned long lost = 0;
-    for (unsigned int i = 0; i < count; i++) {
-        unsigned int symbol = symbols[i];
-        if (symbol == 0 || symbol == 3) {
-            lost++;
-            continue;
-        }
-        if (symbol == 1) {
-            if (pos + 1 > n)
-                goto malformed;
-            at += (int64_t)b[pos] * 250;
-            pos += 1;
-        } else {
-            if (pos + 2 > n)
-                goto malformed;
-            at += (int64_t)(int16_t)(((unsigned int)b[pos] << 8) | b[pos + 1]) * 250;
-            pos += 2;
-        }
-        unsigned int seq = (base + i) & 0xFFFF;
-        const uint8_t *entry = entries + (seq % TWCC_RING) * TWCC_ENTRY;
-        uint32_t sent_at;
-        uint16_t size, stored;
-        memcpy(&sent_at, entry, 4);
-        memcpy(&size, entry + 4, 2);
-        memcpy(&stored, entry + 6, 2);
-        if (stored != seq || !size)
-            continue;
-        PyObject *item = Py_BuildValue("(kkI)", (unsigned long)sent_at, (unsigned long)(uint32_t)at,
-                                       (unsigned int)size);
-        if (item == NULL || PyList_Append(packets, item) < 0) {
-            Py_XDECREF(item);
-            goto done;
-        }
-        Py_DECREF(item);
-    }
-    result = Py_BuildValue("(Ok)", packets, lost);
-    goto done;
-malformed:
-    result = Py_NewRef(Py_None);
-done:
-    PyMem_Free(symbols);
-    Py_XDECREF(packets);
-    PyBuffer_Release(&body);
-    PyBuffer_Release(&ring);
-    return result;
-}
-
 static PyMethodDef module_methods[] = {
     {"fanout", (PyCFunction)(void (*)(void))fanout, METH_FASTCALL,
      "fanout(subs, layer, data, off, marker, seq, ts, keyframe, now): DownTrack.write for each subscriber"},
     {"recv_batch", recv_batch, METH_VARARGS, "recv_batch(fd, limit=1024) -> [(data, addr), ...] via recvmmsg"},
-    {"twcc_matched", twcc_matched, METH_VARARGS,
-     "twcc_matched(body, ring) -> ([(send us, arrival us, size), ...], lost) | None: SentPackets.matched(parse(body))"},
+    {"twcc_feed", twcc_feed, METH_VARARGS,
+     "twcc_feed(body, ring, state) -> (received, lost, acked_bps, trend_state) | None: bwe.ArrivalDelay.measure"},
+    {"delay_snapshot", delay_snapshot, METH_VARARGS, "delay_snapshot(state) -> dict: bwe.ArrivalDelay.snapshot()"},
     {NULL},
 };
 
@@ -1404,6 +1296,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyModule_AddObject(m, "Output", (PyObject *)&OutputType);
     Py_INCREF(&DownStateType);
     PyModule_AddObject(m, "DownState", (PyObject *)&DownStateType);
+    PyModule_AddIntConstant(m, "DELAY_STATE_SIZE", (long)delay_state_size());
     PyModule_AddIntConstant(m, "PROFILE_AES128_CM_SHA1_80", PROFILE_AES128_CM_SHA1_80);
     PyModule_AddIntConstant(m, "PROFILE_AEAD_AES_128_GCM", PROFILE_AEAD_AES_128_GCM);
     PyModule_AddIntConstant(m, "PROFILE_AEAD_AES_256_GCM", PROFILE_AEAD_AES_256_GCM);
