@@ -48,6 +48,10 @@ TARGETS = {1: 40.0, 10: 5.0}  # issue 15: us of server CPU per forwarded packet 
 KEY, SECRET = "devkey", "secret"
 
 
+class Saturated(Exception):
+    """A case the server could not take: it was saturated before every subscriber joined."""
+
+
 def start_dev_server(log_dir: Path, path: str = "compiled", mode: str = "udp-port") -> Proc:
     port = free_port()
     env = {"BRAID_LOG_LEVEL": "INFO", "BRAID_RTC__PORT_RANGE_START": "40000", "BRAID_RTC__PORT_RANGE_END": "44999",
@@ -65,13 +69,22 @@ async def run_case(n: int, path: str, mode: str, args: argparse.Namespace, log_d
     room = f"bench-{n}"
     clients: list[RawParticipant] = []
     sender = None
+    started = time.monotonic()
     try:
         sender = await start_publisher(server.url, join_token(KEY, SECRET, room, "publisher"), ports, cert, args.fps,
                                        args.packets_per_frame, clients)
         await asyncio.sleep(1.0)
         rss_before = server.rss_mb()
-        subscribers = await join_subscribers(server.url, room, n, lambda r, i: join_token(KEY, SECRET, r, i), ports, cert,
-                                             clients, count_only=True, feedback=args.feedback)
+        started = time.monotonic()
+        try:
+            subscribers = await join_subscribers(server.url, room, n, lambda r, i: join_token(KEY, SECRET, r, i), ports,
+                                                 cert, clients, count_only=True, feedback=args.feedback)
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            receiving = [c for c in clients if c is not clients[0] and c.counters.packets]
+            raise Saturated(f"the server saturated before {n} subscribers joined: {len(receiving)} receive media, "
+                            f"{sum(c.counters.packets for c in receiving) / max(1, time.monotonic() - started):.0f} "
+                            f"packets/s forwarded to them on average since the first joined, and the next join's "
+                            f"answer took over 10 s") from exc
         await asyncio.sleep(args.warmup)
         packets0 = sum(s.counters.packets for s in subscribers)
         sent0, cpu0, t0 = sender.sent, server.cpu_seconds(), time.monotonic()
@@ -160,7 +173,8 @@ def plot(rows: list[dict], out: Path, args: argparse.Namespace) -> bool:
 async def main_async(args: argparse.Namespace) -> None:
     log_dir = ROOT / "test-artifacts"
     log_dir.mkdir(exist_ok=True)
-    rows = []
+    rows: list[dict] = []
+    saturated: list[str] = []
     paths = [p for p in args.paths if not (p == "compiled" and fastpath.UNAVAILABLE)]
     if len(paths) < len(args.paths):
         print(f"skipping the compiled path: {fastpath.UNAVAILABLE}", file=sys.stderr)
@@ -171,6 +185,10 @@ async def main_async(args: argparse.Namespace) -> None:
         for n in args.subscribers:
             try:
                 rows.append(await run_case(n, path, mode, args, log_dir))
+            except Saturated as exc:
+                saturated.append(f"{path} {mode} N={n}: {exc}")
+                print(saturated[-1], file=sys.stderr)
+                continue
             except Exception as exc:  # one case failing (a loaded machine refusing joins) must not lose the rest
                 print(f"{path} {mode} N={n}: case failed: {exc!r}"[:300], file=sys.stderr)
                 continue
@@ -178,6 +196,8 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"{path} {mode} N={n}: {r['out_pps']:.0f} forwarded pps, {r['us_per_pkt']:.1f} us/packet",
                   file=sys.stderr)
     _print(rows, args)
+    for line in saturated:
+        print(f"  {line}")
     if plot(rows, args.plot, args):
         print(f"plot of us/pkt against N: {args.plot}")
     else:
