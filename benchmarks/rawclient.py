@@ -14,6 +14,7 @@ import gzip
 import os
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -21,7 +22,7 @@ from aiortc.rtcdtlstransport import RTCCertificate
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_pb
 
-from braid.services.media import rtp, sdp, twcc
+from braid.services.media import rtcp, rtp, sdp, twcc
 from braid.services.media.ice import IceHost, PortRange
 from braid.services.media.transport import PeerTransport
 
@@ -51,12 +52,15 @@ class RawParticipant:
     first_media_seconds: float = 0.0
     count_only: bool = False
     feedback: bool = True  # report arrivals transport-wide every 100 ms, as browsers do
+    transport_cc: bool = True  # offer transport-wide numbering (as browsers do); without it the node sends REMB
 
     def __post_init__(self) -> None:
         self.pc = PeerTransport(
             ice=IceHost.port_range(self.ports, "127.0.0.1"), certificate=self.certificate, offerer=True,
-            label=f"bench/{self.identity}", on_rtp=self._on_rtp, on_rtcp=lambda data: None, on_state=lambda s: None,
+            label=f"bench/{self.identity}", on_rtp=self._on_rtp, on_rtcp=self._on_rtcp, on_state=lambda s: None,
         )
+        self.extmaps = dict(EXTMAPS) if self.transport_cc else {k: v for k, v in EXTMAPS.items() if v == rtp.EXT_MID}
+        self.remb: deque[tuple[float, int]] = deque(maxlen=1000)  # (when, bits/s) of each REMB the node sent
         self.sections: list[sdp.Section] = []
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -74,7 +78,7 @@ class RawParticipant:
     def _add_recv(self, kind: str) -> None:
         codec = OPUS if kind == "audio" else VP8
         self.sections.append(sdp.Section(kind=kind, mid=str(len(self.sections)), direction="recvonly",
-                                         codecs=[codec], extmaps=dict(EXTMAPS)))
+                                         codecs=[codec], extmaps=dict(self.extmaps)))
 
     def _offer(self) -> rtc_pb.SessionDescription:
         self._offer_id += 1
@@ -152,6 +156,11 @@ class RawParticipant:
         c.bytes += len(data)
         self._record_arrival(data)
 
+    def _on_rtcp(self, data: bytes) -> None:
+        for packet in rtcp.parse(data):
+            if packet.type == rtcp.PSFB and packet.bitrate:
+                self.remb.append((time.monotonic(), packet.bitrate))
+
     def _count_datagram(self, data: bytes) -> None:
         """Once media flows: count SRTP datagrams without decrypting them, so that hundreds of subscribers in
         one benchmark process stay cheaper than the server they measure (the RTP header, and with it the
@@ -191,7 +200,7 @@ class RawParticipant:
         ssrc = random.randint(1, 0xFFFFFFFF)
         codec = OPUS if kind == "audio" else VP8
         self.sections.append(sdp.Section(
-            kind=kind, mid=str(len(self.sections)), direction="sendonly", codecs=[codec], extmaps=dict(EXTMAPS),
+            kind=kind, mid=str(len(self.sections)), direction="sendonly", codecs=[codec], extmaps=dict(self.extmaps),
             outgoing=sdp.Outgoing(ssrc, "bench", "stream", cid)))
         self._answered = asyncio.get_running_loop().create_future()
         await self.send(rtc_pb.SignalRequest(offer=self._offer()))
@@ -280,9 +289,9 @@ class SyntheticSender:
 
 
 async def start_publisher(url: str, token: str, ports, cert, fps: float, packets_per_frame: int,
-                          clients: list[RawParticipant]) -> SyntheticSender:
+                          clients: list[RawParticipant], transport_cc: bool = True) -> SyntheticSender:
     """Join a publisher (appended to `clients`, for cleanup), publish audio + video, start its synthetic media."""
-    publisher = RawParticipant(url, token, ports, cert, "publisher")
+    publisher = RawParticipant(url, token, ports, cert, "publisher", transport_cc=transport_cc)
     clients.append(publisher)
     await publisher.connect(receive_audio=0, receive_video=0)
     await publisher.wait_connected()

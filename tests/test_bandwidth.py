@@ -14,10 +14,16 @@ for ten seconds and the picture froze for fourteen.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+from aiortc.rtcdtlstransport import RTCCertificate
 
-from .impairment import Impairment
+from benchmarks.rawclient import start_publisher
+from braid.clients.harness import join_token
+from braid.services.media.ice import PortRange
+
+from .impairment import Impairment, free_port_block
 from .test_cluster_simulcast import ENCODER_PROBE, FREEZE_PROBE, _decoded_if, server_freezes
 from .test_browser import browser, chromium_path, fake_speech  # noqa: F401 (fixtures)
 from .test_browser import wait_until as page_wait
@@ -140,3 +146,45 @@ async def test_a_browser_behind_a_deep_queue_is_moved_down_before_it_freezes(imp
     except BaseException:
         print(server.log()[-8000:])
         raise
+
+
+async def _remb_until(publisher, condition, timeout: float, what: str) -> list[int]:
+    """Wait until `condition` holds for the REMB values the node sent since this call; returns them."""
+    since = time.monotonic()
+    deadline = since + timeout
+    while True:
+        values = [bps for at, bps in publisher.remb if at >= since]
+        if values and condition(values):
+            return values
+        assert time.monotonic() < deadline, f"{what}: REMB since then {values}"
+        await asyncio.sleep(0.25)
+
+
+async def test_a_publisher_without_transport_cc_is_told_its_squeezed_uplink_by_remb(impaired_server_factory,
+                                                                                    room_name):
+    """A publisher that numbers nothing transport-wide (aiortc, older clients) learns its uplink only from the
+    REMB the node sends. It sends 1.6 Mbit/s of video: uncapped the REMB stays above that; capped at 500 kbit/s
+    the REMB falls under the cap within seconds, so an encoder would back off; once the cap is lifted it climbs
+    back over what is sent. Real ICE, DTLS and SRTP through the impairment relay."""
+    server, relay = await impaired_server_factory()
+    cert = RTCCertificate.generateCertificate()
+    client_ports = free_port_block(4, hosts=("127.0.0.1",))
+    clients: list = []
+    joined = relay.mark()
+    sender = await start_publisher(server.ws_url, join_token(server.api_key, server.api_secret, room_name, "pub"),
+                                   PortRange(client_ports.start, client_ports.stop - 1, host="127.0.0.1"), cert,
+                                   30, 6, clients, transport_cc=False)
+    publisher = clients[0]
+    try:
+        assert publisher.pc.twcc is None  # nothing numbered: the node estimates from arrivals and RTP timestamps
+        await _remb_until(publisher, lambda v: max(v) >= 1_300_000, 15, "REMB above what is sent, uncapped")
+        (flow,) = relay.flows_since(joined)
+        flow.impair(up=Impairment(rate_bps=500_000))
+        squeezed = await _remb_until(publisher, lambda v: min(v) <= 600_000, 10, "REMB under the 500 kbit/s cap")
+        flow.impair()
+        await _remb_until(publisher, lambda v: v[-1] >= 1_200_000, 30, "REMB back over 1.2 Mbit/s uncapped")
+        print(f"REMB while capped: {squeezed}")
+    finally:
+        await sender.stop()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    assert "Traceback" not in server.log(), server.log()[-3000:]
