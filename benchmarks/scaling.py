@@ -14,8 +14,8 @@ saturated honestly; capped, each worker has a known share, and the question "doe
 second worker's worth of forwarding" is answered with CPU to spare for the clients. The caps are applied once
 everyone has joined (joins under a small cap would take minutes) and lifted before the next run.
 
-    python -m benchmarks.scaling [--workers 1,2] [--cores 0.12] [--subscribers 40]
-                                 [--start 4] [--growth 1.07] [--duration 6]
+    python -m benchmarks.scaling [--workers 1,2] [--cores 0.2] [--subscribers 40]
+                                 [--start 2] [--growth 1.07] [--duration 6]
 
 Needs root (cgroup CPU limits, v1 or v2) and redis-server; without them it says so and measures nothing.
 BENCH_LOG_LEVEL=INFO keeps the servers' logs (test-artifacts/bench-scaling-*.log) at INFO.
@@ -308,9 +308,9 @@ async def main_async(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--cores", type=float, default=0.12, help="CPU cap of each worker, in cores")
+    parser.add_argument("--cores", type=float, default=0.2, help="CPU cap of each worker, in cores")
     parser.add_argument("--subscribers", type=int, default=40, help="subscribers per room")
-    parser.add_argument("--start", type=int, default=4, help="video packets per frame at the first step")
+    parser.add_argument("--start", type=int, default=2, help="video packets per frame at the first step")
     parser.add_argument("--growth", type=float, default=1.07, help="packet rate of a step over the one before")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--settle", type=float, default=3.0)
