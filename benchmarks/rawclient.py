@@ -231,6 +231,13 @@ class RawParticipant:
             await self.session.close()
 
 
+def about_equal(total: int, count: int) -> list[int]:
+    """A frame of `total` bytes split into `count` packets as libwebrtc's packetizer splits one: sizes differ by at
+    most a byte, the larger ones last (so a subscriber's packets of one frame are not all of one size)."""
+    small, larger = divmod(total, count)
+    return [small] * (count - larger) + [small + 1] * larger
+
+
 class SyntheticSender:
     """Sends Opus-sized audio packets every 20 ms and VP8-shaped video frames (keyframe every 2 s)."""
 
@@ -264,14 +271,17 @@ class SyntheticSender:
         frame = 0
         period = 1.0 / self.fps
         next_at = time.monotonic()
+        rng = random.Random(self.video_ssrc)
         while True:
             key = frame % int(self.fps * 2) == 0
-            for i in range(self.packets_per_frame):
+            sizes = about_equal(self.packets_per_frame * self.video_payload - rng.randint(0, 40 * self.packets_per_frame),
+                                self.packets_per_frame)
+            for i, size in enumerate(sizes):
                 start = i == 0
                 descriptor = bytes([0x10 if start else 0x00]) + (bytes([0x00 if key else 0x01]) if start else b"")
                 marker = 1 if i == self.packets_per_frame - 1 else 0
                 self.pc.send_rtp(rtp.HEADER.pack(0x80, (marker << 7) | VP8.pt, seq, ts, self.video_ssrc)
-                                 + descriptor + body)
+                                 + descriptor + body[:size - len(descriptor)])
                 self.sent += 1
                 seq = (seq + 1) & 0xFFFF
             frame += 1

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 
 import pylibsrtp
 import pytest
@@ -208,6 +211,72 @@ def test_full_batch_flushes_itself_and_a_closed_socket_only_loses_its_own_datagr
     assert not unbound.bound
     rx.close()
     tx.close()
+
+
+def _queue_mixed_sizes(batch, tx: socket.socket, receivers: list[socket.socket], key: bytes) -> list[list[int]]:
+    """Interleaved datagrams for three destinations: a 70-packet frame of one size with a shorter packet and more
+    after it (past the 64 segments one message may carry), sizes at random, and 60 of 1100 bytes (past the bytes
+    one message may carry). Returns each destination's sequence numbers in the order queued."""
+    rng = random.Random(5)
+    sender = _fast.SrtpContext(key, 1)
+    outputs = [_fast.Output(batch, sender, tx.fileno(), "127.0.0.1", rx.getsockname()[1]) for rx in receivers]
+    sizes = [[1000] * 70 + [400] + [1000] * 5, [rng.randint(1, 1200) for _ in range(40)], [1100] * 60]
+    queued: list[list[int]] = [[], [], []]
+    for i in range(max(map(len, sizes))):
+        for which, output in enumerate(outputs):
+            if i < len(sizes[which]):
+                seq = which * 1000 + i
+                output.send(struct.pack("!BBHII", 0x80, 96, seq, 0, 0x70 + which) + bytes(sizes[which][i]))
+                queued[which].append(seq)
+    return queued
+
+
+def test_a_destinations_run_of_equal_sized_datagrams_leaves_as_one_message():
+    """With GSO (the default), each destination's consecutive datagrams of one size go to the kernel as one
+    message it segments: every receiver gets exactly the datagrams, in the order queued, that it gets without."""
+    key = bytes(range(30))
+    got = {}
+    for gso in (False, True):
+        receivers = [_udp_pair()[0] for _ in range(3)]
+        tx = _udp_pair()[1]
+        batch = _fast.Batch(1024, gso=gso)
+        queued = _queue_mixed_sizes(batch, tx, receivers, key)
+        assert batch.flush() == sum(map(len, queued)) and batch.dropped == 0
+        assert batch.syscalls == 1  # one socket: one sendmmsg
+        inbound = reference(key, 1, inbound=True)
+        got[gso] = [_drain(rx, len(q)) for rx, q in zip(receivers, queued)]
+        for datagrams, want in zip(got[gso], queued):
+            assert [rtp.parse(inbound.unprotect(d))[2] for d in datagrams] == want
+        if gso:
+            # 76 -> 64 + 7 (the shorter one ends a message) + 5; 60 x 1100 -> 59 + 1; random sizes: mostly alone
+            assert batch.gso_messages >= 4 and batch.gso
+        else:
+            assert batch.gso_messages == 0
+        for sock in (*receivers, tx):
+            sock.close()
+    assert got[True] == got[False]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a network namespace")
+def test_datagrams_over_a_small_mtu_are_sent_one_by_one():
+    """A path whose MTU is below the datagrams' size refuses them as one segmented message (EMSGSIZE): the batch
+    sends those one at a time (the kernel fragments them), loses none, and keeps segmenting elsewhere. Run in a
+    network namespace of its own whose loopback has an MTU of 1280."""
+    script = (
+        "import socket, struct\n"
+        "from braid.services.media.fastpath import _fastpath as f\n"
+        "rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind(('127.0.0.1', 0)); rx.settimeout(2)\n"
+        "tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); tx.bind(('127.0.0.1', 0))\n"
+        "b = f.Batch(16)\n"
+        "out = f.Output(b, f.SrtpContext(bytes(30), 1), tx.fileno(), '127.0.0.1', rx.getsockname()[1])\n"
+        "for i in range(3): out.send(struct.pack('!BBHII', 0x80, 96, i, 0, 9) + bytes(1300))\n"
+        "print(b.flush(), b.dropped, b.gso, [len(rx.recv(4000)) for _ in range(3)])\n"
+    )
+    result = subprocess.run(["unshare", "-n", "sh", "-c", f"ip link set lo mtu 1280 up && {sys.executable} -c \"$0\"",
+                             script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("[")[0].split() == ["3", "0", "1"], result.stdout
+    assert result.stdout.strip().endswith("[1322, 1322, 1322]")  # 12 + 1300 + the 10-byte tag, result.stdout
 
 
 def _sections(pc: PeerTransport, setup: str) -> str:

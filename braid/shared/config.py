@@ -56,6 +56,7 @@ class RTCConfig:
     connect_timeout: float = 20.0  # a participant whose transports never connect is removed after this long
     websocket_heartbeat: float = 10.0  # the edge pings each WebSocket; no pong in half of it closes it
     fast_path: bool = True  # the compiled SRTP/sendmmsg send path when built; off: the pure-Python path
+    udp_gso: bool = True  # compiled path: a destination's run of equal-sized datagrams as one segmented message
 
 
 @dataclass

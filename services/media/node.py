@@ -87,7 +87,7 @@ class MediaNode:
         self.node_id = node_id
         self.grpc_address = grpc_address
         self.keys = KeyProvider(config.keys)
-        self.send_path = fastpath.choose(config.rtc.fast_path)  # the forwarding send path, chosen once
+        self.send_path = fastpath.choose(config.rtc.fast_path, config.rtc.udp_gso)  # the forwarding send path, chosen once
         self.ports = PortRange(config.rtc.port_range_start, config.rtc.port_range_end,
                                host=config.rtc.bind_ip or config.rtc.node_ip,
                                open_endpoint=fastpath.endpoint_factory(self.send_path))

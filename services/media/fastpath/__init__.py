@@ -71,9 +71,9 @@ def endpoint_factory(path: CompiledSendPath | None):
 class CompiledSendPath:
     """Makes one `_fastpath.Output` per PeerConnection; all of them share the batch of the running loop."""
 
-    name = "compiled (C SRTP, fan-out, sendmmsg/recvmmsg batching)"
-
-    def __init__(self) -> None:
+    def __init__(self, gso: bool = True) -> None:
+        self.gso = gso
+        self.name = "compiled (C SRTP, fan-out, sendmmsg/recvmmsg batching" + (", UDP GSO)" if gso else ")")
         self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object] = weakref.WeakKeyDictionary()
 
     def batch(self):
@@ -82,7 +82,7 @@ class CompiledSendPath:
         if batch is None:
             holder: list = []
             call_soon = loop.call_soon
-            batch = _fastpath.Batch(1024, lambda: call_soon(holder[0].flush))
+            batch = _fastpath.Batch(1024, lambda: call_soon(holder[0].flush), self.gso)
             holder.append(batch)
             self._batches[loop] = batch
         return batch
@@ -130,10 +130,10 @@ def srtp_context(dtls, outbound: bool = True):
     return _fastpath.SrtpContext(key, number)
 
 
-def choose(enabled: bool = True) -> CompiledSendPath | None:
+def choose(enabled: bool = True, gso: bool = True) -> CompiledSendPath | None:
     """The send path for this process: the compiled one when built and enabled, else None (pure Python)."""
     if enabled and _fastpath is not None:
-        return CompiledSendPath()
+        return CompiledSendPath(gso)
     return None
 
 

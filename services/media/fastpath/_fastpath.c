@@ -8,8 +8,9 @@
  * Objects:
  *   SrtpContext(key_and_salt, profile)  per-SSRC SRTP state of one direction (48-bit index, 1024-packet window):
  *                                       `protect` like a pylibsrtp outbound session, `unprotect` like an inbound
- *   Batch(capacity, schedule)           protected datagrams waiting for one sendmmsg per socket; `schedule()` is
- *                                       called when the batch becomes non-empty (the owner flushes it soon)
+ *   Batch(capacity, schedule, gso)      protected datagrams waiting for one sendmmsg per socket; `schedule()` is
+ *                                       called when the batch becomes non-empty (the owner flushes it soon);
+ *                                       with `gso`, a destination's run of equal-sized datagrams is one message
  *   Output(sender, batch, fd, host, port)   one destination: `send(rtp)` protects and queues
  *   Output.forward(packet, off, seq, ts, marker, pt, ssrc)  rewrite the 12-byte header of `packet` and send
  */
@@ -21,6 +22,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -479,6 +481,17 @@ typedef struct {
     struct sockaddr_in addr;
 } Entry;
 
+#define GSO_MAX_SEGMENTS 64
+#define GSO_MAX_BYTES 65000
+#define GSO_CONTROL CMSG_SPACE(sizeof(uint16_t))
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103 /* older headers: the kernel says whether it has it, and the batch stops asking */
+#endif
+
+typedef struct {
+    int fd, segments;
+} Message;
+
 typedef struct {
     PyObject_HEAD
     Py_ssize_t capacity, count;
@@ -486,16 +499,19 @@ typedef struct {
     Entry *entries;
     struct mmsghdr *msgs;
     struct iovec *iovs;
-    struct sockaddr_in *addrs;
+    uint8_t *controls;  /* a UDP_SEGMENT control message per message that carries several datagrams */
+    Message *messages;  /* per message: its socket and how many datagrams it carries */
     PyObject *schedule;
-    unsigned long long sent, dropped, flushes, syscalls;
+    int gso;            /* send a destination's run of equal-sized datagrams as one message (UDP GSO) */
+    unsigned long long sent, dropped, flushes, syscalls, gso_messages;
 } Batch;
 
 static int Batch_init(Batch *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"capacity", "schedule", NULL};
+    static char *kwlist[] = {"capacity", "schedule", "gso", NULL};
     Py_ssize_t capacity = 1024;
     PyObject *schedule = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nO", kwlist, &capacity, &schedule))
+    int gso = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nOp", kwlist, &capacity, &schedule, &gso))
         return -1;
     if (capacity < 1 || capacity > 65536) {
         PyErr_SetString(PyExc_ValueError, "capacity must be in 1..65536");
@@ -506,12 +522,14 @@ static int Batch_init(Batch *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->capacity = capacity;
+    self->gso = gso;
     self->arena = PyMem_Malloc(capacity * SLOT_SIZE);
     self->entries = PyMem_Calloc(capacity, sizeof(Entry));
     self->msgs = PyMem_Calloc(capacity, sizeof(struct mmsghdr));
     self->iovs = PyMem_Calloc(capacity, sizeof(struct iovec));
-    self->addrs = PyMem_Calloc(capacity, sizeof(struct sockaddr_in));
-    if (!self->arena || !self->entries || !self->msgs || !self->iovs || !self->addrs) {
+    self->controls = PyMem_Calloc(capacity, GSO_CONTROL);
+    self->messages = PyMem_Calloc(capacity, sizeof(Message));
+    if (!self->arena || !self->entries || !self->msgs || !self->iovs || !self->controls || !self->messages) {
         PyErr_NoMemory();
         return -1;
     }
@@ -525,52 +543,101 @@ static void Batch_dealloc(Batch *self) {
     PyMem_Free(self->entries);
     PyMem_Free(self->msgs);
     PyMem_Free(self->iovs);
-    PyMem_Free(self->addrs);
+    PyMem_Free(self->controls);
+    PyMem_Free(self->messages);
     Py_XDECREF(self->schedule);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* By socket, then destination, then the order they were queued in: each destination's datagrams leave in order. */
 static int entry_order(const void *a, const void *b) {
     const Entry *x = a, *y = b;
     if (x->fd != y->fd)
         return x->fd < y->fd ? -1 : 1;
+    if (x->addr.sin_addr.s_addr != y->addr.sin_addr.s_addr)
+        return x->addr.sin_addr.s_addr < y->addr.sin_addr.s_addr ? -1 : 1;
+    if (x->addr.sin_port != y->addr.sin_port)
+        return x->addr.sin_port < y->addr.sin_port ? -1 : 1;
     return x->order - y->order;
 }
 
-/* Hand every queued datagram to the kernel: one sendmmsg per socket (more only if the kernel takes part). */
+static int same_destination(const Entry *x, const Entry *y) {
+    return x->fd == y->fd && x->addr.sin_addr.s_addr == y->addr.sin_addr.s_addr && x->addr.sin_port == y->addr.sin_port;
+}
+
+/* Message `m` as its datagrams one by one, after the kernel refused it as one GSO message (a device or path that
+ * cannot segment): returns how many the kernel took. */
+static int send_segments(Batch *self, int fd, struct msghdr *h, int segments) {
+    int taken = 0;
+    for (int k = 0; k < segments; k++) {
+        struct msghdr one = {.msg_name = h->msg_name, .msg_namelen = h->msg_namelen, .msg_iov = &h->msg_iov[k],
+                             .msg_iovlen = 1};
+        self->syscalls++;
+        if (sendmsg(fd, &one, MSG_DONTWAIT) >= 0)
+            taken++;
+    }
+    return taken;
+}
+
+/* Hand every queued datagram to the kernel: one sendmmsg per socket (more only if the kernel takes part), where a
+ * destination's consecutive datagrams of one size (the packets of a video frame, padding) travel as one message
+ * that the kernel segments (UDP_SEGMENT): most of a send's kernel cost is per message, not per byte. */
 static void batch_flush(Batch *self) {
     Py_ssize_t n = self->count;
     if (n == 0)
         return;
     self->flushes++;
-    int sorted = 1;
-    for (Py_ssize_t i = 1; i < n && sorted; i++)
-        sorted = self->entries[i].fd >= self->entries[i - 1].fd;
-    Entry *order = self->entries;
-    if (!sorted) {
-        for (Py_ssize_t i = 0; i < n; i++)
-            self->entries[i].order = (int)i;
-        qsort(self->entries, n, sizeof(Entry), entry_order);
-    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        self->entries[i].order = (int)i;
+    qsort(self->entries, n, sizeof(Entry), entry_order);
     for (Py_ssize_t i = 0; i < n; i++) {
-        Entry *e = &order[i];
-        self->addrs[i] = e->addr;
-        self->iovs[i].iov_base = self->arena + (Py_ssize_t)(sorted ? i : e->order) * SLOT_SIZE;
-        self->iovs[i].iov_len = e->len;
-        struct msghdr *h = &self->msgs[i].msg_hdr;
-        h->msg_name = &self->addrs[i];
+        self->iovs[i].iov_base = self->arena + (Py_ssize_t)self->entries[i].order * SLOT_SIZE;
+        self->iovs[i].iov_len = self->entries[i].len;
+    }
+    Py_ssize_t m = 0;  /* messages */
+    for (Py_ssize_t i = 0; i < n; m++) {
+        Entry *first = &self->entries[i];
+        Py_ssize_t k = i + 1;
+        size_t total = first->len;
+        if (self->gso) {
+            while (k < n && k - i < GSO_MAX_SEGMENTS && same_destination(&self->entries[k], first) &&
+                   self->entries[k].len <= first->len && total + self->entries[k].len <= GSO_MAX_BYTES) {
+                total += self->entries[k].len;
+                k++;
+                if (self->entries[k - 1].len < first->len)
+                    break;  /* only the last segment may be shorter */
+            }
+        }
+        struct msghdr *h = &self->msgs[m].msg_hdr;
+        h->msg_name = &first->addr;
         h->msg_namelen = sizeof(struct sockaddr_in);
         h->msg_iov = &self->iovs[i];
-        h->msg_iovlen = 1;
-        h->msg_control = NULL;
-        h->msg_controllen = 0;
+        h->msg_iovlen = (size_t)(k - i);
         h->msg_flags = 0;
+        self->messages[m] = (Message){first->fd, (int)(k - i)};
+        if (k - i > 1) {
+            uint8_t *control = self->controls + m * GSO_CONTROL;
+            memset(control, 0, GSO_CONTROL);
+            h->msg_control = control;
+            h->msg_controllen = GSO_CONTROL;
+            struct cmsghdr *c = CMSG_FIRSTHDR(h);
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t size = first->len;
+            memcpy(CMSG_DATA(c), &size, sizeof(size));
+            self->gso_messages++;
+        } else {
+            h->msg_control = NULL;
+            h->msg_controllen = 0;
+        }
+        i = k;
     }
     Py_ssize_t start = 0;
-    while (start < n) {
-        int fd = order[start].fd;
+    while (start < m) {
+        int fd = self->messages[start].fd;
         Py_ssize_t end = start;
-        while (end < n && order[end].fd == fd)
+        while (end < m && self->messages[end].fd == fd)
             end++;
         Py_ssize_t i = start;
         while (i < end) {
@@ -581,14 +648,27 @@ static void batch_flush(Batch *self) {
                 if (errno == EINTR)
                     continue;
                 if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EBADF || errno == ENOTSOCK) {
-                    self->dropped += end - i;  /* a full or closed socket: the rest of its datagrams are lost */
+                    for (; i < end; i++)  /* a full or closed socket: the rest of its datagrams are lost */
+                        self->dropped += self->messages[i].segments;
                     break;
                 }
-                self->dropped++;  /* this datagram's destination refused it: skip it */
+                if (self->messages[i].segments > 1 &&
+                    (errno == EIO || errno == EINVAL || errno == ENOPROTOOPT || errno == EMSGSIZE)) {
+                    if (errno != EMSGSIZE)
+                        self->gso = 0;  /* the kernel cannot segment: from now on, a message per datagram */
+                    /* EMSGSIZE: segments over this path's MTU, which one datagram at a time may still cross */
+                    int taken = send_segments(self, fd, &self->msgs[i].msg_hdr, self->messages[i].segments);
+                    self->sent += taken;
+                    self->dropped += self->messages[i].segments - taken;
+                    i++;
+                    continue;
+                }
+                self->dropped += self->messages[i].segments;  /* this destination refused it: skip it */
                 i++;
                 continue;
             }
-            self->sent += r;
+            for (int k = 0; k < r; k++)
+                self->sent += self->messages[i + k].segments;
             i += r;
         }
         start = end;
@@ -622,6 +702,9 @@ static PyMemberDef Batch_members[] = {
     {"dropped", T_ULONGLONG, offsetof(Batch, dropped), READONLY, "datagrams a socket refused"},
     {"flushes", T_ULONGLONG, offsetof(Batch, flushes), READONLY, "flushes that sent something"},
     {"syscalls", T_ULONGLONG, offsetof(Batch, syscalls), READONLY, "sendmmsg calls"},
+    {"gso_messages", T_ULONGLONG, offsetof(Batch, gso_messages), READONLY,
+     "messages that carried several datagrams for the kernel to segment (UDP_SEGMENT)"},
+    {"gso", T_INT, offsetof(Batch, gso), 0, "send runs of equal-sized datagrams to one destination as one message"},
     {NULL},
 };
 
