@@ -97,7 +97,7 @@ class Participant:
         self.signal_connected = True
         self.signal_lost_at = 0.0
         self.publisher = Publisher(self, moved.tracks if moved is not None else ())
-        self.subscriber = Subscriber(self)
+        self.subscriber = Subscriber(self, compiled=self.node.send_path is not None)
         self.pub_pc: PeerTransport | None = None
         self.sub_pc: PeerTransport | None = None
         self.data = DataChannels(self.limits, self._on_data_packet, self.refuse, self._slow_data_receiver)

@@ -71,15 +71,15 @@ class Slot:
 
 
 class Subscriber:
-    def __init__(self, participant: Participant):
+    def __init__(self, participant: Participant, compiled: bool = False):
+        """`compiled`: estimate its downlink with the compiled per-packet estimator (the node's send path is)."""
         self.p = participant
         self.subs: dict[str, Subscription] = {}  # track sid → subscription
         self.denied: dict[str, tuple[PublishedTrack, str]] = {}  # wanted, not permitted: track sid → (track, publisher sid)
         self.down_by_ssrc: dict[int, DownTrack] = {}
         self.cname = f"braid-{random.getrandbits(32):08x}"
         self.link_probes = LinkProbes()
-        # its downlink, from transport-wide feedback (when its client sends it); per packet in C with the compiled path
-        self.bwe = SendSideBwe(compiled=participant.node.send_path is not None)
+        self.bwe = SendSideBwe(compiled=compiled)  # its downlink, from transport-wide feedback (when its client sends it)
         self.allocator = LinkAllocator()
         # v1
         self.used_mids: set[str] = set()
