@@ -224,6 +224,7 @@ async def measure(workers: int, args: argparse.Namespace, log_dir: Path) -> list
             sent0 = [s.sent for s, _ in rooms]
             got0 = [sum(sub.counters.packets for sub in subs) for _, subs in rooms]
             cpu0 = [_cpu_seconds(pid) for pid in pod.workers]
+            supervisor0 = _cpu_seconds(pod.media.proc.pid) if workers > 1 else 0.0
             throttled0 = [cap.throttled_us() for cap in caps]
             own0, t0 = time.process_time(), time.monotonic()
             await asyncio.sleep(args.duration)
@@ -237,6 +238,7 @@ async def measure(workers: int, args: argparse.Namespace, log_dir: Path) -> list
                 "worker_cpu": [(_cpu_seconds(pid) - c0) / elapsed for pid, c0 in zip(pod.workers, cpu0)],
                 "throttled": [(cap.throttled_us() - t) / 1e6 / elapsed for cap, t in zip(caps, throttled0)],
                 "bench_cpu": (time.process_time() - own0) / elapsed,
+                "supervisor_cpu": (_cpu_seconds(pod.media.proc.pid) - supervisor0) / elapsed if workers > 1 else None,
                 "rooms_delivered": [g / e if e else 0.0 for e, g in per_room],
                 "placement": {n: info["participants"] for n, info in sorted(pod.registry().items())},
             }
@@ -269,7 +271,8 @@ def _print_row(r: dict) -> None:
     throttled = " ".join(f"{100 * t:3.0f}%" for t in r["throttled"])
     print(f"  W={r['workers']} {r['ppf']:>3} pkts/frame: in {r['in_pps']:6.0f} pps, forwarded {r['fwd_pps']:7.0f} pps, "
           f"delivered {100 * r['delivered']:5.1f}%, worker CPU {cpu} (throttled {throttled}), "
-          f"load generator {100 * r['bench_cpu']:.0f}%, by room "
+          + (f"supervisor {100 * r['supervisor_cpu']:.0f}% (uncapped), " if r["supervisor_cpu"] is not None else "")
+          + f"load generator {100 * r['bench_cpu']:.0f}%, by room "
           + " ".join(f"{100 * d:.0f}%" for d in r["rooms_delivered"]), flush=True)
 
 
