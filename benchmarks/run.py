@@ -69,7 +69,6 @@ async def run_case(n: int, path: str, mode: str, args: argparse.Namespace, log_d
     room = f"bench-{n}"
     clients: list[RawParticipant] = []
     sender = None
-    started = time.monotonic()
     try:
         sender = await start_publisher(server.url, join_token(KEY, SECRET, room, "publisher"), ports, cert, args.fps,
                                        args.packets_per_frame, clients)

@@ -95,6 +95,23 @@ def test_a_queue_building_up_is_detected_the_same_way_and_gives_the_same_estimat
     assert 0 < c.estimate < 1_600_000
 
 
+def test_the_acked_window_holds_at_most_its_limit_in_both():
+    """A client reporting far more packets than a link carries in the window (5,000 within 100 ms) fills neither
+    estimator past ACKED_MAX; both forget the oldest, the same ones."""
+    sent = twcc.SentPackets(3)
+    recorder = twcc.ArrivalRecorder(1)
+    reference, compiled = bwe.ArrivalDelay(), bwe.CompiledArrivalDelay()
+    packet = rtp.rewrite(0x80, 0, 96, 1, 1, 1, bytes(200))
+    for burst in range(5):
+        for i in range(1000):
+            at = burst * 20_000 + i * 20
+            recorder.on_packet(twcc.transport_seq(sent.stamp(packet, at), 3), 2, at + 10_000)
+        for feedback in recorder.feedback():
+            assert compiled.measure(feedback[4:], sent) == reference.measure(feedback[4:], sent)
+            _assert_same(reference, compiled, f"burst {burst}")
+    assert reference.snapshot()["acked"] == compiled.snapshot()["acked"] == bwe.ArrivalDelay.ACKED_MAX
+
+
 def test_a_state_of_the_wrong_size_is_refused():
     sent = twcc.SentPackets(3)
     with pytest.raises(ValueError):

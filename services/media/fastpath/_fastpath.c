@@ -738,9 +738,6 @@ typedef struct {
     PyObject *twcc_ring;   /* twcc.SentPackets.ring: the next number, then (send µs, size, seq) per packet */
 } Output;
 
-#define TWCC_RING 4096
-#define TWCC_ENTRY 8
-
 /* twcc.stamped on the packet in `buf`: add the next transport-wide sequence number to its header extensions and
  * record when it went and its size in the ring shared with twcc.SentPackets; the new length (len unchanged when
  * the packet's extensions cannot take one more, as in Python). */

@@ -27,10 +27,6 @@
 #define ACKED_WINDOW_US 500000u
 #define ACKED_MAX 2048 /* bwe.ArrivalDelay.ACKED_MAX */
 
-/* twcc.SentPackets' ring: 4 bytes of next number, then RING entries of (send µs, size, seq) */
-#define TWCC_RING 4096
-#define TWCC_ENTRY 8
-
 enum { NORMAL = 0, OVERUSING = 1, UNDERUSING = 2 };
 
 typedef struct {
